@@ -1,0 +1,15 @@
+"""CRD baseline (Tian et al., ICLR 2020) with in-batch negatives instead of a memory bank and NCE.
+
+Row i: anchor student_i, positive teacher_i, negatives teacher_j (j != i) of the same batch; cosine / τ logits,
+cross-entropy. Student and teacher codes share the L-bit space, so CRD's projection heads are not needed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def crd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B, L), (B, L) -> scalar: mean over rows of −log softmax_j(cos(student_i, teacher_j)/τ)[i]."""
+    logits = F.normalize(student, dim=1) @ F.normalize(teacher.detach(), dim=1).T / tau
+    return F.cross_entropy(logits, torch.arange(student.shape[0], device=student.device))
