@@ -1,0 +1,398 @@
+"""Distributed Lloyd k-means over codes sharded across the ranks of a torch.distributed group (DESIGN §1 stage B).
+
+The teacher's codes of the training split stay where they were computed: each rank assigns its own shard to the
+nearest centroid, and only centroid-sized messages cross ranks (one all_reduce of float64 sums, counts and inertia
+per iteration). Works with torch.distributed uninitialised (world size 1), with gloo on CPU and NCCL on GPU.
+
+Exactness: sums and counts are float64, so the centroids equal those of one process on the rank-order concatenation
+of the shards whenever the float64 sums are exact: always for ±1 codes (integer sums), and for float data up to
+float64 rounding (the sum order differs). The global order of the points, which seeds the initialisation, is the
+rank-order concatenation of the shards (rank 0's points first), found by an all_gather of the shard sizes.
+
+Iteration t assigns every point to its nearest centroid of C_t (inertia J_t = Σ squared L2 distance, FAISS's
+`obj[t]`), then moves the centroids to the means: C_{t+1}. After the last update one more assignment pass makes the
+returned assignments those of the returned centroids, so `inertia` holds J_0..J_T (T = iterations).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from brcd_dist.clustering.pseudo_labels import nearest_centroids
+
+log = logging.getLogger(__name__)
+
+INITS = ("k-means++", "random")
+BACKENDS = ("faiss-gpu", "faiss-cpu", "torch-cuda", "torch-cpu")
+SPLIT_EPS = 1 / 1024  # FAISS split_clusters: relative perturbation that turns one centroid into two
+_SUM_CHUNK = 1 << 16  # rows per block when summing, so that no float64 copy of the whole shard is made
+
+
+@dataclass
+class KMeansState:
+    """Checkpointable progress: the centroids at the start of iteration `iteration` (= updates done so far)."""
+    centroids: np.ndarray  # (k, d) float32
+    iteration: int = 0
+    inertia: list[float] = field(default_factory=list)  # J_0..J_{iteration-1}
+    n_splits: int = 0  # empty-cluster splits so far
+
+    def to_dict(self) -> dict:
+        return {"centroids": np.asarray(self.centroids, dtype=np.float32), "iteration": int(self.iteration),
+                "inertia": [float(v) for v in self.inertia], "n_splits": int(self.n_splits)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KMeansState":
+        return cls(centroids=np.asarray(data["centroids"], dtype=np.float32), iteration=int(data["iteration"]),
+                   inertia=[float(v) for v in data.get("inertia", [])], n_splits=int(data.get("n_splits", 0)))
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (k, d) float32, identical on every rank
+    assignments: np.ndarray  # (n_local,) int64: nearest centroid of each local point (ties: lowest index)
+    inertia: list[float]  # J_0..J_T: total squared L2 distance to the assigned centroid, all ranks, per iteration
+    iterations: int  # T: centroid updates done, resumed ones included
+    n_splits: int  # empty clusters refilled by splitting the largest one
+    backend: str  # how this rank assigned its shard: one of BACKENDS
+
+
+# ----------------------------------------------------------------------------- collectives
+
+class _Comm:
+    """The few collectives k-means needs, on the device the process group's backend wants."""
+
+    def __init__(self, group):
+        self.active = dist.is_available() and dist.is_initialized()
+        if group is not None and not self.active:
+            raise ValueError("distributed_kmeans: a group was given but torch.distributed is not initialised")
+        self.group = group
+        self.rank = dist.get_rank(group) if self.active else 0
+        self.size = dist.get_world_size(group) if self.active else 1
+        nccl = self.active and dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if not self.active:
+            return t
+        buf = t.to(self.device)
+        dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=self.group)
+        return buf.to(t.device)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(m,) on each rank -> (world, m) in rank order."""
+        if not self.active:
+            return t.unsqueeze(0)
+        buf = t.to(self.device)
+        out = [torch.empty_like(buf) for _ in range(self.size)]
+        dist.all_gather(out, buf, group=self.group)
+        return torch.stack(out).to(t.device)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _validate(x, k: int, iters: int, seed: int, init, state, comm: _Comm) -> np.ndarray:
+    """Check the inputs of all ranks together, so that every rank raises the same error instead of one rank
+    leaving a collective that the others wait in. Returns the shard sizes of all ranks (rank order)."""
+    shape = tuple(x.shape)
+    ndim_ok = len(shape) == 2
+    n, d = (shape[0], shape[1]) if ndim_ok else (0, 0)
+    finite = bool(torch.isfinite(x).all()) if ndim_ok else True
+    init_k, init_d = (init.shape if init.ndim == 2 else (-1, -1)) if init is not None else (k, d)
+    st = np.asarray(state.centroids) if state is not None else None
+    st_k, st_d = (st.shape if st.ndim == 2 else (-1, -1)) if st is not None else (k, d)
+    mine = torch.tensor([len(shape), n, d, int(finite), k, iters, seed, init_k, init_d, st_k, st_d], dtype=torch.int64)
+    table = comm.all_gather(mine).numpy()
+    ndims, ns, ds, fin, ks, its, seeds = (table[:, i] for i in range(7))
+
+    def fail(msg: str):
+        raise ValueError(f"distributed_kmeans: {msg}")
+
+    if (ndims != 2).any():
+        fail(f"x must be 2-D (n, d) on every rank; ndim per rank: {ndims.tolist()}")
+    for name, col in (("k", ks), ("iters", its), ("seed", seeds)):
+        if (col != col[0]).any():
+            fail(f"{name} differs between ranks: {col.tolist()}")
+    if k < 2:
+        fail(f"k={k}: need at least 2 clusters")
+    if iters < 0:
+        fail(f"iters={iters}: must be >= 0")
+    if (ds != ds[0]).any() or ds[0] < 1:
+        fail(f"the dimension d must be the same (>= 1) on every rank, even a rank without data; d per rank: {ds.tolist()}")
+    total = int(ns.sum())
+    if k > total:
+        fail(f"k={k} is larger than the number of points ({total} over {comm.size} ranks: {ns.tolist()})")
+    if not fin.all():
+        fail(f"x contains NaN or Inf on rank(s) {np.flatnonzero(fin == 0).tolist()}")
+    if (table[:, 7:9] != [[k, ds[0]]]).any():
+        fail(f"init centroids must have shape ({k}, {ds[0]}); per rank: {table[:, 7:9].tolist()}")
+    if (table[:, 9:11] != [[k, ds[0]]]).any():
+        fail(f"state centroids must have shape ({k}, {ds[0]}); per rank: {table[:, 9:11].tolist()}")
+    return ns
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def _fetch_point(x: torch.Tensor, local_index: int | None, comm: _Comm) -> torch.Tensor:
+    """The point that one rank owns (local_index not None there), as float64 on every rank; exact (x + 0 = x)."""
+    buf = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    if local_index is not None:
+        buf += x[local_index].double()
+    return comm.all_reduce(buf)
+
+
+def _owner(global_index: int, offsets: np.ndarray) -> tuple[int, int]:
+    """Global index in the rank-order concatenation -> (rank, local index)."""
+    r = int(np.searchsorted(offsets, global_index, side="right") - 1)
+    return r, global_index - int(offsets[r])
+
+
+def _sq_dist_to(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Exact per-row float64 ||x - c||²: elementwise, so a point's value does not depend on its shard."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], _SUM_CHUNK):
+        out[s:s + _SUM_CHUNK] = ((x[s:s + _SUM_CHUNK].double() - c) ** 2).sum(dim=1)
+    return out
+
+
+def _init_random(x, k, rng, offsets, comm) -> np.ndarray:
+    """k distinct points drawn uniformly from the global order (FAISS's default initialisation)."""
+    picks = rng.choice(int(offsets[-1]), size=k, replace=False)
+    lo, hi = int(offsets[comm.rank]), int(offsets[comm.rank + 1])
+    buf = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    mine = np.flatnonzero((picks >= lo) & (picks < hi))
+    if mine.size:
+        buf[torch.as_tensor(mine, device=x.device)] = x[torch.as_tensor(picks[mine] - lo, device=x.device)].double()
+    return comm.all_reduce(buf).cpu().numpy()
+
+
+def _init_kmeanspp(x, k, rng, offsets, comm) -> np.ndarray:
+    """k-means++ (Arthur & Vassilvitskii 2007), D²-weighted, over the global order.
+
+    To draw the same points whatever the sharding, the weights are D² quantised to int64 against the global max
+    (2^S levels, S as large as keeps the total below 2^62): integer sums are exact in any order, so one uniform
+    integer from the shared RNG picks the same global index on one rank or many. Points with D² below
+    max·2^-S get weight 0 (resolution 2^-S, S >= 29 for up to 2^33 points).
+    """
+    total = int(offsets[-1])
+    scale = float(2 ** min(52, 62 - math.ceil(math.log2(total + 1))))
+    out = np.empty((k, x.shape[1]), dtype=np.float64)
+    r, i = _owner(int(rng.integers(total)), offsets)
+    out[0] = _fetch_point(x, i if r == comm.rank else None, comm).cpu().numpy()
+    d2 = _sq_dist_to(x, torch.as_tensor(out[0], device=x.device))
+    for j in range(1, k):
+        local_max = d2.max() if d2.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
+        m = float(comm.all_reduce(local_max.reshape(1), op=dist.ReduceOp.MAX))
+        if m > 0:
+            w = torch.floor(d2 / m * scale).to(torch.int64)
+        else:  # fewer distinct points than k: every point is a centroid already, draw uniformly
+            w = torch.ones_like(d2, dtype=torch.int64)
+        cum = torch.cumsum(w, 0)
+        w_ranks = comm.all_gather(cum[-1:].cpu() if cum.numel() else torch.zeros(1, dtype=torch.int64))[:, 0].numpy()
+        u = int(rng.integers(int(w_ranks.sum())))
+        starts = np.concatenate([[0], np.cumsum(w_ranks)])
+        owner = int(np.searchsorted(starts, u, side="right") - 1)
+        local = None
+        if owner == comm.rank:
+            local = int(torch.searchsorted(cum, torch.tensor([u - int(starts[owner])], device=cum.device), right=True))
+        out[j] = _fetch_point(x, local, comm).cpu().numpy()
+        d2 = torch.minimum(d2, _sq_dist_to(x, torch.as_tensor(out[j], device=x.device)))
+    return out
+
+
+# ----------------------------------------------------------------------------- assignment
+
+def _faiss():
+    try:
+        import faiss
+        return faiss
+    except ImportError:
+        return None
+
+
+def choose_backend(device: torch.device | str = "cpu") -> str:
+    """FAISS on the GPU when it has GPU support; else torch matmul on the GPU when CUDA is there; else FAISS on the
+    CPU (torch on the CPU only if FAISS is missing)."""
+    faiss = _faiss()
+    if faiss is not None and faiss.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if torch.cuda.is_available():
+        return "torch-cuda"
+    return "faiss-cpu" if faiss is not None else "torch-cpu"
+
+
+class _Assigner:
+    """Nearest centroid of each local point, by the chosen backend: (labels int64, squared L2 distance float32)."""
+
+    def __init__(self, backend: str, d: int, spherical: bool, device: torch.device):
+        self.backend, self.spherical, self.device = backend, spherical, device
+        if backend.startswith("faiss"):
+            faiss = _faiss()
+            if backend == "faiss-gpu":
+                import faiss.contrib.torch_utils  # noqa: F401  lets FAISS GPU indexes read torch CUDA tensors in place
+                self._res = faiss.StandardGpuResources()
+                cfg = faiss.GpuIndexFlatConfig()
+                cfg.device = device.index or 0
+                self.index = (faiss.GpuIndexFlatIP if spherical else faiss.GpuIndexFlatL2)(self._res, d, cfg)
+            else:
+                self.index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
+
+    def __call__(self, x: torch.Tensor, x_sq: torch.Tensor | None, centroids: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] == 0:
+            return torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, device=x.device)
+        if self.backend.startswith("torch"):
+            return nearest_centroids(x, torch.as_tensor(centroids, device=x.device), spherical=self.spherical)
+        self.index.reset()
+        c_sq = (centroids.astype(np.float64) ** 2).sum(1)
+        if self.backend == "faiss-gpu":
+            self.index.add(torch.as_tensor(centroids, device=x.device))
+            dis, lab = self.index.search(x, 1)
+            dis, lab = dis[:, 0], lab[:, 0]
+            if self.spherical:  # IndexFlatIP returned x.c: turn it into ||x||² - 2 x.c + ||c||²
+                c_sq_t = torch.as_tensor(c_sq, device=x.device)
+                dis = (x_sq + c_sq_t[lab] - 2 * dis.double()).clamp_min(0).float()
+            return lab, dis
+        self.index.add(centroids)
+        dis, lab = self.index.search(x.numpy(), 1)
+        dis, lab = dis[:, 0], lab[:, 0]
+        if self.spherical:  # numpy, not torch, on the CPU: see _local_stats
+            dis = np.maximum(x_sq.numpy() + c_sq[lab] - 2 * dis.astype(np.float64), 0).astype(np.float32)
+        return torch.from_numpy(lab), torch.from_numpy(np.ascontiguousarray(dis))
+
+
+# ----------------------------------------------------------------------------- update
+
+def _local_stats(x: torch.Tensor, labels: torch.Tensor, dis: torch.Tensor, k: int, with_sums: bool) -> torch.Tensor:
+    """float64 [sums (k·d), counts (k), inertia (1)] of this rank's points (only [inertia] without sums).
+
+    Sums run over the points in their local order. On the CPU numpy does the work on one thread: torch and FAISS
+    bring two OpenMP runtimes, and alternating their thread pools every iteration stalled small torch ops 10-100x.
+    """
+    n, d = x.shape
+    if x.device.type != "cpu":
+        local = [dis.double().sum().reshape(1)]
+        if with_sums:
+            sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
+            for s in range(0, n, _SUM_CHUNK):
+                sums.index_add_(0, labels[s:s + _SUM_CHUNK], x[s:s + _SUM_CHUNK].double())
+            local = [sums.flatten(), torch.bincount(labels, minlength=k).double()] + local
+        return torch.cat(local)
+    xn, lab = x.numpy(), labels.numpy()
+    inertia = np.array([dis.numpy().sum(dtype=np.float64)])
+    if not with_sums:
+        return torch.from_numpy(inertia)
+    sums_t = np.zeros((d, k))
+    for s in range(0, n, _SUM_CHUNK):
+        block = np.ascontiguousarray(xn[s:s + _SUM_CHUNK].T)  # one contiguous row per dimension for bincount
+        for j in range(d):
+            sums_t[j] += np.bincount(lab[s:s + _SUM_CHUNK], weights=block[j], minlength=k)
+    counts = np.bincount(lab, minlength=k).astype(np.float64)
+    return torch.from_numpy(np.concatenate([sums_t.T.ravel(), counts, inertia]))
+
+
+def _update(sums: np.ndarray, counts: np.ndarray, old: np.ndarray, spherical: bool) -> tuple[np.ndarray, int]:
+    """Means of the clusters; each empty cluster takes half of the currently largest one (FAISS split_clusters,
+    but the largest cluster instead of a random pick, so every rank and every run makes the same choice)."""
+    counts = counts.copy()
+    c = old.astype(np.float64)
+    full = counts > 0
+    c[full] = sums[full] / counts[full, None]
+    sign = np.where(np.arange(c.shape[1]) % 2 == 0, 1.0, -1.0)
+    n_splits = 0
+    for ci in np.flatnonzero(counts == 0):
+        cj = int(np.argmax(counts))  # first index among the largest
+        c[ci] = c[cj] * (1 + sign * SPLIT_EPS)
+        c[cj] = c[cj] * (1 - sign * SPLIT_EPS)
+        counts[ci] = counts[cj] / 2  # as FAISS: assume the cluster splits evenly
+        counts[cj] -= counts[ci]
+        n_splits += 1
+    if spherical:
+        c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    return c.astype(np.float32), n_splits
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _converged(inertia: list[float], tol: float) -> bool:
+    """Relative change of the inertia below tol (tol = 0: never)."""
+    if len(inertia) < 2:
+        return False
+    prev, cur = inertia[-2], inertia[-1]
+    change = abs(prev - cur) / prev if prev > 0 else 0.0
+    return change < tol
+
+
+def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: int = 0, spherical: bool = False,
+                       state: KMeansState | None = None, group=None,
+                       on_iteration: Callable[[KMeansState], None] | None = None,
+                       init: str | np.ndarray = "k-means++", backend: str | None = None) -> KMeansResult:
+    """Lloyd's k-means of the points of all ranks; call it on every rank of `group` with that rank's shard.
+
+    x: (n_local, d) float32 numpy or torch (CPU or CUDA); a rank without data passes (0, d).
+    iters: most centroid updates; stops earlier when |J_t - J_{t-1}| < tol · J_{t-1}.
+    spherical: unit-norm centroids (FAISS's spherical k-means); on ±1 codes, whose norms are all √L, that is
+        cosine (= Hamming) geometry. Inertia is still Σ||x - c||², which unit-norm means minimise.
+    state: resume from a KMeansState (a checkpoint); on_iteration(state) is called on every rank after each update.
+    init: "k-means++" (distributed, D²-weighted), "random" (k distinct points, uniform), or (k, d) centroids. Both
+        draws use numpy's default_rng(seed) over the global order, so they do not depend on the number of ranks.
+    backend: override choose_backend() (one of BACKENDS).
+    """
+    comm = _Comm(group)
+    x = torch.as_tensor(x).to(torch.float32).contiguous()
+    init_arr = np.asarray(init, dtype=np.float32) if not isinstance(init, str) else None
+    if isinstance(init, str) and init not in INITS:
+        raise ValueError(f"distributed_kmeans: init={init!r}: allowed {', '.join(INITS)} or a (k, d) array")
+    backend = backend or choose_backend(x.device)
+    if backend not in BACKENDS:
+        raise ValueError(f"distributed_kmeans: backend={backend!r}: allowed {', '.join(BACKENDS)}")
+    if not 0 <= tol:
+        raise ValueError(f"distributed_kmeans: tol={tol}: must be >= 0")
+    shard_sizes = _validate(x, k, iters, seed, init_arr, state, comm)
+    offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
+
+    device = torch.device("cuda", torch.cuda.current_device()) if backend in ("faiss-gpu", "torch-cuda") else \
+        torch.device("cpu")
+    x = x.to(device)
+    d = x.shape[1]
+    log.info("k-means: rank %d/%d assigns %d points (d=%d, k=%d) with %s", comm.rank, comm.size, x.shape[0], d, k,
+             backend)
+    assign = _Assigner(backend, d, spherical, device)
+    x_sq = (x.double() ** 2).sum(1) if spherical else None
+
+    if state is not None:
+        centroids = np.asarray(state.centroids, dtype=np.float32)
+        t, inertia, n_splits = int(state.iteration), list(state.inertia), int(state.n_splits)
+    else:
+        if init_arr is not None:
+            c0 = init_arr.astype(np.float64)
+        else:
+            rng = np.random.default_rng(seed)
+            c0 = (_init_kmeanspp if init == "k-means++" else _init_random)(x, k, rng, offsets, comm)
+        if spherical:
+            c0 /= np.maximum(np.linalg.norm(c0, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+        centroids, t, inertia, n_splits = c0.astype(np.float32), 0, [], 0
+
+    while True:
+        labels, dis = assign(x, x_sq, centroids)
+        packed = comm.all_reduce(_local_stats(x, labels, dis, k, with_sums=t < iters))  # last pass: inertia only
+        inertia.append(float(packed[-1]))
+        log.debug("k-means iteration %d: inertia %.6g", t, inertia[-1])
+        if t >= iters or _converged(inertia, tol):
+            break
+        packed = packed.cpu().numpy()
+        centroids, splits = _update(packed[:k * d].reshape(k, d), packed[k * d:k * d + k], centroids, spherical)
+        n_splits += splits
+        t += 1
+        if splits:
+            log.info("k-means iteration %d: split %d empty cluster(s)", t, splits)
+        if on_iteration is not None:
+            on_iteration(KMeansState(centroids.copy(), t, list(inertia), n_splits))
+
+    return KMeansResult(centroids=centroids, assignments=labels.cpu().numpy(), inertia=inertia, iterations=t,
+                        n_splits=n_splits, backend=backend)
