@@ -18,6 +18,7 @@ KD_METHODS = ("brcd", "none", "individual_cos", "individual_l2", "rkd", "pkt", "
 DATA_SOURCES = ("fashion_mnist", "imagefolder", "shards")
 HEADS = ("linear", "mlp")
 TEACHER_SPLITS = ("train", "database")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,7 @@ class TrainConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     teacher_epochs: int = 3
     teacher_split: str = "database"  # unlabelled images the teacher learns from: train subset or all database images
     teacher_lr: float = 1e-3
@@ -267,6 +269,8 @@ def validate_config(cfg: Config, check_paths: bool = True) -> Config:
     _check(cfg.kmeans.tol >= 0, "kmeans.tol", cfg.kmeans.tol, "must be >= 0")
     _check(t.workers >= 1, "train.workers", t.workers, "must be >= 1")
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", t.cpus_per_worker, "must be > 0")
+    _check(t.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy", t.placement_strategy,
+           f"allowed: {', '.join(PLACEMENT_STRATEGIES)}")
     _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (contrastive losses need negatives)")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "allowed: 0, 1, 2, 3")

@@ -1,0 +1,103 @@
+"""Driver side of a distillation job: resolve paths, attach to Ray, run the Ray Train workers, and read what
+the final checkpoint holds. jobs/distill.py, jobs/train_teacher.py, jobs/tune.py and the benchmarks call this."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from brcd_dist.config import Config, to_dict
+from brcd_dist.models import HashModel, load_hash_model
+from brcd_dist.train.state import Clustering, TrainState, read_state
+
+log = logging.getLogger("brcd_dist")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Workers run in other directories (and on other nodes): hand them absolute paths."""
+    def ab(p: str) -> str:
+        return str(Path(p).expanduser().resolve()) if p else p
+    cfg.data = replace(cfg.data, shards_dir=ab(cfg.data.shards_dir), source_path=ab(cfg.data.source_path))
+    cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path) if "://" not in cfg.train.storage_path
+                        else cfg.train.storage_path)
+    for role in ("teacher", "student"):
+        m = getattr(cfg, role)
+        uri = m.uri if (not m.uri or m.uri.startswith(("models:/", "runs:/"))) else ab(m.uri)
+        setattr(cfg, role, replace(m, weights_path=ab(m.weights_path), uri=uri))
+    return cfg
+
+
+def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> None:
+    """Attach to RAY_ADDRESS / --address, or start a local Ray instance (the embedded default)."""
+    import ray
+    if ray.is_initialized():
+        return
+    env_vars = {k: v for k, v in (env or {}).items() if v}
+    for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI"):
+        if os.environ.get(key):
+            env_vars.setdefault(key, os.environ[key])
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
+             log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.train.name or time.strftime("distill-%Y%m%d-%H%M%S")
+
+
+def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", name: Optional[str] = None):
+    """Run the workers under a TorchTrainer; returns ray.train.Result. A run with the same name and storage path
+    resumes from its latest checkpoint (Ray Train V2), and FailureConfig restarts failed workers from it."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from brcd_dist.train.worker import distill_worker
+    t = cfg.train
+    trainer = TorchTrainer(
+        distill_worker,
+        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker},
+                                               placement_strategy=t.placement_strategy),
+        run_config=ray.train.RunConfig(name=name or run_name(cfg), storage_path=t.storage_path,
+                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+@dataclass
+class Outputs:
+    """What the final checkpoint of a distillation run holds."""
+    checkpoint_dir: Path
+    state: TrainState
+    teacher: HashModel
+    student: Optional[HashModel]
+    clustering: Optional[Clustering]
+    curves: dict
+
+    @property
+    def test(self) -> dict:
+        return self.state.history.get("test", {})
+
+
+def read_outputs(checkpoint_dir: Path) -> Outputs:
+    d = Path(checkpoint_dir)
+    curves = json.loads((d / "pr_curves.json").read_text()) if (d / "pr_curves.json").is_file() else {}
+    return Outputs(checkpoint_dir=d, state=read_state(d), teacher=load_hash_model(d / "teacher.pt"),
+                   student=load_hash_model(d / "student.pt") if (d / "student.pt").is_file() else None,
+                   clustering=Clustering.load(d / "clustering.pt") if (d / "clustering.pt").is_file() else None,
+                   curves=curves)
+
+
+def result_checkpoint_dir(result) -> Path:
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("the run reported no checkpoint")
+    return Path(result.checkpoint.path)

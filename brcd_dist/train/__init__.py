@@ -1,0 +1,8 @@
+"""Ray Train + DeepSpeed worker loops (the edge of the library: the only place that imports ray.train and deepspeed)."""
+import os
+import sys
+from pathlib import Path
+
+# DeepSpeed JIT-compiles its CPU shm comm op on first use; keep the build next to the venv's torch so that a
+# different torch never reuses (and dead-locks on) a stale build (../shared/STACK.md).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))

@@ -1,0 +1,86 @@
+"""Per-worker context: rank, device, config, shards, and the checkpoint + report call that every rank makes
+the same number of times (Ray Train's rule; a report is a barrier)."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from brcd_dist.config import Config
+from brcd_dist.data import Manifest
+from brcd_dist.train.state import ENGINE_TAG, TrainState, write_state
+
+log = logging.getLogger("brcd_dist.train")
+
+
+@dataclass
+class WorkerContext:
+    cfg: Config
+    manifest: Manifest
+    rank: int
+    world_size: int
+    device: torch.device
+    run_id: Optional[str] = None  # MLflow run that rank 0 logs step metrics to
+    # Files rank 0 writes into every checkpoint: name -> writer(path). Stages add theirs as they finish.
+    artifacts: dict = field(default_factory=dict)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def loader_kwargs(self) -> dict:
+        d = self.cfg.data
+        return dict(rank=self.rank, world_size=self.world_size, num_workers=d.loader_workers,
+                    image_size=d.image_size, in_chans=d.in_chans, shards_url=d.shards_url)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """Rank 0 streams step metrics to MLflow; a tracking hiccup must not kill a training run."""
+        if not (self.is_chief and self.run_id):
+            return
+        try:
+            from brcd_dist import tracking
+            tracking.log_metrics(self.run_id, metrics, step)
+        except Exception as err:  # noqa: BLE001 - logged, training goes on
+            log.warning("MLflow log_metrics failed at step %d: %s", step, err)
+
+    def report(self, state: TrainState, metrics: dict, engine=None,
+               extra: Optional[dict[str, Callable[[Path], None]]] = None) -> None:
+        """Write a checkpoint (state + finished-stage files on rank 0, the DeepSpeed engine on every rank) and
+        hand it to Ray Train with the metrics."""
+        with tempfile.TemporaryDirectory(prefix="brcd-ckpt-") as tmp:
+            d = Path(tmp)
+            if self.is_chief:
+                write_state(d, state)
+                for name, writer in {**self.artifacts, **(extra or {})}.items():
+                    writer(d / name)
+            if engine is not None:
+                engine.save_checkpoint(str(d / "engine"), tag=ENGINE_TAG)
+            ray.train.report({**metrics, "stage": state.stage, "global_step": state.global_step},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s value on every rank (decisions such as early stopping must agree everywhere)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

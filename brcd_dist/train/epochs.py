@@ -1,0 +1,67 @@
+"""The epoch/step loop shared by teacher (stage A) and student (stage C) training: streamed two-view batches,
+DeepSpeed step, step metrics, a checkpoint every C steps and at each epoch end, and mid-epoch resume."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from brcd_dist.data import train_batches
+from brcd_dist.train.context import WorkerContext
+from brcd_dist.train.state import TrainState
+
+LOG_EVERY = 10  # steps between MLflow step-metric writes
+
+
+def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epochs: int, prefix: str,
+               step_fn: Callable[[dict], dict], on_epoch_end: Callable[[int], tuple[dict, bool]]) -> None:
+    """Train `engine` for epochs [state.epoch, epochs). `step_fn(batch)` returns named loss tensors with "loss"
+    among them; `on_epoch_end(epoch)` returns (metrics, stop). Every rank runs the same number of steps, since
+    train_batches has the same length on every rank."""
+    cfg = ctx.cfg.train
+    for epoch in range(state.epoch, epochs):
+        loader = train_batches(ctx.manifest, split, batch_size=cfg.batch_size, epoch=epoch,
+                               seed=cfg.seed, max_steps=cfg.max_steps_per_epoch, **ctx.loader_kwargs())
+        engine.train()
+        sums: dict[str, float] = {}
+        n_steps, n_images, t0 = 0, 0, time.perf_counter()
+        skip = state.step_in_epoch  # batches this epoch already trained before a restart
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue  # replays the loader (and its seeded augmentations) up to the resume point
+            losses = step_fn(batch)
+            engine.backward(losses["loss"])
+            engine.step()
+            state.step_in_epoch = i + 1
+            state.global_step += 1
+            n_steps += 1
+            n_images += len(batch["key"])
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if state.global_step % LOG_EVERY == 0:
+                ctx.log_metrics({f"{prefix}/{k}": v for k, v in values.items()}, state.global_step)
+            if state.global_step % cfg.checkpoint_every == 0:
+                ctx.report(state, {f"{prefix}/{k}": v for k, v in values.items()}, engine=engine)
+        seconds = time.perf_counter() - t0
+        metrics = {f"{prefix}/epoch_{k}": v / max(n_steps, 1) for k, v in sums.items()}
+        metrics[f"{prefix}/images_per_s"] = n_images / seconds if seconds > 0 else 0.0
+        metrics[f"{prefix}/epoch"] = epoch + 1
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        eval_metrics, stop = on_epoch_end(epoch)
+        metrics.update(eval_metrics)
+        state.history["train"].append({k: v for k, v in metrics.items()})
+        ctx.log_metrics(metrics, state.global_step)
+        ctx.report(state, metrics, engine=engine)
+        if stop:
+            break
+
+
+def two_view_forward(engine, batch: dict, device: torch.device):
+    """One forward over both views concatenated (BatchNorm sees both, as in the authors' code); returns fp32
+    logits of view 1 and view 2."""
+    v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
+    dtype = next(engine.module.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
+    logits = engine(torch.cat([v1, v2]).to(dtype)).float()
+    return logits[: len(v1)], logits[len(v1):]

@@ -1,0 +1,46 @@
+"""Stage D: query and database encoded in parallel across ranks; mAP@K by Hamming ranking in both paradigms
+(SSHP: student encodes both sides; ASHP: teacher encodes the database, student the queries) on rank 0, the
+result broadcast so that every rank takes the same decisions (model selection, early stopping)."""
+from __future__ import annotations
+
+from brcd_dist.retrieval import evaluate_paradigms
+from brcd_dist.train.context import WorkerContext, broadcast_object
+from brcd_dist.train.encoding import encode_split
+
+
+class Evaluator:
+    """Holds the frozen teacher's database and query codes across evaluations (computed once per split)."""
+
+    def __init__(self, ctx: WorkerContext, teacher):
+        self.ctx, self.teacher = ctx, teacher
+        self._teacher_codes: dict = {}
+        self.throughput: dict = {}
+
+    def _teacher_split(self, split: str, max_items: int):
+        if split not in self._teacher_codes:
+            codes, _, labels, rates = encode_split(self.ctx, {"teacher": self.teacher}, split, max_items)
+            self._teacher_codes[split] = (codes["teacher"], labels)
+            if split == "database":
+                self.throughput["teacher_images_per_s"] = rates["teacher"]
+        return self._teacher_codes[split]
+
+    def evaluate(self, student, query_split: str, with_curves: bool = False) -> dict:
+        e = self.ctx.cfg.eval
+        t_db, db_labels = self._teacher_split("database", e.max_database)
+        t_q, _ = self._teacher_split(query_split, e.max_queries)
+        s_db, _, _, rates = encode_split(self.ctx, {"student": student}, "database", e.max_database)
+        s_q, _, q_labels, _ = encode_split(self.ctx, {"student": student}, query_split, e.max_queries)
+        self.throughput["student_images_per_s"] = rates["student"]
+        result = None
+        if self.ctx.is_chief:
+            codes = {"student": {"query": s_q["student"], "database": s_db["student"]},
+                     "teacher": {"query": t_q, "database": t_db}}
+            maps = evaluate_paradigms(codes, q_labels, db_labels, e.topk)
+            result = {f"{query_split}/{name}_map": float(v) for name, v in maps.items()}
+            if with_curves:
+                from brcd_dist.retrieval import pr_curve
+                result["curves"] = {name: pr_curve(codes[q]["query"], codes[d]["database"], q_labels, db_labels)
+                                    for name, (q, d) in (("sshp", ("student", "student")),
+                                                         ("ashp", ("student", "teacher")),
+                                                         ("teacher", ("teacher", "teacher")))}
+        return broadcast_object(result)

@@ -1,0 +1,66 @@
+"""What a checkpoint holds, so that a restarted run skips finished stages (teacher, clustering) and resumes the
+student at the step it reached. One directory per checkpoint, merged by Ray Train from every rank:
+  state.json        stage reached, epoch/step, metric history          (rank 0)
+  teacher.pt        the finished teacher (save_hash_model format)      (rank 0)
+  clustering.pt     centroids, bit masks, pseudo-labels by __key__     (rank 0)
+  best_student.pt   best student so far by validation mAP              (rank 0)
+  student.pt        the final student (after stage D)                  (rank 0)
+  engine/           DeepSpeed checkpoint of the model being trained    (every rank)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+STAGES = ("teacher", "clustering", "student", "done")
+ENGINE_TAG = "state"  # DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file of that name)
+
+
+@dataclass
+class TrainState:
+    stage: str = "teacher"  # the stage in progress (or "done")
+    epoch: int = 0  # epoch in progress of the current stage
+    step_in_epoch: int = 0  # batches of that epoch already trained
+    global_step: int = 0
+    cluster_round: int = 0
+    best_metric: float = -1.0
+    evals_without_improvement: int = 0
+    history: dict = field(default_factory=lambda: {"train": [], "eval": [], "test": {}})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        return cls(**json.loads(text))
+
+
+def write_state(directory: Path, state: TrainState) -> None:
+    (directory / "state.json").write_text(state.to_json())
+
+
+def read_state(directory: Path) -> TrainState:
+    return TrainState.from_json((directory / "state.json").read_text())
+
+
+@dataclass
+class Clustering:
+    """Stage B's output (DESIGN §2): k-means over the teacher's codes of the training split."""
+    centroids: torch.Tensor  # (K, L) float32
+    masks: torch.Tensor  # (K, L) float32 in {0, 1}
+    agreement: torch.Tensor  # (K, L) |mu_kb|
+    counts: torch.Tensor  # (K,) members per cluster
+    pseudo_labels: dict  # __key__ -> cluster id
+    inertia: list
+    n_mask_fallback: int
+    backend: str
+
+    def save(self, path: Path) -> None:
+        torch.save(asdict(self), path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Clustering":
+        return cls(**torch.load(path, weights_only=False))

@@ -1,0 +1,107 @@
+"""Stage C: the student, trained with kd_weight × KD loss (BRCD or a baseline) + λ_self × its own CIBHash
+loss on streamed two-view batches; the frozen teacher's codes of both views computed on the fly without
+gradient; validation mAP every E epochs for model selection and early stopping (DESIGN §2 "Loss")."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from brcd_dist.clustering.pseudo_labels import assign_nearest
+from brcd_dist.codes import probs_and_codes
+from brcd_dist.losses import KDInputs, kd_loss
+from brcd_dist.losses.cibhash import cibhash_loss
+from brcd_dist.models import HashModel, build_student, save_hash_model
+from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
+from brcd_dist.train.context import WorkerContext
+from brcd_dist.train.engine import autocast, make_engine
+from brcd_dist.train.epochs import run_epochs, two_view_forward
+from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.state import ENGINE_TAG, Clustering, TrainState
+
+
+def full_state_dict(engine) -> dict:
+    """The student's weights as a plain CPU state_dict (gathered first under ZeRO-3)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clustering: Clustering,
+                  evaluator: Evaluator, resume_dir: Optional[Path], codes_cache: dict) -> HashModel:
+    cfg, b = ctx.cfg, ctx.cfg.brcd
+    model = build_student(ctx.cfg).to(ctx.device)
+    engine = make_engine(model, cfg.train, cfg.train.lr, ctx.use_gpu)
+    best: dict = {}
+    if resume_dir is not None and state.stage == "student":
+        if (resume_dir / "engine").is_dir():
+            engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
+        if (resume_dir / "best_student.pt").is_file():
+            best["state_dict"] = torch.load(resume_dir / "best_student.pt", weights_only=True)
+    box = {"clustering": clustering}  # replaced when k-means is re-run every R epochs
+    move = lambda c: (c.centroids.to(ctx.device), c.masks.to(ctx.device))  # noqa: E731
+    centroids, masks = move(clustering)
+
+    def step(batch: dict) -> dict:
+        nonlocal centroids, masks
+        c = box["clustering"]
+        with torch.no_grad(), autocast(ctx.use_gpu):
+            v1, v2 = batch["view1"].to(ctx.device), batch["view2"].to(ctx.device)
+            t_logits = teacher(torch.cat([v1, v2]).to(next(teacher.parameters()).dtype)).float()
+        q, t = probs_and_codes(t_logits)
+        n = len(v1)
+        l1, l2 = two_view_forward(engine, batch, ctx.device)
+        p1, s1 = probs_and_codes(l1)
+        p2, s2 = probs_and_codes(l2)
+        labels = torch.tensor([c.pseudo_labels[k] for k in batch["key"]], device=ctx.device)
+        view_clusters = assign_nearest(t, centroids, spherical=cfg.kmeans.spherical)
+        inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t[:n], t2=t[n:], q1=q[:n], q2=q[n:], labels=labels,
+                          view_clusters1=view_clusters[:n], view_clusters2=view_clusters[n:], masks=masks)
+        kd = kd_loss(b.kd, inputs, b)
+        own = cibhash_loss(p1, s1, p2, s2, tau=b.tau)
+        offset = (view_clusters[n:] != labels).float().mean() + (view_clusters[:n] != labels).float().mean()
+        return {"loss": b.kd_weight * kd + b.lambda_self * own, "kd": kd.detach(), "self": own.detach(),
+                "offset_rate": offset.detach() / 2}
+
+    def on_epoch_end(epoch: int) -> tuple[dict, bool]:
+        nonlocal centroids, masks
+        metrics: dict = {}
+        if b.recluster_every and (epoch + 1) % b.recluster_every == 0 and epoch + 1 < cfg.train.epochs:
+            state.cluster_round += 1
+            box["clustering"] = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
+            centroids, masks = move(box["clustering"])
+            c = box["clustering"]
+            ctx.artifacts["clustering.pt"] = lambda path: c.save(path)
+            metrics.update(clustering_metrics(c))
+        stop = False
+        last = epoch + 1 == cfg.train.epochs
+        if cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+            result = evaluator.evaluate(engine.module, "val_query")
+            metrics.update(result)
+            state.history["eval"].append({"epoch": epoch + 1, **result})
+            score = result["val_query/sshp_map"]
+            if score > state.best_metric:
+                state.best_metric, state.evals_without_improvement = score, 0
+                best["state_dict"] = full_state_dict(engine)
+                snapshot = best["state_dict"]
+                ctx.artifacts["best_student.pt"] = lambda path: torch.save(snapshot, path)
+            else:
+                state.evals_without_improvement += 1
+            patience = cfg.train.early_stop_patience
+            stop = bool(patience and state.evals_without_improvement >= patience)
+        return metrics, stop
+
+    run_epochs(ctx, state, engine, split="train", epochs=cfg.train.epochs, prefix="student",
+               step_fn=step, on_epoch_end=on_epoch_end)
+    student = copy.deepcopy(engine.module).float().cpu()
+    if "state_dict" in best:  # model selection on validation mAP (DESIGN §3)
+        student.load_state_dict(best["state_dict"])
+    return student.to(ctx.device).eval()
+
+
+def save_student(student: HashModel):
+    return lambda path: save_hash_model(student, path)

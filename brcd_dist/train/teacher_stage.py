@@ -1,0 +1,61 @@
+"""Stage A: the teacher. Loaded when the config names one (MLflow URI or checkpoint file), otherwise a timm
+backbone + hash head trained with the CIBHash loss (DESIGN §2 "Teacher")."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from brcd_dist.codes import probs_and_codes
+from brcd_dist.losses.cibhash import cibhash_loss
+from brcd_dist.models import HashModel, build_teacher, load_hash_model, save_hash_model
+from brcd_dist.train.context import WorkerContext
+from brcd_dist.train.engine import make_engine
+from brcd_dist.train.epochs import run_epochs, two_view_forward
+from brcd_dist.train.state import ENGINE_TAG, TrainState
+
+log = logging.getLogger("brcd_dist.train")
+
+
+def load_teacher_uri(uri: str) -> HashModel:
+    """An existing teacher: models:/NAME@alias or runs:/... (MLflow), or a save_hash_model file."""
+    if uri.startswith(("models:/", "runs:/")):
+        from brcd_dist.tracking import load_model
+        return load_model(uri)
+    return load_hash_model(uri)
+
+
+def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Path]) -> HashModel:
+    cfg = ctx.cfg
+    if resume_dir is not None and (resume_dir / "teacher.pt").is_file():
+        teacher = load_hash_model(resume_dir / "teacher.pt")  # stage A finished before the restart
+    elif cfg.teacher.uri:
+        teacher = load_teacher_uri(cfg.teacher.uri)
+    else:
+        teacher = train_teacher(ctx, state, resume_dir)
+    teacher = teacher.to(ctx.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ctx.artifacts["teacher.pt"] = lambda path: save_hash_model(teacher, path)
+    return teacher
+
+
+def train_teacher(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Path]) -> HashModel:
+    cfg = ctx.cfg
+    model = build_teacher(cfg).to(ctx.device)
+    if cfg.train.teacher_epochs == 0:
+        log.warning("train.teacher_epochs=0: the teacher keeps its initial weights")
+        return model
+    engine = make_engine(model, cfg.train, cfg.train.teacher_lr, ctx.use_gpu)
+    if resume_dir is not None and state.stage == "teacher" and (resume_dir / "engine").is_dir():
+        engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
+
+    def step(batch: dict) -> dict:
+        l1, l2 = two_view_forward(engine, batch, ctx.device)
+        p1, s1 = probs_and_codes(l1)
+        p2, s2 = probs_and_codes(l2)
+        return {"loss": cibhash_loss(p1, s1, p2, s2, tau=cfg.brcd.tau)}
+
+    run_epochs(ctx, state, engine, split=cfg.train.teacher_split, epochs=cfg.train.teacher_epochs,
+               prefix="teacher", step_fn=step, on_epoch_end=lambda epoch: ({}, False))
+    return engine.module

@@ -1,0 +1,81 @@
+"""The function every Ray Train worker runs: stages A–D of DESIGN §1 in order, each skipped when the latest
+checkpoint shows it finished (so a restarted run never redoes the teacher or the clustering)."""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+
+import ray.train
+import torch
+
+from brcd_dist.config import from_dict
+from brcd_dist.data import load_manifest
+from brcd_dist.models import load_hash_model
+from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
+from brcd_dist.train.context import WorkerContext
+from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.state import Clustering, TrainState, read_state
+from brcd_dist.train.student_stage import save_student, student_stage
+from brcd_dist.train.teacher_stage import teacher_stage
+
+log = logging.getLogger("brcd_dist.train")
+
+
+def make_context(config: dict) -> WorkerContext:
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
+    return WorkerContext(cfg=cfg, manifest=load_manifest(cfg.data.shards_dir), rank=ctx.get_world_rank(),
+                         world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+                         run_id=config.get("run_id"))
+
+
+def distill_worker(config: dict) -> None:
+    """config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher"}."""
+    ctx = make_context(config)
+    with ExitStack() as stack:
+        checkpoint = ray.train.get_checkpoint()
+        resume_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+        state = read_state(resume_dir) if resume_dir else TrainState()
+        if resume_dir:
+            log.info("rank %d resumes at stage %s, epoch %d, step %d", ctx.rank, state.stage, state.epoch,
+                     state.step_in_epoch)
+
+        # Stage A: teacher.
+        teacher = teacher_stage(ctx, state, resume_dir)
+        if state.stage == "teacher":
+            state.stage, state.epoch, state.step_in_epoch = "clustering", 0, 0
+            ctx.report(state, {"teacher/done": 1})
+        if config.get("stages", "all") == "teacher":
+            return
+
+        # Stage B: distributed k-means, pseudo-labels, bit masks.
+        codes_cache: dict = {}
+        if resume_dir is not None and (resume_dir / "clustering.pt").is_file():
+            clustering = Clustering.load(resume_dir / "clustering.pt")
+        else:
+            clustering = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
+        ctx.artifacts["clustering.pt"] = clustering.save
+        if state.stage == "clustering":
+            state.stage = "student"
+            ctx.report(state, clustering_metrics(clustering))
+
+        # Stage C: the student.
+        evaluator = Evaluator(ctx, teacher)
+        if state.stage == "student":
+            student = student_stage(ctx, state, teacher, clustering, evaluator, resume_dir, codes_cache)
+        else:  # the run had finished; a restart only re-reports
+            student = load_hash_model(resume_dir / "student.pt").to(ctx.device)
+
+        # Stage D: test queries, curves, throughput.
+        test = evaluator.evaluate(student, "test_query", with_curves=True)
+        curves = test.pop("curves")
+        state.stage = "done"
+        state.history["test"] = {**test, **evaluator.throughput}
+        ctx.artifacts["student.pt"] = save_student(student)
+        ctx.artifacts["pr_curves.json"] = lambda path: path.write_text(json.dumps(
+            {k: {kk: [float(x) for x in vv] for kk, vv in v.items()} for k, v in curves.items()}))
+        ctx.report(state, {**test, **evaluator.throughput})

@@ -1,0 +1,39 @@
+"""Shared command-line front for the jobs: --config, --address, key=value overrides, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python jobs/X.py` from a checkout, installed or not
+
+from brcd_dist.config import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "configs" / "fashion_mnist.yaml"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="YAML config (default: the embedded Fashion-MNIST config)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. brcd.alpha=0.7 train.workers=2")
+    return p
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def config_from_args(args):
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        fail(str(err))
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,51 @@
+"""BRCD distillation, stages A–D of DESIGN §1, as one Ray Train job.
+
+    python jobs/distill.py                                   # embedded default: Fashion-MNIST, local Ray, CPU
+    python jobs/distill.py --config X.yaml brcd.alpha=0.7    # any config + overrides
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/distill.py --config X.yaml
+
+Everything that can be wrong with the input is checked before a worker starts: the config, the tracking store and
+registry names, the shards (made here when missing).
+"""
+from __future__ import annotations
+
+from _cli import config_from_args, fail, parser, setup_logging
+
+from brcd_dist.data import ensure_shards
+from brcd_dist.pipeline import absolute_paths, connect_ray, launch, read_outputs, result_checkpoint_dir, run_name
+from brcd_dist.reporting import publish, result_table
+from brcd_dist import tracking
+
+
+def main(argv=None) -> dict:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    setup_logging()
+    cfg = absolute_paths(config_from_args(args))
+    uri = None
+    if cfg.tracking.enabled:
+        try:
+            uri = tracking.check_tracking(cfg.tracking)
+        except tracking.TrackingError as err:
+            fail(str(err))
+    try:
+        manifest = ensure_shards(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    connect_ray(args.address, env={"MLFLOW_TRACKING_URI": uri})
+    name = run_name(cfg)
+    run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest()) if uri else None
+    try:
+        result = launch(cfg, run_id=run_id, name=name)
+        outputs = read_outputs(result_checkpoint_dir(result))
+        if run_id:
+            publish(run_id, cfg, outputs)
+    except BaseException as err:
+        if run_id:
+            tracking.fail_run(run_id, err)
+        raise
+    print(result_table(cfg, outputs))
+    return outputs.test
+
+
+if __name__ == "__main__":
+    main()
