@@ -64,6 +64,7 @@ class BRCDConfig:
     cluster_removal: bool = True  # false-negative removal and offset-positive rule
     bit_mask: bool = True  # per-cluster bit masks
     recluster_every: int = 0  # re-run k-means every R student epochs (0: once)
+    clustering_cache: str = ""  # directory where k-means results are kept by (teacher, data, K, seed) and reused
 
 
 @dataclass

@@ -24,6 +24,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.data = replace(cfg.data, shards_dir=ab(cfg.data.shards_dir), source_path=ab(cfg.data.source_path))
     cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path) if "://" not in cfg.train.storage_path
                         else cfg.train.storage_path)
+    cfg.brcd = replace(cfg.brcd, clustering_cache=ab(cfg.brcd.clustering_cache))
     for role in ("teacher", "student"):
         m = getattr(cfg, role)
         uri = m.uri if (not m.uri or m.uri.startswith(("models:/", "runs:/"))) else ab(m.uri)

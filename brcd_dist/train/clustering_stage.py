@@ -3,7 +3,11 @@
 all-reduced bit sums (DESIGN §2 "Pseudo-labels", "Bit masks")."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,7 +28,29 @@ def encode_train_split(ctx: WorkerContext, teacher) -> tuple[np.ndarray, list]:
     return codes["teacher"], keys
 
 
-def cluster_teacher_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, cluster_round: int = 0) -> Clustering:
+def teacher_digest(teacher) -> str:
+    """A short hash of the teacher's weights: clustering results are reusable only for the same teacher."""
+    h = hashlib.sha256()
+    for name, t in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_path(ctx: WorkerContext, teacher, cluster_round: int) -> Optional[Path]:
+    """Where the k-means result for this (teacher, shards, K, seed, iterations, geometry) lives, if caching is on.
+    The masks are not part of the key: they are recomputed from the cached bit sums for each δ."""
+    cfg = ctx.cfg
+    if not cfg.brcd.clustering_cache:
+        return None
+    km = cfg.kmeans
+    key = (f"k{cfg.brcd.clusters}-seed{km.seed + cluster_round}-it{km.iters}-tol{km.tol:g}-"
+           f"{'sph' if km.spherical else 'l2'}-t{teacher_digest(teacher)}-d{ctx.manifest.digest()[:16]}")
+    return Path(cfg.brcd.clustering_cache) / f"{key}.pt"
+
+
+def kmeans_on_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, cluster_round: int) -> dict:
+    """Distributed k-means + all-reduced bit sums; every rank returns the same global result."""
     cfg = ctx.cfg
     k = cfg.brcd.clusters
     result = distributed_kmeans(codes.astype(np.float32), k, iters=cfg.kmeans.iters, tol=cfg.kmeans.tol,
@@ -34,29 +60,45 @@ def cluster_teacher_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, clu
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)  # float64 sums of ±1: exact, so masks do not depend on the sharding
         dist.all_reduce(counts)
-    masks, n_fallback = bit_masks_from_stats(sums, counts, cfg.brcd.delta)
     pseudo = {}
     for part_keys, part_labels in all_gather_objects((keys, result.assignments.tolist())):
         pseudo.update(zip(part_keys, part_labels))
+    return {"centroids": torch.as_tensor(result.centroids, dtype=torch.float32), "sums": sums, "counts": counts,
+            "pseudo_labels": pseudo, "inertia": list(result.inertia), "backend": result.backend}
+
+
+def clustering_from_kmeans(ctx: WorkerContext, km: dict) -> Clustering:
+    """Pseudo-labels and per-cluster bit masks at this run's δ (DESIGN §2 "Bit masks")."""
+    masks, n_fallback = bit_masks_from_stats(km["sums"], km["counts"], ctx.cfg.brcd.delta)
     kept = masks.sum(1)
     log.info("k-means (%s): K=%d, %d iterations, inertia %.4g; bits kept per cluster min/mean/max %d/%.1f/%d; "
-             "%d empty-mask fallbacks", result.backend, k, result.iterations, result.inertia[-1],
+             "%d empty-mask fallbacks", km["backend"], len(masks), len(km["inertia"]), km["inertia"][-1],
              int(kept.min()), float(kept.mean()), int(kept.max()), n_fallback)
-    return Clustering(centroids=torch.as_tensor(result.centroids, dtype=torch.float32), masks=masks,
-                      agreement=bit_agreement(sums, counts).float(), counts=counts, pseudo_labels=pseudo,
-                      inertia=list(result.inertia), n_mask_fallback=n_fallback, backend=result.backend)
+    return Clustering(centroids=km["centroids"], masks=masks, agreement=bit_agreement(km["sums"], km["counts"]).float(),
+                      counts=km["counts"], pseudo_labels=km["pseudo_labels"], inertia=km["inertia"],
+                      n_mask_fallback=n_fallback, backend=km["backend"])
 
 
 def clustering_stage(ctx: WorkerContext, teacher, cluster_round: int = 0, codes_cache: dict | None = None) -> Clustering:
     """Run stage B; `codes_cache` keeps this rank's teacher codes for later re-clustering rounds (the teacher is
     frozen, so they do not change)."""
+    cached = cache_path(ctx, teacher, cluster_round)
+    if cached is not None and cached.is_file():
+        log.info("k-means result reused from %s", cached)
+        return clustering_from_kmeans(ctx, torch.load(cached, weights_only=False))
     if codes_cache is not None and "codes" in codes_cache:
         codes, keys = codes_cache["codes"], codes_cache["keys"]
     else:
         codes, keys = encode_train_split(ctx, teacher)
         if codes_cache is not None:
             codes_cache.update(codes=codes, keys=keys)
-    return cluster_teacher_codes(ctx, codes, keys, cluster_round)
+    km = kmeans_on_codes(ctx, codes, keys, cluster_round)
+    if cached is not None and ctx.is_chief:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        torch.save(km, tmp)
+        os.replace(tmp, cached)  # atomic: concurrent trials with the same K never read half a file
+    return clustering_from_kmeans(ctx, km)
 
 
 def clustering_metrics(c: Clustering) -> dict:

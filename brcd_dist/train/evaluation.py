@@ -3,7 +3,7 @@
 result broadcast so that every rank takes the same decisions (model selection, early stopping)."""
 from __future__ import annotations
 
-from brcd_dist.retrieval import evaluate_paradigms
+from brcd_dist.retrieval import PARADIGMS, evaluate_paradigms, pr_curve
 from brcd_dist.train.context import WorkerContext, broadcast_object
 from brcd_dist.train.encoding import encode_split
 
@@ -38,9 +38,7 @@ class Evaluator:
             maps = evaluate_paradigms(codes, q_labels, db_labels, e.topk)
             result = {f"{query_split}/{name}_map": float(v) for name, v in maps.items()}
             if with_curves:
-                from brcd_dist.retrieval import pr_curve
+                routes = {**PARADIGMS, "teacher": ("teacher", "teacher")}
                 result["curves"] = {name: pr_curve(codes[q]["query"], codes[d]["database"], q_labels, db_labels)
-                                    for name, (q, d) in (("sshp", ("student", "student")),
-                                                         ("ashp", ("student", "teacher")),
-                                                         ("teacher", ("teacher", "teacher")))}
+                                    for name, (q, d) in routes.items()}
         return broadcast_object(result)
