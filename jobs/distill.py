@@ -18,7 +18,7 @@ from brcd_dist import tracking
 
 
 def main(argv=None) -> dict:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = parser(__doc__.splitlines()[0]).parse_intermixed_args(argv)
     setup_logging()
     cfg = absolute_paths(config_from_args(args))
     uri = None

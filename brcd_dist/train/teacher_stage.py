@@ -17,20 +17,13 @@ from brcd_dist.train.state import ENGINE_TAG, TrainState
 log = logging.getLogger("brcd_dist.train")
 
 
-def load_teacher_uri(uri: str) -> HashModel:
-    """An existing teacher: models:/NAME@alias or runs:/... (MLflow), or a save_hash_model file."""
-    if uri.startswith(("models:/", "runs:/")):
-        from brcd_dist.tracking import load_model
-        return load_model(uri)
-    return load_hash_model(uri)
-
-
 def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Path]) -> HashModel:
     cfg = ctx.cfg
     if resume_dir is not None and (resume_dir / "teacher.pt").is_file():
         teacher = load_hash_model(resume_dir / "teacher.pt")  # stage A finished before the restart
     elif cfg.teacher.uri:
-        teacher = load_teacher_uri(cfg.teacher.uri)
+        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/..., or a checkpoint file
+        teacher = load_model(cfg.teacher.uri)
     else:
         teacher = train_teacher(ctx, state, resume_dir)
     teacher = teacher.to(ctx.device).eval()

@@ -1,0 +1,83 @@
+"""Stage D for any teacher/student pair, by checkpoint path or MLflow URI: mAP@K in SSHP and ASHP (and the
+teacher alone) on a query split against the database, in one process.
+
+    python jobs/evaluate.py models:/brcd-student@candidate
+    python jobs/evaluate.py runs/x/student.pt --teacher runs/x/teacher.pt --split val_query eval.topk=100
+
+Without --teacher, a registered student's teacher is taken from the run that logged it (runs:/RUN/teacher).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from _cli import config_from_args, fail, parser, setup_logging
+
+from brcd_dist import tracking
+from brcd_dist.data import ensure_shards, eval_batches
+from brcd_dist.pipeline import absolute_paths
+from brcd_dist.retrieval import encode_batches, evaluate_paradigms
+
+
+def teacher_of(student_uri: str) -> str | None:
+    """runs:/RUN/teacher for a registered student (its version carries the run_id tag), else None."""
+    if not student_uri.startswith("models:/"):
+        return None
+    from mlflow import MlflowClient
+    name, _, ref = student_uri[len("models:/"):].partition("@")
+    client = MlflowClient()
+    mv = (client.get_model_version_by_alias(name, ref) if ref else
+          client.get_model_version(*student_uri[len("models:/"):].split("/", 1)))
+    run_id = mv.tags.get("run_id") or mv.run_id
+    return f"runs:/{run_id}/teacher" if run_id else None
+
+
+def main(argv=None) -> dict:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--teacher", default=None, help="teacher: same forms (default: the student's run's teacher)")
+    p.add_argument("--split", default="test_query", choices=["val_query", "test_query"])
+    p.usage = "evaluate.py STUDENT [--teacher T] [--split S] [--config X.yaml] [key=value ...]"
+    args = p.parse_intermixed_args(argv)
+    # The student (models:/NAME@alias, runs:/RUN/student, or a checkpoint file) is the one positional without '='.
+    models = [a for a in args.overrides if "=" not in a]
+    args.overrides = [a for a in args.overrides if "=" in a]
+    if len(models) != 1:
+        fail(f"expected one student model (models:/NAME@alias, runs:/RUN/student or a file), got {models}")
+    args.student = models[0]
+    setup_logging()
+    cfg = absolute_paths(config_from_args(args))
+    uri = tracking.set_tracking_uri(cfg.tracking.uri)
+    try:
+        student = tracking.load_model(args.student)
+        teacher_uri = args.teacher or teacher_of(args.student)
+        teacher = tracking.load_model(teacher_uri) if teacher_uri else None
+    except tracking.TrackingError as err:
+        fail(f"{err} (tracking uri {uri})")
+    manifest = ensure_shards(cfg)
+    if student.bits != (teacher.bits if teacher is not None else student.bits):
+        fail(f"student has {student.bits} bits but teacher has {teacher.bits}: ASHP needs equal code lengths")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    def encode(model, split):
+        batches = eval_batches(manifest, split, rank=0, world_size=1, batch_size=cfg.eval.batch_size,
+                               num_workers=cfg.data.loader_workers, image_size=cfg.data.image_size,
+                               in_chans=cfg.data.in_chans, shards_url=cfg.data.shards_url)
+        codes, keys, labels = encode_batches(model.eval(), batches, "cpu")
+        order = np.argsort(np.array(keys, dtype=object), kind="stable")  # the pipeline's order: ties break alike
+        return codes[order], labels[order]
+
+    codes = {}
+    for role, model in (("student", student), ("teacher", teacher)):
+        if model is not None:
+            (q, q_labels), (db, db_labels) = encode(model, args.split), encode(model, "database")
+            codes[role] = {"query": q, "database": db}
+    maps = evaluate_paradigms(codes, q_labels, db_labels, cfg.eval.topk)
+    result = {f"{args.split}/{k}_map": round(float(v), 4) for k, v in maps.items()}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
