@@ -1,7 +1,7 @@
 """distributed_kmeans: distributed Lloyd equals one-process Lloyd, matches FAISS, and fails loudly on every rank.
 
-The 2-rank tests run real gloo processes (tests/dist_utils.py). To keep the file fast, one spawn runs every
-successful 2-rank case and another every bad-input case; each test then checks one behaviour of those runs.
+The 2-rank tests run real gloo processes (tests/dist_utils.py). To keep the file fast, one spawn of 2 ranks runs
+every 2-rank case (the bad inputs last); each test then checks one behaviour of those runs.
 Data are on a 1/64 grid (or ±1 codes), so every float64 sum is exact and "equal" can mean bit-for-bit.
 """
 import logging
@@ -56,7 +56,6 @@ def _shard(x, cut, rank):
 
 
 def _run_cases(rank, world_size):
-    faiss.omp_set_num_threads(1)
     return {name: distributed_kmeans(_shard(x, cut, rank), **kw) for name, (x, cut, kw) in CASES.items()}
 
 
@@ -65,11 +64,20 @@ def _one_process(name):
     return distributed_kmeans(x, **kw)
 
 
+def _run_all(rank, world_size):
+    return _run_cases(rank, world_size), _run_bad_cases(rank, world_size)
+
+
 @pytest.fixture(scope="module")
-def two_ranks():
+def two_rank_runs():
+    """[(results of CASES, error messages of the bad cases) of rank 0, the same of rank 1]"""
+    return [o.unwrap() for o in run_on_ranks(_run_all, 2, timeout=180)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_rank_runs):
     """{case: [result of rank 0, result of rank 1]}"""
-    outs = [o.unwrap() for o in run_on_ranks(_run_cases, 2, timeout=120)]
-    return {name: [outs[0][name], outs[1][name]] for name in CASES}
+    return {name: [two_rank_runs[0][0][name], two_rank_runs[1][0][name]] for name in CASES}
 
 
 def assert_same_as_one_process(name, two_ranks):
@@ -252,10 +260,11 @@ BAD_MESSAGES = {
 
 def _run_bad_cases(rank, world_size):
     out = {}
-    for name, make in BAD.items():
-        x, k = make(rank)
+    cases = {name: (*make(rank), {}) for name, make in BAD.items()}
+    cases["bad_tol_on_rank_1"] = (X[:20], 3, {"tol": -1.0} if rank == 1 else {})
+    for name, (x, k, kw) in cases.items():
         try:
-            distributed_kmeans(x, k, iters=2)
+            distributed_kmeans(x, k, iters=2, **kw)
             out[name] = None
         except ValueError as e:
             out[name] = str(e)
@@ -263,8 +272,9 @@ def _run_bad_cases(rank, world_size):
 
 
 @pytest.fixture(scope="module")
-def two_ranks_bad():
-    return [o.unwrap() for o in run_on_ranks(_run_bad_cases, 2, timeout=120)]
+def two_ranks_bad(two_rank_runs):
+    """[{bad case: error message or None} of rank 0, the same of rank 1]"""
+    return [two_rank_runs[0][1], two_rank_runs[1][1]]
 
 
 @pytest.mark.parametrize("name", list(BAD))
@@ -272,6 +282,11 @@ def test_bad_input_raises_the_same_clear_error_on_every_rank(name, two_ranks_bad
     msgs = [two_ranks_bad[0][name], two_ranks_bad[1][name]]
     assert msgs[0] is not None and msgs[0] == msgs[1]
     assert BAD_MESSAGES[name] in msgs[0]
+
+
+def test_a_bad_argument_on_one_rank_raises_on_every_rank(two_ranks_bad):
+    assert "tol=-1.0: must be >= 0" in two_ranks_bad[1]["bad_tol_on_rank_1"]
+    assert "bad argument on rank(s) [1]" in two_ranks_bad[0]["bad_tol_on_rank_1"]
 
 
 def test_bad_input_raises_in_one_process_too():

@@ -6,7 +6,7 @@ per iteration). Works with torch.distributed uninitialised (world size 1), with 
 
 Exactness: sums and counts are float64, so the centroids equal those of one process on the rank-order concatenation
 of the shards whenever the float64 sums are exact: always for ±1 codes (integer sums), and for float data up to
-float64 rounding (the sum order differs). The global order of the points, which seeds the initialisation, is the
+float64 rounding (the sum order differs; on a GPU index_add_'s atomics also vary it from run to run). The global order of the points, which seeds the initialisation, is the
 rank-order concatenation of the shards (rank 0's points first), found by an all_gather of the shard sizes.
 
 Iteration t assigns every point to its nearest centroid of C_t (inertia J_t = Σ squared L2 distance, FAISS's
@@ -96,7 +96,7 @@ class _Comm:
 
 # ----------------------------------------------------------------------------- input checks
 
-def _validate(x, k: int, iters: int, seed: int, init, state, comm: _Comm) -> np.ndarray:
+def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm: _Comm) -> np.ndarray:
     """Check the inputs of all ranks together, so that every rank raises the same error instead of one rank
     leaving a collective that the others wait in. Returns the shard sizes of all ranks (rank order)."""
     shape = tuple(x.shape)
@@ -106,13 +106,16 @@ def _validate(x, k: int, iters: int, seed: int, init, state, comm: _Comm) -> np.
     init_k, init_d = (init.shape if init.ndim == 2 else (-1, -1)) if init is not None else (k, d)
     st = np.asarray(state.centroids) if state is not None else None
     st_k, st_d = (st.shape if st.ndim == 2 else (-1, -1)) if st is not None else (k, d)
-    mine = torch.tensor([len(shape), n, d, int(finite), k, iters, seed, init_k, init_d, st_k, st_d], dtype=torch.int64)
+    mine = torch.tensor([len(shape), n, d, int(finite), k, iters, seed, init_k, init_d, st_k, st_d, int(bool(bad_arg))],
+                        dtype=torch.int64)
     table = comm.all_gather(mine).numpy()
     ndims, ns, ds, fin, ks, its, seeds = (table[:, i] for i in range(7))
 
     def fail(msg: str):
         raise ValueError(f"distributed_kmeans: {msg}")
 
+    if table[:, 11].any():
+        fail(bad_arg or f"bad argument on rank(s) {np.flatnonzero(table[:, 11]).tolist()}")
     if (ndims != 2).any():
         fail(f"x must be 2-D (n, d) on every rank; ndim per rank: {ndims.tolist()}")
     for name, col in (("k", ks), ("iters", its), ("seed", seeds)):
@@ -215,7 +218,7 @@ def _faiss():
         return None
 
 
-def choose_backend(device: torch.device | str = "cpu") -> str:
+def choose_backend() -> str:
     """FAISS on the GPU when it has GPU support; else torch matmul on the GPU when CUDA is there; else FAISS on the
     CPU (torch on the CPU only if FAISS is missing)."""
     faiss = _faiss()
@@ -346,14 +349,17 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
     comm = _Comm(group)
     x = torch.as_tensor(x).to(torch.float32).contiguous()
     init_arr = np.asarray(init, dtype=np.float32) if not isinstance(init, str) else None
+    backend = backend or choose_backend()
+    bad_arg = ""  # raised on every rank by _validate, so that a rank with a bad argument does not leave the others hanging
     if isinstance(init, str) and init not in INITS:
-        raise ValueError(f"distributed_kmeans: init={init!r}: allowed {', '.join(INITS)} or a (k, d) array")
-    backend = backend or choose_backend(x.device)
-    if backend not in BACKENDS:
-        raise ValueError(f"distributed_kmeans: backend={backend!r}: allowed {', '.join(BACKENDS)}")
-    if not 0 <= tol:
-        raise ValueError(f"distributed_kmeans: tol={tol}: must be >= 0")
-    shard_sizes = _validate(x, k, iters, seed, init_arr, state, comm)
+        bad_arg = f"init={init!r}: allowed {', '.join(INITS)} or a (k, d) array"
+    elif backend not in BACKENDS:
+        bad_arg = f"backend={backend!r}: allowed {', '.join(BACKENDS)}"
+    elif not tol >= 0:
+        bad_arg = f"tol={tol}: must be >= 0"
+    elif init_arr is not None and not np.isfinite(init_arr).all():
+        bad_arg = "init centroids contain NaN or Inf"
+    shard_sizes = _validate(x, k, iters, seed, init_arr, state, bad_arg, comm)
     offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
 
     device = torch.device("cuda", torch.cuda.current_device()) if backend in ("faiss-gpu", "torch-cuda") else \
@@ -363,7 +369,7 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
     log.info("k-means: rank %d/%d assigns %d points (d=%d, k=%d) with %s", comm.rank, comm.size, x.shape[0], d, k,
              backend)
     assign = _Assigner(backend, d, spherical, device)
-    x_sq = (x.double() ** 2).sum(1) if spherical else None
+    x_sq = _sq_dist_to(x, torch.zeros(d, dtype=torch.float64, device=device)) if spherical else None
 
     if state is not None:
         centroids = np.asarray(state.centroids, dtype=np.float32)
@@ -394,5 +400,8 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
         if on_iteration is not None:
             on_iteration(KMeansState(centroids.copy(), t, list(inertia), n_splits))
 
+    if comm.rank == 0:
+        log.info("k-means: %d iterations, inertia %.6g -> %.6g, %d empty-cluster splits", t, inertia[0], inertia[-1],
+                 n_splits)
     return KMeansResult(centroids=centroids, assignments=labels.cpu().numpy(), inertia=inertia, iterations=t,
                         n_splits=n_splits, backend=backend)

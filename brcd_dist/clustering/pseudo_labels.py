@@ -6,10 +6,27 @@ whatever device the codes are on. distributed_kmeans uses nearest_centroids as i
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-# Rows per chunk are chosen so that one (rows, k) float32 score block holds about this many entries (64 MiB).
-_BLOCK_ENTRIES = 1 << 24
+# Rows per chunk are chosen so that one (rows, k) float32 score block holds about this many entries:
+# 64 MiB on the CPU, 256 MiB on a GPU (fewer, larger matmuls).
+_BLOCK_ENTRIES = {"cpu": 1 << 24, "cuda": 1 << 26}
+
+
+@contextlib.contextmanager
+def _full_fp32(device: torch.device):
+    """No TF32 in the score matmul, even if the training code allowed it: its 10-bit mantissa flips near ties."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _as_float_tensor(a, device=None) -> torch.Tensor:
@@ -35,19 +52,20 @@ def nearest_centroids(x, centroids, spherical: bool = False, chunk_size: int | N
         c = c / c.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     c_sq = (c * c).sum(dim=1)
     n = x.shape[0]
-    step = chunk_size or max(1, _BLOCK_ENTRIES // c.shape[0])
+    step = chunk_size or max(1, _BLOCK_ENTRIES.get(x.device.type, 1 << 24) // c.shape[0])
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
-    for s in range(0, n, step):
-        xb = x[s:s + step]
-        ip = xb @ c.T
-        if spherical:
-            best_ip, lab = ip.max(dim=1)  # unit-norm centroids: max cosine == max inner product
-            best = c_sq[lab] - 2 * best_ip
-        else:
-            best, lab = (c_sq - 2 * ip).min(dim=1)
-        labels[s:s + step] = lab
-        dist[s:s + step] = ((xb * xb).sum(dim=1) + best).clamp_min(0)
+    with _full_fp32(x.device):
+        for s in range(0, n, step):
+            xb = x[s:s + step]
+            ip = xb @ c.T
+            if spherical:
+                best_ip, lab = ip.max(dim=1)  # unit-norm centroids: max cosine == max inner product
+                best = c_sq[lab] - 2 * best_ip
+            else:
+                best, lab = (c_sq - 2 * ip).min(dim=1)
+            labels[s:s + step] = lab
+            dist[s:s + step] = ((xb * xb).sum(dim=1) + best).clamp_min(0)
     return labels, dist
 
 
