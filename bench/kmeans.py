@@ -50,8 +50,10 @@ def make_data(n: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray
 def faiss_reference(x: np.ndarray, init: np.ndarray, iters: int, gpu: bool) -> dict:
     import faiss
     n, d = x.shape
+    # no subsampling (the same points as the workers), no early stop (FAISS >= 1.13 stops on an unchanged objective)
+    no_stop = {"early_stop_threshold": -1.0} if hasattr(faiss.ClusteringParameters(), "early_stop_threshold") else {}
     km = faiss.Kmeans(d, init.shape[0], niter=iters, max_points_per_centroid=n, min_points_per_centroid=1,
-                      gpu=gpu)  # no subsampling: the same points as the workers
+                      gpu=gpu, **no_stop)
     t0 = time.perf_counter()
     km.train(x, init_centroids=init)
     t1 = time.perf_counter()
@@ -70,11 +72,10 @@ def _set_threads(n: int) -> None:
 def worker(rank: int, args, port: int, data_dir: str) -> None:
     w = args.workers
     backend = args.backend
+    if args.gpu:
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # several workers may share one GPU (gloo)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=w,
                             timeout=timedelta(minutes=30))
-    ngpu = torch.cuda.device_count()
-    if args.gpu:
-        torch.cuda.set_device(rank % ngpu)
     x_all = np.load(Path(data_dir) / "x.npy", mmap_mode="r")
     init = np.load(Path(data_dir) / "init.npy")
     n = x_all.shape[0]
@@ -85,7 +86,9 @@ def worker(rank: int, args, port: int, data_dir: str) -> None:
     per_rank = max(1, args.threads // w)
     x_ref = np.array(x_all) if rank == 0 and not args.skip_reference else None
     ref_runs, ours_runs, res = [], [], None
+    splits = []  # cumulative splits after each update: the first split ends the window where FAISS must agree
     for _ in range(args.repeats):
+        splits.clear()
         if x_ref is not None:
             import faiss
             _set_threads(args.threads)
@@ -93,13 +96,15 @@ def worker(rank: int, args, port: int, data_dir: str) -> None:
         _set_threads(per_rank)
         dist.barrier()
         t0 = time.perf_counter()
-        res = distributed_kmeans(shard, init.shape[0], iters=args.iters, tol=0.0, init=init)
+        res = distributed_kmeans(shard, init.shape[0], iters=args.iters, tol=0.0, init=init,
+                                 on_iteration=lambda st: splits.append(st.n_splits))
         dist.barrier()
         ours_runs.append(time.perf_counter() - t0)
     labels = [torch.zeros(0)] * w
     dist.all_gather_object(labels, res.assignments)
     if rank == 0:
-        out = {"ours_s": ours_runs, "backend": res.backend, "inertia": res.inertia, "n_splits": res.n_splits}
+        out = {"ours_s": ours_runs, "backend": res.backend, "inertia": res.inertia, "n_splits": res.n_splits,
+               "nsplit": np.diff([0] + splits).tolist()}
         if ref_runs:
             ref = ref_runs[-1]
             same = np.concatenate(labels) == ref["labels"]
@@ -130,6 +135,11 @@ def main() -> None:
         sys.exit("--gpu: no CUDA device")
     if args.backend is None:
         args.backend = "nccl" if args.gpu and torch.cuda.device_count() >= args.workers else "gloo"
+    if args.gpu and not args.skip_reference:
+        import faiss
+        if faiss.get_num_gpus() == 0:
+            print("warning: FAISS has no GPU support here; the workers assign with torch on the GPU while the FAISS "
+                  "reference runs on the CPU (slow at this size: consider --skip-reference or smaller --n/--k)")
 
     x, init = make_data(args.n, args.d, args.k, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,8 +176,9 @@ def report(args, out: dict, wall: float) -> None:
           "| ratio workers / train |")
     print("|---|---|---|---|---|---|")
     print(f"| {case} | {ft:.2f} | {fta:.2f} | {ours:.2f} | {ours / fta:.2f} | {ours / ft:.2f} |")
-    splits = [i for i, s in enumerate(out["faiss_nsplit"]) if s] + ([args.iters] if out["n_splits"] == 0 else [])
-    upto = min(splits) + 1 if splits else args.iters
+    # J_t agrees until the update of iteration t splits a cluster on either side (FAISS splits at random)
+    split_at = [i for i, (a, b) in enumerate(zip(out["nsplit"], out["faiss_nsplit"])) if a or b]
+    upto = split_at[0] + 1 if split_at else args.iters
     rel = np.abs(np.array(out["inertia"][:upto]) / np.array(out["faiss_obj"][:upto]) - 1)
     print(f"agreement: max relative inertia difference over the first {upto} iterations (until the first split) "
           f"{rel.max():.1e}; same final labels for {100 * out['label_agreement']:.2f}% of points; "

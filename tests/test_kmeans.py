@@ -9,11 +9,14 @@ import logging
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from brcd_dist.clustering.kmeans import KMeansState, distributed_kmeans
 from dist_utils import run_on_ranks
 
 K = 8
+# FAISS >= 1.13 stops once its objective no longer changes; the comparisons below want every iteration.
+FAISS_NO_EARLY_STOP = {"early_stop_threshold": -1.0} if hasattr(faiss.ClusteringParameters(), "early_stop_threshold") else {}
 
 
 def grid_blobs(n=600, d=6, k=K, seed=0):
@@ -134,9 +137,11 @@ def test_inertia_matches_faiss_kmeans_with_the_same_init():
     """FAISS sums its objective in float32, so the two agree to ~1e-6 relative; no cluster empties here (checked on
     both sides), so the FAISS random split never comes into play."""
     ours = distributed_kmeans(X, K, iters=12, tol=0.0, init=INIT)
-    km = faiss.Kmeans(X.shape[1], K, niter=12, max_points_per_centroid=len(X), min_points_per_centroid=1)
+    km = faiss.Kmeans(X.shape[1], K, niter=12, max_points_per_centroid=len(X), min_points_per_centroid=1,
+                      **FAISS_NO_EARLY_STOP)
     km.train(X, init_centroids=INIT)
     assert ours.n_splits == 0 and all(s["nsplit"] == 0 for s in km.iteration_stats)
+    assert len(km.obj) == 12
     np.testing.assert_allclose(ours.inertia[:12], km.obj, rtol=1e-5)
     np.testing.assert_allclose(ours.centroids, km.centroids, rtol=0, atol=1e-5)
 
@@ -146,9 +151,10 @@ def test_spherical_inertia_matches_faiss_spherical_kmeans():
     init = CODES[[0, 1, 2, 3, 4, 7]]
     ours = distributed_kmeans(CODES, 6, iters=5, tol=0.0, init=init, spherical=True)
     km = faiss.Kmeans(CODES.shape[1], 6, niter=5, spherical=True, max_points_per_centroid=len(CODES),
-                      min_points_per_centroid=1)
+                      min_points_per_centroid=1, **FAISS_NO_EARLY_STOP)
     km.train(CODES, init_centroids=init)
     assert ours.n_splits == 0 and all(s["nsplit"] == 0 for s in km.iteration_stats)
+    assert len(km.obj) == 5
     expected = (CODES.astype(np.float64) ** 2).sum() + len(CODES) - 2 * np.asarray(km.obj)
     np.testing.assert_allclose(ours.inertia[:5], expected, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(ours.centroids, axis=1), 1.0, rtol=1e-6)
@@ -160,6 +166,18 @@ def test_torch_backend_gives_the_same_clustering_as_faiss_backend():
     assert (a.backend, b.backend) == ("faiss-cpu", "torch-cpu")
     np.testing.assert_array_equal(a.assignments, b.assignments)
     np.testing.assert_array_equal(a.centroids, b.centroids)
+    np.testing.assert_allclose(a.inertia, b.inertia, rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch-cuda", "faiss-gpu"])
+def test_gpu_backends_give_the_same_clustering_as_faiss_cpu(backend):
+    if backend == "faiss-gpu" and faiss.get_num_gpus() == 0:
+        pytest.skip("FAISS without GPU support")
+    a = distributed_kmeans(X, K, iters=6, tol=0.0, init=INIT, backend="faiss-cpu")
+    b = distributed_kmeans(torch.from_numpy(X).cuda(), K, iters=6, tol=0.0, init=INIT, backend=backend)
+    np.testing.assert_array_equal(a.assignments, b.assignments)
+    np.testing.assert_array_equal(a.centroids, b.centroids)  # grid data: exact float64 sums in any order
     np.testing.assert_allclose(a.inertia, b.inertia, rtol=1e-6)
 
 
