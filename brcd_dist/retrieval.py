@@ -4,21 +4,29 @@ Ranking order is (Hamming distance, database index): ties go to the lower index,
 (the authors' code broke ties by an unstable argsort). Queries are processed in chunks sized so that one
 chunk's distance matrix stays near `CHUNK_ELEMENTS` entries: a 1M-code database fits in memory.
 
-Distances come from a matmul of ±1 codes (`hamming = (L - a·b) / 2`, exact in float32 for L < 2^24), then
-`topk` of the key `distance * N + index`, unique per database item, so the top-k is exact and its order
-is the stable order; the key is float32 while it is exact (< 2^24) and float64 beyond.
+Two exact ways to the same order:
+- CPU: codes packed into 64-bit words, distances by XOR + popcount (uint8/uint16), then numpy's stable
+  argsort, which for 8/16-bit integers is a counting (radix) sort, O(N) per query; row blocks run in threads
+  (numpy releases the GIL). About 3x less CPU time than matmul + `torch.topk` here.
+- other devices (GPU): distances from a matmul of ±1 codes, `(L - a·b) / 2`, exact small integers, then
+  `torch.topk` of the key `distance * N + index`, unique per item, so the top-k and its order are exact; the
+  key is float32 while that is exact (<= 2^24) and float64 beyond.
 FAISS's binary k-NN was not used: its order among equal distances is not specified.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
+from brcd_dist.codes import pack_codes
+
 PARADIGMS = {"sshp": ("student", "student"), "ashp": ("student", "teacher")}  # (query encoder, database encoder)
 TEACHER_PARADIGM = ("teacher", "teacher")  # the teacher's own mAP, reported beside SSHP/ASHP
-CHUNK_ELEMENTS = 1 << 24  # entries of one (queries x database) block: 64 MB float32
+CHUNK_ELEMENTS = 1 << 24  # entries of one (queries x database) block
+METHODS = ("auto", "popcount", "matmul")
 
 
 def _codes(x, name: str) -> torch.Tensor:
@@ -31,111 +39,169 @@ def _codes(x, name: str) -> torch.Tensor:
     return t
 
 
-def _labels(x, n: int, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if t.ndim not in (1, 2) or t.shape[0] != n:
-        raise ValueError(f"{name}: expected ({n},) int labels or ({n}, C) multi-hot, got shape {tuple(t.shape)}")
-    return t.float() if t.ndim == 2 else t  # multi-hot: relevance is a label-matrix product
+def _labels(x, n: int, name: str) -> np.ndarray:
+    a = x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if a.ndim not in (1, 2) or a.shape[0] != n:
+        raise ValueError(f"{name}: expected ({n},) int labels or ({n}, C) multi-hot, got shape {a.shape}")
+    return a.astype(np.float32) if a.ndim == 2 else a  # multi-hot: relevance is a label-matrix product
 
 
 def _query_chunk(n_db: int, query_chunk: int | None) -> int:
     return query_chunk or max(1, CHUNK_ELEMENTS // max(n_db, 1))
 
 
-def _hamming(q: torch.Tensor, db_t: torch.Tensor, bits: int) -> torch.Tensor:
-    """(Q, N) float distances from ±1 codes: (L - q·d) / 2, one fused matmul, exact small integers."""
-    return torch.addmm(torch.tensor(bits / 2, device=q.device), q, db_t, alpha=-0.5)
+def _distance_dtype(bits: int):
+    return np.uint8 if bits <= 255 else np.uint16
 
 
-def _chunks(query_codes, db_codes, k: int | None, query_chunk: int | None
-            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """Yield (start, distances (c, N), top-k indices (c, k) in (distance, index) order, or None if k is None)."""
+def pack_words(codes: torch.Tensor) -> np.ndarray:
+    """±1 codes (N, L) -> uint64 words (N, ceil(L / 64)); zero padding adds nothing to an XOR popcount."""
+    packed = pack_codes(codes)
+    pad = (-packed.shape[1]) % 8
+    if pad:
+        packed = np.pad(packed, ((0, 0), (0, pad)))
+    return np.ascontiguousarray(packed).view(np.uint64)
+
+
+def hamming_distances_packed(q_words: np.ndarray, db_words: np.ndarray, bits: int) -> np.ndarray:
+    """(c, N) Hamming distances of packed codes, uint8 (L <= 255) or uint16: XOR + popcount per word."""
+    dist = np.zeros((len(q_words), len(db_words)), _distance_dtype(bits))
+    for w in range(q_words.shape[1]):
+        dist += np.bitwise_count(q_words[:, None, w] ^ db_words[None, :, w])
+    return dist
+
+
+def stable_topk_by_sort(dist: np.ndarray, k: int) -> np.ndarray:
+    """(c, k) indices of each row's k smallest distances, ties by lower index (CPU).
+
+    `dist`: 8- or 16-bit integer distances, for which numpy's stable sort is a counting (radix) sort.
+    """
+    return np.argsort(dist, axis=1, kind="stable")[:, :k]
+
+
+def stable_topk_by_key(dist: torch.Tensor, k: int, max_distance: int | None = None) -> torch.Tensor:
+    """Same order as `stable_topk_by_sort`, by `topk` of the unique key distance * N + index (any device)."""
+    n = dist.shape[1]
+    top = int(dist.max()) if max_distance is None else max_distance
+    key_dtype = torch.float32 if (top + 1) * n <= (1 << 24) else torch.float64
+    key = dist.to(key_dtype, copy=True).mul_(n).add_(torch.arange(n, device=dist.device, dtype=key_dtype))
+    return key.topk(k, dim=1, largest=False, sorted=True).indices
+
+
+def _chunks(query_codes, db_codes, k: int | None, query_chunk: int | None, method: str = "auto"
+            ) -> Iterator[tuple[int, np.ndarray]]:
+    """Per query chunk: (start, top-k indices (c, k) in (distance, index) order), or with k=None
+    (start, distances (c, N) uint8/uint16).
+
+    method: "popcount" (CPU), "matmul" (any device), "auto": popcount on the CPU, matmul elsewhere.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: allowed: {', '.join(METHODS)}")
     # Work where the query codes are (a GPU tensor stays on the GPU); numpy input runs on the CPU.
     device = query_codes.device if torch.is_tensor(query_codes) else torch.device("cpu")
     q, db = _codes(query_codes, "query_codes").to(device), _codes(db_codes, "db_codes").to(device)
     if q.shape[1] != db.shape[1]:
         raise ValueError(f"query codes have {q.shape[1]} bits, database codes {db.shape[1]}")
     n, bits = db.shape
-    key_dtype = torch.float32 if (bits + 1) * n <= (1 << 24) else torch.float64
-    index = torch.arange(n, device=device, dtype=key_dtype)
-    db_t = db.T.contiguous()
     step = _query_chunk(n, query_chunk)
-    for start in range(0, q.shape[0], step):
-        dist = _hamming(q[start:start + step], db_t, bits)
-        top = None
-        if k is not None:
-            key = dist.to(key_dtype).mul_(n).add_(index)  # unique per item: distance first, then index
-            top = key.topk(k, dim=1, largest=False, sorted=True).indices
-        yield start, dist, top
+    if method == "popcount" or (method == "auto" and device.type == "cpu"):
+        q_words, db_words = pack_words(q), pack_words(db)
+
+        def block(rows: np.ndarray) -> np.ndarray:
+            dist = hamming_distances_packed(rows, db_words, bits)
+            return dist if k is None else stable_topk_by_sort(dist, k)
+
+        workers = max(1, torch.get_num_threads())
+        with ThreadPoolExecutor(workers) as pool:  # row blocks of one chunk in parallel: memory stays one chunk
+            for start in range(0, len(q), step):
+                rows = q_words[start:start + step]
+                yield start, np.concatenate(list(pool.map(block, np.array_split(rows, min(workers, len(rows))))))
+        return
+    db_t = db.T  # a transposed view: BLAS reads it in place
+    for start in range(0, len(q), step):
+        dist = torch.addmm(torch.tensor(bits / 2, device=device), q[start:start + step], db_t, alpha=-0.5)
+        if k is None:
+            yield start, dist.cpu().numpy().astype(_distance_dtype(bits))
+        else:
+            yield start, stable_topk_by_key(dist, k, bits).cpu().numpy()
 
 
 def _check_k(k: int, n_db: int) -> int:
     if k < 1:
         raise ValueError(f"topk={k}: must be >= 1")
+    if n_db < 1:
+        raise ValueError("the database is empty")
     return min(int(k), n_db)  # K beyond the database ranks everything (mAP@all)
 
 
-def hamming_topk(query_codes, db_codes, k: int, *, query_chunk: int | None = None) -> np.ndarray:
+def hamming_topk(query_codes, db_codes, k: int, *, query_chunk: int | None = None,
+                 method: str = "auto") -> np.ndarray:
     """np.int64 (Q, k) database indices by increasing Hamming distance, ties broken by lower index."""
     k = _check_k(k, len(db_codes))
-    return torch.cat([top for _, _, top in _chunks(query_codes, db_codes, k, query_chunk)]).cpu().numpy().astype(np.int64)
+    tops = [top for _, top in _chunks(query_codes, db_codes, k, query_chunk, method)]
+    return np.concatenate(tops).astype(np.int64)
 
 
-def _relevance(q_labels: torch.Tensor, db_labels: torch.Tensor) -> torch.Tensor:
+def _relevance(q_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
     """(c, N) bool: does database item j share a label with query i (int labels, or multi-hot: any class)."""
     if q_labels.ndim == 1:
         return db_labels[None, :] == q_labels[:, None]
     return (q_labels @ db_labels.T) > 0
 
 
-def _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk: int, query_chunk: int | None):
-    """Yield (c, k) bool relevance of each query chunk's ranked top-k list."""
-    n_db = len(db_codes)
-    k = _check_k(topk, n_db)
-    ql = _labels(query_labels, len(query_codes), "query_labels")
+def _checked_labels(query_labels, db_labels, n_query: int, n_db: int) -> tuple[np.ndarray, np.ndarray]:
+    ql = _labels(query_labels, n_query, "query_labels")
     dl = _labels(db_labels, n_db, "db_labels")
     if ql.ndim != dl.ndim:
         raise ValueError("query_labels and db_labels must both be int labels or both multi-hot")
-    for start, _, top in _chunks(query_codes, db_codes, k, query_chunk):
-        top = top.cpu()
-        q = ql[start:start + top.shape[0]]
-        if q.ndim == 1:  # cheap path: compare the k retrieved labels only
+    return ql, dl
+
+
+def _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk: int, query_chunk: int | None,
+                      method: str):
+    """Yield (c, k) bool relevance of each query chunk's ranked top-k list."""
+    k = _check_k(topk, len(db_codes))
+    ql, dl = _checked_labels(query_labels, db_labels, len(query_codes), len(db_codes))
+    for start, top in _chunks(query_codes, db_codes, k, query_chunk, method):
+        q = ql[start:start + len(top)]
+        if q.ndim == 1:  # compare the k retrieved labels only
             yield dl[top] == q[:, None]
         else:
-            yield _relevance(q, dl).gather(1, top)
+            yield np.take_along_axis(_relevance(q, dl), top, axis=1)
 
 
-def average_precision_at_k(relevant: torch.Tensor) -> torch.Tensor:
+def average_precision_at_k(relevant: np.ndarray) -> np.ndarray:
     """AP@K per row of a ranked (Q, K) bool relevance matrix.
 
     DeepHash convention: mean of precision@i over the ranks i in the top K that hold a relevant item, i.e.
     divided by the number of relevant items retrieved in the top K (not by all relevant items in the
     database); a query with no relevant item in its top K scores 0 (DESIGN §3).
     """
-    rel = relevant.double()
-    hits = rel.cumsum(1)
-    ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    rel = np.asarray(relevant, dtype=bool)
+    hits = np.cumsum(rel, axis=1)
     n_hit = rel.sum(1)
-    return torch.where(n_hit > 0, (hits / ranks * rel).sum(1) / n_hit.clamp(min=1), 0.0)
+    precision_sum = (hits / np.arange(1, rel.shape[1] + 1) * rel).sum(1)
+    return np.where(n_hit > 0, precision_sum / np.maximum(n_hit, 1), 0.0)
 
 
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk: int, *,
-                           query_chunk: int | None = None) -> float:
+                           query_chunk: int | None = None, method: str = "auto") -> float:
     """mAP@topk by Hamming ranking; relevant = shares a label (see `average_precision_at_k`)."""
     aps = [average_precision_at_k(rel) for rel in
-           _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, query_chunk)]
-    return float(torch.cat(aps).mean()) if aps else 0.0
+           _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, query_chunk, method)]
+    return float(np.concatenate(aps).mean()) if aps else 0.0
 
 
 def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int, *,
-                   query_chunk: int | None = None) -> float:
+                   query_chunk: int | None = None, method: str = "auto") -> float:
     """Mean over queries of (relevant items among the first k ranked) / k."""
-    precs = [rel.double().mean(1) for rel in
-             _ranked_relevance(query_codes, db_codes, query_labels, db_labels, k, query_chunk)]
-    return float(torch.cat(precs).mean()) if precs else 0.0
+    precs = [rel.mean(1) for rel in
+             _ranked_relevance(query_codes, db_codes, query_labels, db_labels, k, query_chunk, method)]
+    return float(np.concatenate(precs).mean()) if precs else 0.0
 
 
-def pr_curve(query_codes, db_codes, query_labels, db_labels, *, query_chunk: int | None = None) -> dict:
+def pr_curve(query_codes, db_codes, query_labels, db_labels, *, query_chunk: int | None = None,
+             method: str = "auto") -> dict:
     """Precision and recall of Hamming-ball retrieval at each radius r = 0..L.
 
     Retrieved at r = database items within distance <= r. Per query: precision = relevant retrieved /
@@ -143,32 +209,25 @@ def pr_curve(query_codes, db_codes, query_labels, db_labels, *, query_chunk: int
     for which it is defined (precision: >= 1 item retrieved, recall: >= 1 relevant item), and is NaN at a
     radius where no query defines it. Returns {"radius", "precision", "recall"} as numpy arrays of L + 1.
     """
-    n_db = len(db_codes)
     bits = torch.as_tensor(db_codes).shape[1]
-    ql = _labels(query_labels, len(query_codes), "query_labels")
-    dl = _labels(db_labels, n_db, "db_labels")
-    prec_sum = torch.zeros(bits + 1, dtype=torch.float64)
-    prec_n = torch.zeros(bits + 1, dtype=torch.float64)
-    rec_sum = torch.zeros(bits + 1, dtype=torch.float64)
-    rec_n = 0
-    for start, dist, _ in _chunks(query_codes, db_codes, None, query_chunk):
-        dist = dist.cpu().long()
-        rel = _relevance(ql[start:start + dist.shape[0]], dl).double()
-        # per-row histograms over radii, then cumulative counts "within distance <= r"
-        retrieved = torch.zeros(dist.shape[0], bits + 1, dtype=torch.float64).scatter_add_(
-            1, dist, torch.ones_like(rel)).cumsum(1)
-        hits = torch.zeros_like(retrieved).scatter_add_(1, dist, rel).cumsum(1)
-        n_rel = rel.sum(1, keepdim=True)
-        has_ret = retrieved > 0
-        prec_sum += torch.where(has_ret, hits / retrieved.clamp(min=1), 0.0).sum(0)
-        prec_n += has_ret.sum(0)
-        has_rel = n_rel[:, 0] > 0
-        rec_sum += (hits[has_rel] / n_rel[has_rel]).sum(0)
+    _check_k(1, len(db_codes))
+    ql, dl = _checked_labels(query_labels, db_labels, len(query_codes), len(db_codes))
+    prec_sum, prec_n, rec_sum, rec_n = np.zeros(bits + 1), np.zeros(bits + 1), np.zeros(bits + 1), 0
+    for start, dist in _chunks(query_codes, db_codes, None, query_chunk, method):
+        c = len(dist)
+        rel = _relevance(ql[start:start + c], dl)
+        # per-row histograms over radii (one bincount with row offsets), then counts "within distance <= r"
+        cell = (np.arange(c)[:, None] * (bits + 1) + dist).ravel()
+        retrieved = np.bincount(cell, minlength=c * (bits + 1)).reshape(c, bits + 1).cumsum(1)
+        hits = np.bincount(cell[rel.ravel()], minlength=c * (bits + 1)).reshape(c, bits + 1).cumsum(1)
+        prec_sum += np.where(retrieved > 0, hits / np.maximum(retrieved, 1), 0.0).sum(0)
+        prec_n += (retrieved > 0).sum(0)
+        has_rel = hits[:, -1] > 0  # relevant items in the whole database
+        rec_sum += (hits[has_rel] / hits[has_rel, -1:]).sum(0)
         rec_n += int(has_rel.sum())
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-    precision = torch.where(prec_n > 0, prec_sum / prec_n.clamp(min=1), nan)
-    recall = rec_sum / rec_n if rec_n else torch.full_like(rec_sum, float("nan"))
-    return {"radius": np.arange(bits + 1), "precision": precision.numpy(), "recall": recall.numpy()}
+    precision = np.where(prec_n > 0, prec_sum / np.maximum(prec_n, 1), np.nan)
+    recall = rec_sum / rec_n if rec_n else np.full(bits + 1, np.nan)
+    return {"radius": np.arange(bits + 1), "precision": precision, "recall": recall}
 
 
 def evaluate_paradigms(codes: dict, query_labels, db_labels, topk: int, *,

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from brcd_dist.models import HashModel
-from brcd_dist.retrieval import (encode_batches, evaluate_paradigms, hamming_topk, mean_average_precision,
-                                 pr_curve, precision_at_k)
+from brcd_dist.retrieval import (encode_batches, evaluate_paradigms, hamming_distances_packed, hamming_topk,
+                                 mean_average_precision, pack_words, pr_curve, precision_at_k, stable_topk_by_key,
+                                 stable_topk_by_sort)
 
 
 # ----------------------------------------------------------------------------- slow references
@@ -43,7 +44,11 @@ def tie_heavy_codes(rng, n, bits=16, pool=12):
 
 # ----------------------------------------------------------------------------- ranking
 
-def test_ties_are_broken_by_database_index():
+METHODS = ["popcount", "matmul"]  # the CPU path and the other-device path, both run here on the CPU
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ties_are_broken_by_database_index(method):
     q = np.array([[1, 1, 1, 1]], np.float32)
     db = np.array([[-1, -1, -1, -1],  # 0: distance 4
                    [1, 1, 1, 1],      # 1: distance 0
@@ -52,32 +57,45 @@ def test_ties_are_broken_by_database_index():
                    [-1, 1, 1, 1],     # 4: distance 1
                    [1, 1, 1, 1]],     # 5: distance 0
                   np.float32)
-    assert hamming_topk(q, db, 6).tolist() == [[1, 3, 5, 2, 4, 0]]
-    assert hamming_topk(q, db, 4).tolist() == [[1, 3, 5, 2]]
+    assert hamming_topk(q, db, 6, method=method).tolist() == [[1, 3, 5, 2, 4, 0]]
+    assert hamming_topk(q, db, 4, method=method).tolist() == [[1, 3, 5, 2]]
 
 
-def test_hamming_topk_matches_reference_with_many_ties_across_query_chunks():
+@pytest.mark.parametrize("method", METHODS)
+def test_hamming_topk_matches_reference_with_many_ties_across_query_chunks(method):
     rng = np.random.default_rng(0)
     q, db = tie_heavy_codes(rng, 23), tie_heavy_codes(rng, 200)
     expected = [order[:50] for order in ref_ranking(q, db)]
-    assert hamming_topk(q, db, 50, query_chunk=7).tolist() == expected
+    assert hamming_topk(q, db, 50, query_chunk=7, method=method).tolist() == expected
     assert hamming_topk(torch.from_numpy(q), torch.from_numpy(db), 50).dtype == np.int64
 
 
-def test_hamming_topk_is_exact_when_the_sort_key_exceeds_float32():
+@pytest.mark.parametrize("bits", [8, 13, 24, 64, 72, 256])
+def test_packed_popcount_distances_equal_bit_disagreements(bits):
+    rng = np.random.default_rng(bits)
+    q, db = rng.choice([-1.0, 1.0], (4, bits)), rng.choice([-1.0, 1.0], (9, bits))
+    got = hamming_distances_packed(pack_words(torch.from_numpy(q)), pack_words(torch.from_numpy(db)), bits)
+    np.testing.assert_array_equal(got, (q[:, None, :] != db[None, :, :]).sum(-1))
+
+
+def test_both_ranking_methods_give_the_stable_order():
+    """CPU: counting sort of 8/16-bit distances; other devices: topk of distance * N + index. Same order."""
+    rng = np.random.default_rng(5)
+    dist = rng.integers(0, 6, (9, 400))  # 400 items on 6 distances: ties everywhere
+    expected = np.argsort(dist, axis=1, kind="mergesort")[:, :120]  # mergesort: stable
+    np.testing.assert_array_equal(stable_topk_by_sort(dist.astype(np.uint8), 120), expected)
+    np.testing.assert_array_equal(stable_topk_by_sort((dist + 300).astype(np.uint16), 120), expected)
+    np.testing.assert_array_equal(stable_topk_by_key(torch.from_numpy(dist).float(), 120).numpy(), expected)
+
+
+def test_topk_key_is_exact_when_it_exceeds_float32():
     """Key distance * N + index above 2^24 must not round: float32 would merge neighbouring indices."""
     rng = np.random.default_rng(1)
-    bits, n = 256, 70_000
-    q = np.ones((3, bits), np.float32)
-    # database far from the queries (distances 246..256, keys > 17e6 > 2^24) and full of ties
-    pool = -np.ones((40, bits), np.float32)
-    for row in pool:
-        row[rng.choice(bits, rng.integers(0, 11), replace=False)] = 1
-    db = pool[rng.integers(0, 40, n)]
-    dist = (bits - q @ db.T) / 2
-    assert dist.min() * n > 1 << 24
-    expected = np.argsort(dist, axis=1, kind="stable")[:, :300]
-    np.testing.assert_array_equal(hamming_topk(q, db, 300), expected)
+    n = 70_000
+    dist = torch.from_numpy(rng.integers(246, 257, (3, n)).astype(np.float32))
+    assert 246 * n > 1 << 24
+    expected = np.argsort(dist.numpy(), axis=1, kind="stable")[:, :300]
+    np.testing.assert_array_equal(stable_topk_by_key(dist, 300, max_distance=256).numpy(), expected)
 
 
 def test_k_beyond_database_size_ranks_the_whole_database():
@@ -93,12 +111,13 @@ def test_codes_that_are_not_plus_minus_one_are_refused():
 
 # ----------------------------------------------------------------------------- mAP@K, P@K
 
-def test_map_matches_reference_on_tie_heavy_int_labels():
+@pytest.mark.parametrize("method", METHODS)
+def test_map_matches_reference_on_tie_heavy_int_labels(method):
     rng = np.random.default_rng(2)
     q, db = tie_heavy_codes(rng, 30), tie_heavy_codes(rng, 250)
     ql, dl = rng.integers(0, 5, 30), rng.integers(0, 5, 250)
     for k in (1, 10, 100, 250):
-        got = mean_average_precision(q, db, ql, dl, k, query_chunk=4)
+        got = mean_average_precision(q, db, ql, dl, k, query_chunk=4, method=method)
         assert got == pytest.approx(ref_map(q, db, ql, dl, k), abs=1e-12)
 
 
@@ -140,14 +159,15 @@ def test_precision_at_k_matches_reference():
 
 # ----------------------------------------------------------------------------- precision-recall by radius
 
-def test_pr_curve_by_hamming_radius_hand_computed():
+@pytest.mark.parametrize("method", METHODS)
+def test_pr_curve_by_hamming_radius_hand_computed(method):
     q = np.array([[1, 1, 1, 1]], np.float32)
     db = np.array([[1, 1, 1, 1],      # distance 0, relevant
                    [1, 1, 1, -1],     # distance 1, not relevant
                    [-1, 1, 1, 1],     # distance 1, relevant
                    [-1, -1, -1, -1]],  # distance 4, relevant
                   np.float32)
-    pr = pr_curve(q, db, np.array([0]), np.array([0, 1, 0, 0]))
+    pr = pr_curve(q, db, np.array([0]), np.array([0, 1, 0, 0]), method=method)
     assert pr["radius"].tolist() == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(pr["precision"], [1, 2 / 3, 2 / 3, 2 / 3, 3 / 4])
     np.testing.assert_allclose(pr["recall"], [1 / 3, 2 / 3, 2 / 3, 2 / 3, 1])
