@@ -1,0 +1,132 @@
+"""manifest.json: what a shard directory holds (the seeded split, per-shard counts, keys, labels, hashes).
+
+Readers plan every epoch from it without opening a shard: per-shard counts give each rank its step count
+(reading.py), keys and labels let the evaluation align codes with labels (DESIGN §1, §3).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "database", "val_query", "test_query")
+# Parameters that decide the contents of the shards: a directory made with other values is refused, never mixed.
+CONTENT_PARAMS = ("source", "seed", "train_per_class", "val_fraction", "samples_per_shard", "in_chans",
+                  "image_size", "holdout_fraction", "max_images")
+
+
+class ShardsMismatchError(ValueError):
+    """The shard directory holds shards made with other parameters; the message is one line."""
+
+
+@dataclass
+class SplitInfo:
+    count: int
+    shards: list[str]  # file names, relative to the shard directory or shards_url
+    shard_counts: list[int]
+    keys: list[str]  # in stored order: shard 0's samples first
+    labels: list[int]
+
+
+@dataclass
+class Manifest:
+    source: str
+    source_path: str
+    seed: int
+    train_per_class: int
+    val_fraction: float
+    samples_per_shard: int
+    num_classes: int
+    classes: list[str]
+    image_size: int  # side of the stored images (shorter side for ImageFolder); readers resize to their own size
+    in_chans: int
+    splits: dict[str, SplitInfo]
+    sha256: dict[str, str]  # shard file name -> hex digest
+    holdout_fraction: float = 0.0  # ImageFolder without train/ and val/: share of each class held out as queries
+    max_images: int = 0  # > 0: only the first max_images training and test images were used (tests, smoke runs)
+    format: int = FORMAT_VERSION
+    shards_dir: str = field(default="", compare=False)  # where it was loaded from; not stored
+    _raw: bytes = field(default=b"", compare=False, repr=False)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("shards_dir")
+        d.pop("_raw")
+        return json.dumps(d, indent=1)
+
+    def digest(self) -> str:
+        """sha256 of the manifest file: names the exact data a run used (logged with the run)."""
+        return hashlib.sha256(self._raw or self.to_json().encode()).hexdigest()
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in CONTENT_PARAMS}
+
+    def shard_files(self) -> list[str]:
+        return [name for split in self.splits.values() for name in split.shards]
+
+
+def manifest_path(shards_dir: str | os.PathLike) -> Path:
+    return Path(shards_dir) / MANIFEST_NAME
+
+
+def load_manifest(shards_dir: str | os.PathLike) -> Manifest:
+    path = manifest_path(shards_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no shard manifest (make shards with jobs/make_shards.py)")
+    raw = path.read_bytes()
+    d = json.loads(raw)
+    if d.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: manifest format {d.get('format')!r}, this code reads {FORMAT_VERSION}")
+    d["splits"] = {name: SplitInfo(**s) for name, s in d["splits"].items()}
+    return Manifest(**d, shards_dir=str(shards_dir), _raw=raw)
+
+
+def save_manifest(manifest: Manifest, shards_dir: str | os.PathLike) -> None:
+    """Write atomically (tmp + rename): a crash never leaves half a manifest beside the shards."""
+    path = manifest_path(shards_dir)
+    tmp = path.with_suffix(".json.tmp")
+    text = manifest.to_json().encode()
+    tmp.write_bytes(text)
+    os.replace(tmp, path)
+    manifest._raw = text
+    manifest.shards_dir = str(shards_dir)
+
+
+def check_same_params(existing: Manifest, wanted: dict[str, Any], shards_dir: str | os.PathLike) -> None:
+    """Raise ShardsMismatchError naming the first parameter that differs."""
+    for k in CONTENT_PARAMS:
+        if k in wanted and getattr(existing, k) != wanted[k]:
+            raise ShardsMismatchError(
+                f"{shards_dir} holds shards made with {k}={getattr(existing, k)!r}, asked for {k}={wanted[k]!r}: "
+                "use another data.shards_dir or delete that one")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_url(name: str, shards_dir: str, shards_url: str = "") -> str:
+    """Where a reader opens shard `name`: shards_url as base when set, else the local shard directory.
+
+    s3://B/P -> 'pipe:aws s3 cp s3://B/P/NAME -'; http(s)://... -> joined (webdataset reads it with curl);
+    a base holding '{shard}' (e.g. 'pipe:gsutil cat gs://b/{shard}') gets the name put in its place.
+    """
+    base = shards_url or shards_dir
+    if "{shard}" in base:
+        return base.replace("{shard}", name)
+    if base.startswith("pipe:"):
+        raise ValueError(f"data.shards_url={base!r}: a pipe: URL needs '{{shard}}' where the file name goes")
+    if base.startswith("s3://"):
+        return f"pipe:aws s3 cp {base.rstrip('/')}/{name} -"
+    if "://" in base:
+        return f"{base.rstrip('/')}/{name}"
+    return os.path.join(base, name)

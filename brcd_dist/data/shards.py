@@ -1,0 +1,260 @@
+"""Writing WebDataset tar shards and their manifest (DESIGN §1 `make_shards`, §3 split).
+
+Every split is written in a seeded shuffled order, `samples_per_shard` samples a shard, as
+`{split}-{i:06d}.tar`; a sample is {"__key__": stable key, "png": image bytes, "cls": label}. A training image has
+the same key in "train" and "database" (pseudo-labels are keyed by it, DESIGN §2). Tar entries carry mtime 0 and
+PNG encoding is deterministic, so the same parameters give byte-identical shards (and hashes) again.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from brcd_dist.data import imagefolder, splits
+from brcd_dist.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
+from brcd_dist.data.manifest import (Manifest, SplitInfo, ShardsMismatchError, check_same_params, file_sha256,
+                                     load_manifest, manifest_path, save_manifest)
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("fashion_mnist", "imagefolder")
+FASHION_MNIST_SIZE = 28
+DEFAULT_HOLDOUT = 0.1  # ImageFolder without train/ and val/: share of each class held out as queries
+
+
+@dataclass
+class _ImageSet:
+    """One side of a source (training or test images): keys, labels, and how to get image i's PNG bytes."""
+    keys: list[str]
+    labels: np.ndarray
+    encode_many: Callable[[np.ndarray], Iterable[bytes]]  # indices -> PNG bytes, in that order
+
+
+@dataclass
+class _Source:
+    classes: list[str]
+    image_size: int
+    in_chans: int
+    train: _ImageSet
+    test: _ImageSet
+
+
+def _keys(prefix: str, indices: Iterable[int], n: int) -> list[str]:
+    width = max(5, len(str(max(n - 1, 0))))
+    return [f"{prefix}-{i:0{width}d}" for i in indices]
+
+
+def _limit(n: int, max_images: int) -> int:
+    return min(n, max_images) if max_images > 0 else n
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _png_gray(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fashion_mnist(path: str, max_images: int) -> _Source:
+    arrays = load_fashion_mnist(path)
+
+    def side(part: str) -> _ImageSet:
+        n = _limit(len(arrays[f"{part}_images"]), max_images)
+        images, labels = arrays[f"{part}_images"][:n], arrays[f"{part}_labels"][:n].astype(np.int64)
+        cache: dict[int, bytes] = {}  # the train subset re-uses the database's encodings
+
+        def encode_many(indices: np.ndarray) -> Iterator[bytes]:
+            for i in indices:
+                i = int(i)
+                if i not in cache:
+                    cache[i] = _png_gray(images[i])
+                yield cache[i]
+        return _ImageSet(_keys(part, range(n), len(arrays[f"{part}_images"])), labels, encode_many)
+
+    return _Source(list(FASHION_MNIST_CLASSES), FASHION_MNIST_SIZE, 1, side("train"), side("test"))
+
+
+def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.ndarray, in_chans: int,
+                 shorter_side: int, num_procs: int) -> _ImageSet:
+    paths = [str(images.root / images.files[p]) for p in positions]
+    encode = partial(imagefolder.encode_png, in_chans=in_chans, shorter_side=shorter_side)
+
+    def encode_many(indices: np.ndarray) -> Iterator[bytes]:
+        todo = [paths[int(i)] for i in indices]
+        if num_procs <= 1 or len(todo) < 64:
+            yield from map(encode, todo)
+            return
+        with multiprocessing.get_context("spawn").Pool(num_procs) as pool:
+            yield from pool.imap(encode, todo, chunksize=16)
+    return _ImageSet([keys[p] for p in positions], images.labels[positions], encode_many)
+
+
+def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction: float, seed: int,
+                  max_images: int, num_procs: int) -> _Source:
+    """train/ + val/ when both exist (keys 'train-N', 'val-N'); else one folder, split by the seed ('img-N')."""
+    size = imagefolder.stored_size(image_size)
+    root = Path(path)
+    if imagefolder.has_train_val(root):
+        classes, train = imagefolder.scan_class_folders(root / "train")
+        _, val = imagefolder.scan_class_folders(root / "val", classes)
+        n_tr, n_te = _limit(len(train.files), max_images), _limit(len(val.files), max_images)
+        tr_keys, te_keys = _keys("train", range(len(train.files)), len(train.files)), _keys("val", range(len(val.files)), len(val.files))
+        return _Source(classes, size, in_chans,
+                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs),
+                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs))
+    classes, allimg = imagefolder.scan_class_folders(root)
+    keys = _keys("img", range(len(allimg.files)), len(allimg.files))
+    kept, held = splits.holdout_split(allimg.labels, holdout_fraction, seed)
+    kept, held = kept[:_limit(len(kept), max_images)], held[:_limit(len(held), max_images)]
+    return _Source(classes, size, in_chans,
+                   _folder_side(allimg, keys, kept, in_chans, size, num_procs),
+                   _folder_side(allimg, keys, held, in_chans, size, num_procs))
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_split(out: Path, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
+                 bar: tqdm) -> tuple[SplitInfo, dict[str, str]]:
+    shards, counts, hashes = [], [], {}
+    pngs = iter(images.encode_many(order))
+    for start in range(0, len(order), samples_per_shard):
+        part = order[start:start + samples_per_shard]
+        fname = f"{name}-{len(shards):06d}.tar"
+        tmp = out / (fname + ".tmp")
+        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+            for i in part:
+                sink.write({"__key__": images.keys[int(i)], "png": next(pngs),
+                            "cls": str(int(images.labels[int(i)])).encode()})
+                bar.update(1)
+        os.replace(tmp, out / fname)
+        shards.append(fname)
+        counts.append(len(part))
+        hashes[fname] = file_sha256(out / fname)
+    info = SplitInfo(count=len(order), shards=shards, shard_counts=counts,
+                     keys=[images.keys[int(i)] for i in order], labels=[int(images.labels[int(i)]) for i in order])
+    return info, hashes
+
+
+def _stored_params(source: str, *, seed: int, train_per_class: int, val_fraction: float, samples_per_shard: int,
+                   in_chans: int, image_size: int, holdout_fraction: float, max_images: int) -> dict:
+    """The manifest's content parameters for a request, known before reading the source."""
+    if source == "fashion_mnist":
+        in_chans, image_size, holdout_fraction = 1, FASHION_MNIST_SIZE, 0.0  # stored as is; readers convert
+    else:
+        image_size = imagefolder.stored_size(image_size)
+    return dict(source=source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
+                samples_per_shard=samples_per_shard, in_chans=in_chans, image_size=image_size,
+                holdout_fraction=holdout_fraction, max_images=max_images)
+
+
+def verify_shards(manifest: Manifest, shards_dir: str | os.PathLike) -> list[str]:
+    """Shard files that are missing or whose sha256 differs from the manifest's (empty: all good)."""
+    bad = []
+    for name in manifest.shard_files():
+        path = Path(shards_dir) / name
+        if not path.is_file() or file_sha256(path) != manifest.sha256.get(name):
+            bad.append(name)
+    return bad
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path):
+    """One writer per shard directory (several ranks or jobs may call ensure_shards at once)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *, seed: int = 0,
+                 train_per_class: int = 500, val_fraction: float = 0.5, samples_per_shard: int = 1000,
+                 in_chans: int = 1, image_size: int = 32, holdout_fraction: float = DEFAULT_HOLDOUT, max_images: int = 0,
+                 num_procs: int = 1, progress: bool = True) -> Manifest:
+    """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir.
+
+    A directory whose manifest has other content parameters is refused (ShardsMismatchError); one with the
+    same parameters and intact shards is returned as is; otherwise every shard is (re)written.
+    image_size and in_chans apply to ImageFolder sources (Fashion-MNIST is stored as 28x28 gray);
+    max_images > 0 keeps only the first max_images training and test images (tests, smoke runs).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"data.source={source!r}: shards can be made from {', '.join(SOURCES)}")
+    out = Path(shards_dir)
+    wanted = _stored_params(source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
+                            samples_per_shard=samples_per_shard, in_chans=in_chans, image_size=image_size,
+                            holdout_fraction=holdout_fraction, max_images=max_images)
+    with _dir_lock(out):
+        if manifest_path(out).is_file():
+            existing = load_manifest(out)
+            check_same_params(existing, wanted, out)
+            bad = verify_shards(existing, out)
+            if not bad:
+                log.info("%s: shards verified (%d files), re-using them", out, len(existing.shard_files()))
+                return existing
+            log.warning("%s: %d shard(s) missing or changed (first: %s); rewriting all", out, len(bad), bad[0])
+        if source == "fashion_mnist":
+            src = _fashion_mnist(source_path, max_images)
+        else:
+            src = _image_folder(source_path, image_size=image_size, in_chans=in_chans,
+                                holdout_fraction=holdout_fraction, seed=seed, max_images=max_images,
+                                num_procs=num_procs)
+        orders = splits.make_splits(src.train.labels, len(src.test.labels), train_per_class=train_per_class,
+                                    val_fraction=val_fraction, seed=seed)
+        sides = {"train": src.train, "database": src.train, "val_query": src.test, "test_query": src.test}
+        infos, hashes = {}, {}
+        with tqdm(total=sum(len(o) for o in orders.values()), desc=f"shards -> {out}", unit="img",
+                  disable=not progress, mininterval=1.0) as bar:
+            for name, order in orders.items():
+                bar.set_postfix_str(name)
+                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, bar)
+                hashes.update(h)
+        manifest = Manifest(source=source, source_path=str(source_path), seed=seed,
+                            train_per_class=train_per_class, val_fraction=val_fraction,
+                            samples_per_shard=samples_per_shard, num_classes=len(src.classes),
+                            classes=list(src.classes), image_size=src.image_size, in_chans=src.in_chans,
+                            splits=infos, sha256=hashes, holdout_fraction=wanted["holdout_fraction"],
+                            max_images=max_images)
+        save_manifest(manifest, out)
+        return manifest
+
+
+def ensure_shards(cfg) -> Manifest:
+    """The shards a run reads (cfg: brcd_dist.config.Config): made when missing, verified when local.
+
+    data.source == "shards": the manifest in data.shards_dir is used as is. With data.shards_url set and a
+    manifest present, the parameters are checked but the (remote) shard files are not hashed.
+    """
+    d = cfg.data
+    if d.source == "shards":
+        return load_manifest(d.shards_dir)
+    if d.shards_url and manifest_path(d.shards_dir).is_file():
+        manifest = load_manifest(d.shards_dir)
+        check_same_params(manifest, _stored_params(
+            d.source, seed=d.split_seed, train_per_class=d.train_per_class, val_fraction=d.val_fraction,
+            samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
+            holdout_fraction=DEFAULT_HOLDOUT, max_images=0), d.shards_dir)
+        return manifest
+    return write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
+                        train_per_class=d.train_per_class, val_fraction=d.val_fraction,
+                        samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
+                        num_procs=os.cpu_count() or 1, progress=True)
+
+
+__all__ = ["write_shards", "ensure_shards", "verify_shards", "ShardsMismatchError", "SOURCES"]

@@ -1,0 +1,68 @@
+"""The seeded split of DESIGN §3: train subset, database, validation and test queries.
+
+Each part draws from its own generator, seeded by (seed, part): changing train_per_class does not move the
+query split, and the same seed gives the same split on any machine (numpy's PCG64 is stable across versions).
+The authors' code drew the train subset before setting a seed; here it is seeded and stored (DESIGN §2).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_TRAIN, _DATABASE, _QUERIES, _HOLDOUT = 1, 2, 3, 4
+
+
+def _rng(seed: int, part: int) -> np.random.Generator:
+    return np.random.default_rng([seed, part])
+
+
+def train_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of `per_class` images of each class (all of a smaller class), in a seeded shuffled order."""
+    rng = _rng(seed, _TRAIN)
+    picks = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        picks.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
+    chosen = np.concatenate(picks)
+    return chosen[rng.permutation(len(chosen))]
+
+
+def database_order(n: int, seed: int) -> np.ndarray:
+    """All n training images, shuffled so that every shard mixes classes (ImageFolder lists are class-sorted)."""
+    return _rng(seed, _DATABASE).permutation(n)
+
+
+def query_split(n_test: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test images -> (validation queries, test queries): round(val_fraction * n_test) of them to validation."""
+    perm = _rng(seed, _QUERIES).permutation(n_test)
+    n_val = int(round(val_fraction * n_test))
+    return perm[:n_val], perm[n_val:]
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """For an ImageFolder without train/ and val/: (kept, held out) indices, round(fraction * n_c) of each
+    class held out (at least 1 where the class has 2 or more images). Both sorted."""
+    rng = _rng(seed, _HOLDOUT)
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)
+        else:
+            k = 0
+        held.append(rng.choice(members, size=k, replace=False))
+    held_out = np.sort(np.concatenate(held)).astype(np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), held_out)
+    return kept, held_out
+
+
+def make_splits(train_labels: np.ndarray, n_test: int, *, train_per_class: int, val_fraction: float,
+                seed: int) -> dict[str, np.ndarray]:
+    """{'train', 'database'}: indices into the training images; {'val_query', 'test_query'}: into the test images."""
+    val, test = query_split(n_test, val_fraction, seed)
+    return {
+        "train": train_subset(train_labels, train_per_class, seed),
+        "database": database_order(len(train_labels), seed),
+        "val_query": val,
+        "test_query": test,
+    }

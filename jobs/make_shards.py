@@ -1,0 +1,47 @@
+"""Make the WebDataset shards and manifest.json of a config's data section (DESIGN §1 `make_shards`).
+
+    python jobs/make_shards.py [--config X.yaml] [key=value ...] [--max-images N] [--procs P]
+
+Re-running with the same parameters verifies the shards' hashes and re-uses them; a shard directory made with
+another source, seed or split is refused (pick another data.shards_dir).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from _cli import config_from_args, fail, parser, setup_logging
+
+from brcd_dist.data import ShardsMismatchError, write_shards
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--max-images", type=int, default=0,
+                   help="only the first N training and N test images (smoke runs; default: all)")
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1,
+                   help="processes encoding ImageFolder images (default: all cores)")
+    args = p.parse_args()
+    cfg = config_from_args(args)
+    d = cfg.data
+    if d.source == "shards":
+        fail("data.source=shards means the shards exist already; set data.source to fashion_mnist or imagefolder")
+    setup_logging()
+    t0 = time.perf_counter()
+    try:
+        manifest = write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
+                                train_per_class=d.train_per_class, val_fraction=d.val_fraction,
+                                samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
+                                image_size=d.image_size, max_images=args.max_images, num_procs=args.procs)
+    except (ShardsMismatchError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    seconds = time.perf_counter() - t0
+    print(f"{d.shards_dir}: {manifest.source}, seed {manifest.seed}, {manifest.num_classes} classes, "
+          f"{manifest.image_size}px x {manifest.in_chans} ch, manifest sha256 {manifest.digest()[:12]}")
+    for name, split in manifest.splits.items():
+        print(f"  {name:<11} {split.count:>8} images in {len(split.shards):>4} shards")
+    print(f"done in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
