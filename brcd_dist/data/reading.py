@@ -1,0 +1,338 @@
+"""Reading shards: two-view training batches and single-view eval batches, for N ranks x M loader workers.
+
+Pipeline of one rank:
+  epoch_plan (same on every rank) -> this rank's shard parts
+  -> M DataLoader workers, each a webdataset pipeline over its share of the parts (nodesplitter: our rank
+     selection, rank/world passed in, torch.distributed not needed; workersplitter: torch worker info)
+  -> keep the part's sample positions, shuffle buffer (train), decode PNG, augment, collate into small chunks
+  -> main process: cut the chunk stream into exactly the planned batches (train) or batches of B (eval).
+Batching in the main process is what lets every rank yield exactly S batches whatever the workers' shares.
+
+Damaged data does not stop an epoch: an undecodable sample is skipped, a shard that ends early (truncated,
+unreadable) is noticed against the manifest's count; both are counted in `.stats` and logged. If a rank then
+runs short of samples for its S steps, it still yields S batches: what is left spreads over the remaining
+steps when that gives each at least 2 samples; otherwise every remaining step gets what is left topped up to
+B with samples of the last batch (repeats: counted in `.stats.padded_steps`).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from brcd_dist.data.augment import TwoViews, eval_batch
+from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
+from brcd_dist.data.manifest import Manifest, shard_url
+
+log = logging.getLogger(__name__)
+
+MAX_LOGGED_ERRORS = 20  # per pass; the counters count every skipped sample
+
+
+@dataclass
+class ReadStats:
+    """Damage seen in one pass: read after the epoch as `batches.stats`."""
+    bad_samples: int = 0  # undecodable image or label, or a sample missing its image or label
+    missing_samples: int = 0  # samples the manifest promises that never arrived (truncated or unreadable shard)
+    padded_steps: int = 0  # train: steps filled by repeating samples because the rank ran short
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return self.bad_samples + self.missing_samples
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bad_samples": self.bad_samples, "missing_samples": self.missing_samples,
+                "padded_steps": self.padded_steps, "skipped": self.skipped, "errors": list(self.errors)}
+
+
+class RankShards:
+    """webdataset nodesplitter: of the split's shard URLs, yield this rank's, in the plan's order."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+
+    def __call__(self, src):
+        available = {d["url"] for d in src}
+        for url in self.urls:
+            if url in available:
+                yield {"url": url}
+
+
+def split_by_loader_worker(src):
+    """webdataset workersplitter from torch's DataLoader worker info (worker w of M takes every M-th shard)."""
+    info = get_worker_info()
+    if info is None:
+        yield from src
+    else:
+        for i, item in enumerate(src):
+            if i % info.num_workers == info.id:
+                yield item
+
+
+class ShardStream(IterableDataset):
+    """One rank's samples as chunks of decoded, transformed tensors (runs inside DataLoader workers)."""
+
+    def __init__(self, urls: list[str], parts: list[ShardPart], *, train: bool, image_size: int, in_chans: int,
+                 seed: int, epoch: int, rank: int, chunk_size: int, shuffle_buffer: int):
+        self.urls, self.parts, self.train = urls, parts, train
+        self.image_size, self.in_chans = image_size, in_chans
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.chunk_size, self.shuffle_buffer = chunk_size, shuffle_buffer
+
+    # -- stages
+
+    def _kept_samples(self, samples, parts: list[ShardPart], stats: ReadStats):
+        """Samples at the parts' positions; a shard that delivers fewer than its part's count is reported."""
+        by_url = {self.urls[p.shard]: p for p in parts}
+        seen: dict[str, int] = {}
+        url, pos = None, 0
+        for sample in samples:
+            if sample.get("__url__") != url:
+                url, pos = sample.get("__url__"), 0
+            part = by_url.get(url)
+            if part is not None and pos % part.stride == part.residue:
+                seen[url] = seen.get(url, 0) + 1
+                yield sample
+            pos += 1
+        for u, part in by_url.items():
+            short = part.count - seen.get(u, 0)
+            if short > 0:
+                stats.missing_samples += short
+                stats.errors.append(f"{u}: {short} of {part.count} samples missing (truncated or unreadable shard)")
+
+    def _shuffled(self, samples, rng: random.Random):
+        buf: list = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decode(self, sample) -> tuple[str, int, Image.Image]:
+        key = sample["__key__"]
+        if "png" not in sample or "cls" not in sample:
+            raise ValueError(f"{key}: missing {'png' if 'png' not in sample else 'cls'}")
+        label = int(sample["cls"])
+        image = Image.open(io.BytesIO(sample["png"]))
+        image.load()
+        return key, label, image.convert("L" if self.in_chans == 1 else "RGB")
+
+    def _chunk(self, items: list, stats: ReadStats, sent: dict[str, int]) -> dict[str, Any]:
+        """Transform and collate items (key, label, image); carry the damage counted since the previous
+        chunk (`sent`: the counts reported so far)."""
+        keys = [k for k, _, _ in items]
+        out: dict[str, Any] = {"key": keys, "label": torch.tensor([y for _, y, _ in items], dtype=torch.long),
+                               "bad_samples": stats.bad_samples - sent["bad"],
+                               "missing_samples": stats.missing_samples - sent["missing"],
+                               "errors": stats.errors[sent["errors"]:]}
+        sent.update(bad=stats.bad_samples, missing=stats.missing_samples, errors=len(stats.errors))
+        if items:
+            images = [im for _, _, im in items]
+            if self.train:
+                out["view1"], out["view2"] = TwoViews(self.image_size, self.in_chans, self.seed, self.epoch)(images, keys)
+            else:
+                out["image"] = eval_batch(images, self.image_size, self.in_chans)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank_urls = [self.urls[p.shard] for p in self.parts]
+        my_parts = self.parts[worker::workers]  # what split_by_loader_worker gives this worker
+        stats, sent = ReadStats(), {"bad": 0, "missing": 0, "errors": 0}
+
+        def on_error(exn: BaseException) -> bool:  # webdataset handler: note it, go on with the next item
+            stats.errors.append(f"{type(exn).__name__}: {exn}"[:500])
+            return True
+
+        pipeline = wds.WebDataset(self.urls, handler=on_error, shardshuffle=False, empty_check=False,
+                                  nodesplitter=RankShards(rank_urls), workersplitter=split_by_loader_worker)
+        samples = self._kept_samples(pipeline, my_parts, stats)
+        if self.train:
+            samples = self._shuffled(samples, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}"))
+        items: list = []
+        for sample in samples:
+            try:
+                items.append(self._decode(sample))
+            except Exception as exn:  # a damaged sample: count it, keep reading
+                stats.bad_samples += 1
+                stats.errors.append(f"{sample.get('__key__')} in {sample.get('__url__')}: "
+                                    f"{type(exn).__name__}: {exn}"[:500])
+            if len(items) >= self.chunk_size:
+                yield self._chunk(items, stats, sent)
+                items = []
+        # the last chunk carries the counts of the end of the stream (shortfalls are known only then)
+        yield self._chunk(items, stats, sent)
+
+
+class ShardBatches:
+    """Iterable over one epoch's batches of one rank; len() is the planned step count."""
+
+    def __init__(self, dataset: ShardStream, *, sizes: list[int] | None, batch_size: int, num_workers: int,
+                 split: str):
+        self.dataset, self.sizes, self.batch_size = dataset, sizes, batch_size
+        self.num_workers, self.split = num_workers, split
+        self.num_samples = sum(sizes) if sizes is not None else rank_count(dataset.parts)
+        self.stats = ReadStats()
+
+    def __len__(self) -> int:
+        return len(self.sizes) if self.sizes is not None else math.ceil(self.num_samples / self.batch_size)
+
+    def _absorb(self, chunk: dict[str, Any]) -> None:
+        self.stats.bad_samples += chunk["bad_samples"]
+        self.stats.missing_samples += chunk["missing_samples"]
+        for msg in chunk["errors"]:
+            if len(self.stats.errors) < MAX_LOGGED_ERRORS:
+                log.warning("split %s, rank %d: skipped: %s", self.split, self.dataset.rank, msg)
+                self.stats.errors.append(msg)  # the first ones; the counts hold the rest
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stats = ReadStats()
+        # an own generator: DataLoader draws its workers' base seed from it, not from torch's global RNG
+        generator = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + self.dataset.epoch)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator,
+                            prefetch_factor=4 if self.num_workers > 0 else None)
+        buffer = _Buffer()
+        steps = len(self.sizes) if self.sizes is not None else None
+        step, last = 0, None
+        for chunk in loader:
+            self._absorb(chunk)
+            buffer.add(chunk)
+            if steps is None:
+                while len(buffer) >= self.batch_size:
+                    yield buffer.take(self.batch_size)
+                continue
+            while step < steps and len(buffer) >= self.sizes[step]:
+                last = buffer.take(self.sizes[step])
+                step += 1
+                yield last
+            if step == steps:
+                break  # planned samples delivered (max_steps may leave some unread)
+        if steps is None:
+            if len(buffer):
+                yield buffer.take(len(buffer))
+        else:
+            yield from self._fill_short(buffer, steps - step, last)
+        if self.stats.skipped or self.stats.padded_steps:
+            log.warning("split %s, rank %d: %d samples skipped (%d undecodable, %d missing), %d padded steps",
+                        self.split, self.dataset.rank, self.stats.skipped, self.stats.bad_samples,
+                        self.stats.missing_samples, self.stats.padded_steps)
+
+    def _fill_short(self, buffer: "_Buffer", remaining: int, last):
+        """The rank ran short (damaged data): still yield `remaining` batches, so collectives stay in step."""
+        if remaining <= 0:
+            return
+        m = len(buffer)
+        if m >= 2 * remaining:  # enough for pairs at least: spread them
+            for size in batch_sizes(m, remaining, max(1, math.ceil(m / remaining))):
+                yield buffer.take(size)
+            return
+        pool = _Buffer()
+        if m:
+            pool.add(buffer.take(m))
+        if last is not None and m < self.batch_size:
+            pool.add(_Buffer.head(last, self.batch_size - m))
+        if not len(pool):
+            raise RuntimeError(f"split {self.split}, rank {self.dataset.rank}: no readable sample this epoch, "
+                               f"cannot take the {remaining} steps the other ranks take")
+        batch = pool.take(len(pool))
+        for _ in range(remaining):
+            self.stats.padded_steps += 1
+            yield dict(batch)  # a fresh dict each step: the caller may replace entries (e.g. moved to a device)
+
+
+class _Buffer:
+    """Chunks waiting to be cut into batches."""
+    TENSOR_KEYS = ("view1", "view2", "image", "label")
+
+    def __init__(self):
+        self.pieces: list[dict[str, Any]] = []
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        if chunk["key"]:
+            self.pieces.append({k: chunk[k] for k in (*self.TENSOR_KEYS, "key") if k in chunk})
+            self.n += len(chunk["key"])
+
+    @staticmethod
+    def head(batch: dict[str, Any], n: int) -> dict[str, Any]:
+        return {name: v[:n] for name, v in batch.items()}
+
+    def take(self, n: int) -> dict[str, Any]:
+        taken, need = [], n
+        while need:
+            piece = self.pieces[0]
+            k = len(piece["key"])
+            if k <= need:
+                taken.append(self.pieces.pop(0))
+                need -= k
+            else:
+                taken.append({name: v[:need] for name, v in piece.items()})
+                self.pieces[0] = {name: v[need:] for name, v in piece.items()}
+                need = 0
+        self.n -= n
+        batch = {"key": [key for p in taken for key in p["key"]]}
+        for name in self.TENSOR_KEYS:
+            if name in taken[0]:
+                batch[name] = torch.cat([p[name] for p in taken]) if len(taken) > 1 else taken[0][name]
+        return batch
+
+
+def _check(manifest: Manifest, split: str, rank: int, world_size: int, batch_size: int) -> None:
+    if split not in manifest.splits:
+        raise ValueError(f"split {split!r} not in the manifest (has: {', '.join(manifest.splits)})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} with world_size={world_size}: need 0 <= rank < world_size")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+
+
+def _chunk_size(batch_size: int) -> int:
+    return max(8, min(batch_size, 64))
+
+
+def train_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
+                  num_workers: int, image_size: int, in_chans: int, epoch: int, seed: int,
+                  shards_url: str = "", max_steps: int = 0, shuffle_buffer: int = 1000) -> ShardBatches:
+    """One epoch of two-view batches {"view1", "view2": (B,C,H,W) float, "key": list[str], "label": (B,) long}.
+
+    Every sample of the split once per epoch across ranks (the first max_steps batches' worth when
+    max_steps > 0); len() is the same on every rank; batch sizes are near-equal, at most batch_size.
+    """
+    _check(manifest, split, rank, world_size, batch_size)
+    info = manifest.splits[split]
+    plan = plan_epoch(info.shard_counts, world_size, epoch=epoch, seed=seed, shuffle=True)
+    steps = steps_per_epoch(plan, batch_size, max_steps)
+    sizes = batch_sizes(rank_count(plan[rank]), steps, batch_size)
+    urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
+    dataset = ShardStream(urls, plan[rank], train=True, image_size=image_size, in_chans=in_chans, seed=seed,
+                          epoch=epoch, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=shuffle_buffer)
+    return ShardBatches(dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split)
+
+
+def eval_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
+                 num_workers: int, image_size: int, in_chans: int, shards_url: str = "") -> ShardBatches:
+    """Deterministic single-view batches {"image", "key", "label"}; each sample exactly once across ranks,
+    no padding, so ranks may take different step counts (no collectives inside encoding)."""
+    _check(manifest, split, rank, world_size, batch_size)
+    info = manifest.splits[split]
+    plan = plan_epoch(info.shard_counts, world_size, shuffle=False)
+    urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
+    dataset = ShardStream(urls, plan[rank], train=False, image_size=image_size, in_chans=in_chans, seed=0,
+                          epoch=0, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=0)
+    return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split)
