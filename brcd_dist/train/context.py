@@ -64,9 +64,21 @@ class WorkerContext:
                 for name, writer in {**self.artifacts, **(extra or {})}.items():
                     writer(d / name)
             if engine is not None:
+                sync_buffers(engine.module)  # a resumed run loads rank 0's module state on every rank
                 engine.save_checkpoint(str(d / "engine"), tag=ENGINE_TAG)
             ray.train.report({**metrics, "stage": state.stage, "global_step": state.global_step},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank. DeepSpeed averages gradients but,
+    unlike DDP, never syncs buffers, so each rank's BN statistics drift apart on its own data; encoding a split
+    across ranks would then mix differently-normalised models, and the saved model (rank 0's) would differ from
+    the one that was evaluated."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=src)
 
 
 def broadcast_object(obj, src: int = 0):

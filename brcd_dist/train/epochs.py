@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from brcd_dist.data import train_batches
-from brcd_dist.train.context import WorkerContext
+from brcd_dist.train.context import WorkerContext, sync_buffers
 from brcd_dist.train.state import TrainState
 
 LOG_EVERY = 10  # steps between MLflow step-metric writes
@@ -49,6 +49,7 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
         metrics[f"{prefix}/images_per_s"] = n_images / seconds if seconds > 0 else 0.0
         metrics[f"{prefix}/epoch"] = epoch + 1
         state.epoch, state.step_in_epoch = epoch + 1, 0
+        sync_buffers(engine.module)  # evaluation and the saved model use rank 0's BN statistics everywhere
         eval_metrics, stop = on_epoch_end(epoch)
         metrics.update(eval_metrics)
         state.history["train"].append({k: v for k, v in metrics.items()})
