@@ -340,9 +340,11 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
     iters: most centroid updates; stops earlier when |J_t - J_{t-1}| < tol · J_{t-1}.
     spherical: unit-norm centroids (FAISS's spherical k-means); on ±1 codes, whose norms are all √L, that is
         cosine (= Hamming) geometry. Inertia is still Σ||x - c||², which unit-norm means minimise.
-    state: resume from a KMeansState (a checkpoint); on_iteration(state) is called on every rank after each update.
-    init: "k-means++" (distributed, D²-weighted), "random" (k distinct points, uniform), or (k, d) centroids. Both
-        draws use numpy's default_rng(seed) over the global order, so they do not depend on the number of ranks.
+    state: resume from a KMeansState (a checkpoint; it overrides init); on_iteration(state) is called on every rank
+        after each update, with what a restarted job needs to go on from there.
+    init: "k-means++" (distributed, D²-weighted by squared L2 distance, also in spherical mode), "random" (k distinct
+        points, uniform), or (k, d) centroids. Both draws use numpy's default_rng(seed) over the global order, so
+        they do not depend on the number of ranks.
     backend: override choose_backend() (one of BACKENDS).
     """
     comm = _Comm(group)
