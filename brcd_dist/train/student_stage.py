@@ -34,6 +34,9 @@ def full_state_dict(engine) -> dict:
 def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clustering: Clustering,
                   evaluator: Evaluator, resume_dir: Optional[Path], codes_cache: dict) -> HashModel:
     cfg, b = ctx.cfg, ctx.cfg.brcd
+    # The student's initial weights depend on the seed only, not on what this process ran before (a restart
+    # at the start of stage C loads the teacher instead of building and training it).
+    torch.manual_seed(cfg.train.seed)
     model = build_student(ctx.cfg).to(ctx.device)
     engine = make_engine(model, cfg.train, cfg.train.lr, ctx.use_gpu)
     best: dict = {}
@@ -42,6 +45,8 @@ def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clu
             engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
         if (resume_dir / "best_student.pt").is_file():
             best["state_dict"] = torch.load(resume_dir / "best_student.pt", weights_only=True)
+            restored = best["state_dict"]  # carried into the next checkpoints, or a second restart loses it
+            ctx.artifacts["best_student.pt"] = lambda path: torch.save(restored, path)
     box = {"clustering": clustering}  # replaced when k-means is re-run every R epochs
     move = lambda c: (c.centroids.to(ctx.device), c.masks.to(ctx.device))  # noqa: E731
     centroids, masks = move(clustering)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -28,9 +29,22 @@ def make_context(config: dict) -> WorkerContext:
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
+    # Where each rank runs (placement checks, e.g. STRICT_SPREAD over nodes, read it from the job's logs).
+    log.info("rank %d of %d: node %s, pid %d", ctx.get_world_rank(), ctx.get_world_size(),
+             ray.get_runtime_context().get_node_id(), os.getpid())
     return WorkerContext(cfg=cfg, manifest=load_manifest(cfg.data.shards_dir), rank=ctx.get_world_rank(),
                          world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
                          run_id=config.get("run_id"))
+
+
+def begin_attempt(state: TrainState, resumed: bool) -> list:
+    """Record this start of the workers in state.history["attempts"]: where it resumed and which stages it
+    runs (appended to the returned list as they start), so that a checkpoint shows that a restart did not redo
+    the teacher or the clustering."""
+    ran: list = []
+    at = {k: getattr(state, k) for k in ("stage", "epoch", "step_in_epoch", "global_step")} if resumed else None
+    state.history.setdefault("attempts", []).append({"resumed_at": at, "ran": ran})
+    return ran
 
 
 def distill_worker(config: dict) -> None:
@@ -43,8 +57,11 @@ def distill_worker(config: dict) -> None:
         if resume_dir:
             log.info("rank %d resumes at stage %s, epoch %d, step %d", ctx.rank, state.stage, state.epoch,
                      state.step_in_epoch)
+        ran = begin_attempt(state, resumed=resume_dir is not None)
 
         # Stage A: teacher.
+        if state.stage == "teacher":
+            ran.append("teacher")
         teacher = teacher_stage(ctx, state, resume_dir)
         if state.stage == "teacher":
             state.stage, state.epoch, state.step_in_epoch = "clustering", 0, 0
@@ -57,6 +74,7 @@ def distill_worker(config: dict) -> None:
         if resume_dir is not None and (resume_dir / "clustering.pt").is_file():
             clustering = Clustering.load(resume_dir / "clustering.pt")
         else:
+            ran.append("clustering")
             clustering = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
         ctx.artifacts["clustering.pt"] = clustering.save
         if state.stage == "clustering":
@@ -66,11 +84,13 @@ def distill_worker(config: dict) -> None:
         # Stage C: the student.
         evaluator = Evaluator(ctx, teacher)
         if state.stage == "student":
+            ran.append("student")
             student = student_stage(ctx, state, teacher, clustering, evaluator, resume_dir, codes_cache)
         else:  # the run had finished; a restart only re-reports
             student = load_hash_model(resume_dir / "student.pt").to(ctx.device)
 
         # Stage D: test queries, curves, throughput.
+        ran.append("test")
         test = evaluator.evaluate(student, "test_query", with_curves=True)
         curves = test.pop("curves")
         state.stage = "done"
