@@ -7,7 +7,7 @@ chunk's distance matrix stays near `CHUNK_ELEMENTS` entries: a 1M-code database 
 Two exact ways to the same order:
 - CPU: codes packed into 64-bit words, distances by XOR + popcount (uint8/uint16), then numpy's stable
   argsort, which for 8/16-bit integers is a counting (radix) sort, O(N) per query; row blocks run in threads
-  (numpy releases the GIL). About 3x less CPU time than matmul + `torch.topk` here.
+  (numpy releases the GIL). About 2.7x less CPU time than matmul + `torch.topk` (bench/retrieval.py).
 - other devices (GPU): distances from a matmul of ±1 codes, `(L - a·b) / 2`, exact small integers, then
   `torch.topk` of the key `distance * N + index`, unique per item, so the top-k and its order are exact; the
   key is float32 while that is exact (<= 2^24) and float64 beyond.
