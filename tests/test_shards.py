@@ -234,6 +234,16 @@ def test_image_folder_with_train_and_val_uses_them(tmp_path):
     assert im.mode == "L" and im.size == (round(64 * stored_size(32) / 48), stored_size(32))
 
 
+def test_encoding_in_a_process_pool_gives_the_same_shards(tmp_path, monkeypatch):
+    import brcd_dist.data.shards as shards
+    root = make_image_folder(tmp_path / "imgs", n_per_class=(12, 10, 10))
+    kw = dict(seed=0, train_per_class=3, samples_per_shard=7, in_chans=3, image_size=24, progress=False)
+    serial = write_shards(tmp_path / "a", "imagefolder", str(root), num_procs=1, **kw)
+    monkeypatch.setattr(shards, "POOL_MIN_IMAGES", 4)
+    pooled = write_shards(tmp_path / "b", "imagefolder", str(root), num_procs=2, **kw)
+    assert pooled.sha256 == serial.sha256
+
+
 def test_ensure_shards_makes_then_reuses_from_config(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
     cfg = Config()

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("fashion_mnist", "imagefolder")
 FASHION_MNIST_SIZE = 28
 DEFAULT_HOLDOUT = 0.1  # ImageFolder without train/ and val/: share of each class held out as queries
+POOL_MIN_IMAGES = 1000  # fewer images: encoding in this process beats starting a pool
 
 
 @dataclass
@@ -95,10 +96,13 @@ def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.n
 
     def encode_many(indices: np.ndarray) -> Iterator[bytes]:
         todo = [paths[int(i)] for i in indices]
-        if num_procs <= 1 or len(todo) < 64:
+        if num_procs <= 1 or len(todo) < POOL_MIN_IMAGES:
             yield from map(encode, todo)
             return
-        with multiprocessing.get_context("spawn").Pool(num_procs) as pool:
+        # fork, as DataLoader does: spawn would re-import the caller's main module in every child, and a script
+        # without a __main__ guard would then re-enter write_shards and wait on the directory lock forever
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        with multiprocessing.get_context(method).Pool(num_procs) as pool:
             yield from pool.imap(encode, todo, chunksize=16)
     return _ImageSet([keys[p] for p in positions], images.labels[positions], encode_many)
 
