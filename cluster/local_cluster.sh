@@ -9,6 +9,11 @@
 # Auth: `ray start` turns on token auth in Ray 2.60, which the `ray job` CLI then needs; on a trusted dev host we
 # start the cluster with RAY_AUTH_MODE=disabled so that plain `ray job submit` works (export the same in the
 # shell that submits).
+#
+# The host may be shared (other people's Ray instances, tests): this cluster keeps its own Ray temp dir
+# ($STATE/ray, or BRCD_RAY_TEMP_DIR), its ports can be moved by environment (RAY_PORT, RAY_DASHBOARD_PORT,
+# RAY_AGENT_PORT_HEAD, RAY_AGENT_PORT_WORKER), and `stop` ends only the processes of this cluster (those whose
+# command line names its temp dir, and their children), never every Ray process on the host as `ray stop` does.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(dirname "$HERE")"
@@ -17,7 +22,15 @@ RAY="$VENV_BIN/ray"
 STATE="${BRCD_CLUSTER_STATE:-$REPO/.cluster}"
 PORT="${RAY_PORT:-6379}"
 DASH_PORT="${RAY_DASHBOARD_PORT:-8265}"
+# Each raylet runs a dashboard agent with an HTTP port (Ray's default 52365, which job submission goes through):
+# two nodes on one host need two.
+AGENT_PORT_HEAD="${RAY_AGENT_PORT_HEAD:-52365}"
+AGENT_PORT_WORKER="${RAY_AGENT_PORT_WORKER:-52366}"
+RAY_TMP="${BRCD_RAY_TEMP_DIR:-$STATE/ray}"  # keep it short: Ray's socket paths under it must stay < 108 chars
 export RAY_AUTH_MODE=disabled
+# `ray job submit ... -- python jobs/distill.py`: the job's `python` is looked up on the PATH that the nodes
+# inherit from this script, so the venv must come first (else a system python without Ray runs the job).
+export PATH="$VENV_BIN:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.venv/torch_extensions}"
 
 start() {
@@ -29,12 +42,14 @@ start() {
       *) echo "unknown option $1 (allowed: --cpus-head N, --cpus-worker N)" >&2; exit 2 ;;
     esac
   done
-  mkdir -p "$STATE"
+  mkdir -p "$STATE" "$RAY_TMP"
   "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus="$head_cpus" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
+    --dashboard-agent-listen-port="$AGENT_PORT_HEAD" --temp-dir="$RAY_TMP" \
     --disable-usage-stats >"$STATE/head.log" 2>&1
   # A second raylet on the same host: a real second node as far as Ray's scheduler is concerned.
   "$RAY" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$worker_cpus" \
+    --dashboard-agent-listen-port="$AGENT_PORT_WORKER" --temp-dir="$RAY_TMP" \
     --disable-usage-stats >"$STATE/worker.log" 2>&1
   for _ in $(seq 60); do
     if "$VENV_BIN/python" - "$DASH_PORT" <<'PY' 2>/dev/null; then
@@ -68,8 +83,41 @@ mlflow_server() {
   exit 1
 }
 
+stop_ray() {
+  # This cluster's processes only: those whose command line names its temp dir (GCS, raylets, dashboard,
+  # monitors), with their children (agents and workers, which rename themselves ray::...). SIGTERM, then
+  # SIGKILL after a grace period.
+  "$VENV_BIN/python" - "$RAY_TMP" <<'PY'
+import os
+import sys
+import psutil
+root = sys.argv[1].rstrip("/") + "/"
+procs = {}
+for p in psutil.process_iter(["cmdline"]):
+    if p.pid != os.getpid() and any(root in arg for arg in (p.info["cmdline"] or [])):
+        procs[p.pid] = p
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+for p in procs.values():
+    try:
+        p.terminate()
+    except psutil.NoSuchProcess:
+        pass
+_, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.NoSuchProcess:
+        pass
+psutil.wait_procs(alive, timeout=5)
+print(f"ended {len(procs)} processes of the cluster under {root}")
+PY
+}
+
 stop() {
-  "$RAY" stop --force >/dev/null 2>&1 || true
+  stop_ray
   if [ -f "$STATE/mlflow.pid" ]; then
     kill "$(cat "$STATE/mlflow.pid")" 2>/dev/null || true
     rm -f "$STATE/mlflow.pid"
