@@ -25,6 +25,8 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path) if "://" not in cfg.train.storage_path
                         else cfg.train.storage_path)
     cfg.brcd = replace(cfg.brcd, clustering_cache=ab(cfg.brcd.clustering_cache))
+    from brcd_dist.tracking import resolve_tracking_uri  # "" means ./mlflow.db of the driver, not of a worker
+    cfg.tracking = replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri))
     for role in ("teacher", "student"):
         m = getattr(cfg, role)
         uri = m.uri if (not m.uri or m.uri.startswith(("models:/", "runs:/"))) else ab(m.uri)
@@ -50,7 +52,8 @@ def run_name(cfg: Config) -> str:
     return cfg.train.name or time.strftime("distill-%Y%m%d-%H%M%S")
 
 
-def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", name: Optional[str] = None):
+def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", name: Optional[str] = None,
+           callbacks: Optional[list] = None):
     """Run the workers under a TorchTrainer; returns ray.train.Result. A run with the same name and storage path
     resumes from its latest checkpoint (Ray Train V2), and FailureConfig restarts failed workers from it."""
     import ray.train
@@ -67,7 +70,8 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
                                                placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(name=name or run_name(cfg), storage_path=t.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       callbacks=callbacks),
     )
     return trainer.fit()
 
@@ -102,3 +106,14 @@ def result_checkpoint_dir(result) -> Path:
     if result.checkpoint is None:
         raise RuntimeError("the run reported no checkpoint")
     return Path(result.checkpoint.path)
+
+
+def train_teacher(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[Path, Outputs]:
+    """Stage A alone. Returns a stable copy of the teacher's checkpoint file (Ray keeps only the last two
+    checkpoints) and the run's outputs."""
+    import shutil
+    name = name or run_name(cfg) + "-teacher"
+    out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, stages="teacher", name=name)))
+    path = Path(cfg.train.storage_path) / name / "teacher.pt"
+    shutil.copyfile(out.checkpoint_dir / "teacher.pt", path)
+    return path, out

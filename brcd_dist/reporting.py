@@ -19,9 +19,10 @@ def _series(rows: list, key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def publish(run_id: str, cfg: Config, out: Outputs) -> dict:
-    """Log the resolved config, clustering, pictures and both models to the run; register them. Returns the
-    registered versions {"student": v, "teacher": v} (empty when tracking.register is off)."""
+def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "student")) -> dict:
+    """Log the resolved config, clustering, pictures and the models of `roles` to the run; register them and
+    close the run. Returns the registered versions {"student": v, "teacher": v} (empty when tracking.register is
+    off)."""
     test, hist = out.test, out.state.history
     tracking.log_text(run_id, to_yaml(cfg), "config.yaml")
     tracking.log_metrics(run_id, {k: float(v) for k, v in test.items()}, out.state.global_step)
@@ -60,7 +61,7 @@ def publish(run_id: str, cfg: Config, out: Outputs) -> dict:
     example = torch.zeros(2, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size)
     t = cfg.tracking
     for role, model, name in (("teacher", out.teacher, t.teacher_name), ("student", out.student, t.student_name)):
-        if model is None:
+        if model is None or role not in roles:
             continue
         model_uri = tracking.log_hash_model(run_id, model, role, example)
         if t.register:
