@@ -1,6 +1,7 @@
 """`ray job submit` of jobs/distill.py to the two-node local cluster of cluster/local_cluster.sh, the way a user
 submits to a real cluster (DESIGN §1): the job succeeds, and with train.placement_strategy=STRICT_SPREAD its two
-train workers ran on the two different nodes.
+train workers ran on the two different nodes. Each node gets 2 logical CPUs, room for both workers (1 CPU each),
+so that the spread comes from the strategy, not from a lack of room (PACK would put both on one node).
 
 The cluster gets its own state dir, Ray temp dir and free ports (the host is shared with other Ray instances), is
 started by the module's fixture and stopped at its end, also when a test fails. The working dir is uploaded
@@ -48,7 +49,7 @@ def cluster():
            "RAY_AGENT_PORT_HEAD": str(free_port()), "RAY_AGENT_PORT_WORKER": str(free_port()),
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=240)
+        started = subprocess.run([str(SCRIPT), "start", "--cpus-head", "2", "--cpus-worker", "2"], env=env, capture_output=True, text=True, timeout=240)
         if started.returncode != 0:
             logs = "".join(p.read_text() for p in Path(state_dir).glob("*.log"))
             pytest.fail(f"local_cluster.sh start failed:\n{started.stdout}{started.stderr}{logs[-4000:]}")
@@ -69,10 +70,11 @@ def job(cluster, tiny_shards, tmp_path_factory) -> Job:
     return Job(submission_id, done.returncode, done.stdout + done.stderr, storage / "submitted")
 
 
-def test_cluster_has_two_nodes(cluster):
+def test_cluster_has_two_nodes_each_with_room_for_both_workers(cluster):
     from ray.util.state import list_nodes
-    alive = [n for n in list_nodes(address=cluster.address) if n.state == "ALIVE"]
+    alive = [n for n in list_nodes(address=cluster.address, detail=True) if n.state == "ALIVE"]
     assert len(alive) == 2
+    assert all(n.resources_total["CPU"] >= 2 for n in alive)
 
 
 def test_submitted_job_succeeds(cluster, job):
