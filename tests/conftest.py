@@ -12,8 +12,8 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path

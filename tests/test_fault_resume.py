@@ -112,9 +112,9 @@ def test_a_worker_was_killed_in_the_middle_of_stage_c(killed_run):
     assert killer.killed_pid is not None
     assert not psutil.pid_exists(killer.killed_pid) or psutil.Process(killer.killed_pid).status() == "zombie"
     state = killer.state_at_kill
-    teacher_steps = [r for r in state["history"]["train"] if "teacher/epoch" in r]
+    teacher_epochs = [r for r in state["history"]["train"] if "teacher/epoch" in r]
     assert state["stage"] == "student" and state["step_in_epoch"] > 0
-    assert len(teacher_steps) == 1  # the teacher's one epoch was over
+    assert len(teacher_epochs) == 1  # the teacher's one epoch was over
     assert state["history"]["attempts"][0]["ran"] == ["teacher", "clustering", "student"]
 
 

@@ -49,7 +49,8 @@ def cluster():
            "RAY_AGENT_PORT_HEAD": str(free_port()), "RAY_AGENT_PORT_WORKER": str(free_port()),
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        started = subprocess.run([str(SCRIPT), "start", "--cpus-head", "2", "--cpus-worker", "2"], env=env, capture_output=True, text=True, timeout=240)
+        started = subprocess.run([str(SCRIPT), "start", "--cpus-head", "2", "--cpus-worker", "2"], env=env,
+                                 capture_output=True, text=True, timeout=240)
         if started.returncode != 0:
             logs = "".join(p.read_text() for p in Path(state_dir).glob("*.log"))
             pytest.fail(f"local_cluster.sh start failed:\n{started.stdout}{started.stderr}{logs[-4000:]}")
