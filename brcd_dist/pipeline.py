@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +45,10 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI"):
         if os.environ.get(key):
             env_vars.setdefault(key, os.environ[key])
+    # Ray Train gives up on a worker group that has not started in 60 s; a busy 2-core machine (and the first
+    # DeepSpeed op build) can take longer than that without anything being wrong.
+    env_vars.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                        os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"))
     address = address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
              log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
@@ -73,7 +79,16 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        callbacks=callbacks),
     )
-    return trainer.fit()
+    # TorchTrainer.fit() registers a SIGINT handler that holds the controller actor's handle, and the controller
+    # holds its workers' placement group: restoring the previous handler lets both go when the run ends, instead
+    # of keeping their CPUs from the next run of this driver (a sweep's trials after its teacher, say).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        return trainer.fit()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 @dataclass

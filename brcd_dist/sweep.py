@@ -1,0 +1,116 @@
+"""Ray Tune sweeps over BRCD's α, δ and K (the library side of jobs/tune.py): search spaces from the command
+line, the trial function (a real Ray Train run of the student stage, a child MLflow run), the trial table, and
+the registration of the best student. Lives in the library so that Tune's workers can import the trial function."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+from brcd_dist import tracking
+from brcd_dist.config import ConfigError, from_dict, validate_config
+from brcd_dist.pipeline import launch, read_outputs, result_checkpoint_dir
+from brcd_dist.reporting import publish
+
+SEARCHED = {"alpha": "brcd.alpha", "delta": "brcd.delta", "clusters": "brcd.clusters"}
+TRIAL_TAG = "brcd.trial"
+
+
+def search_space(text: str, key: str, integer: bool):
+    """'0:1' -> uniform (randint for integers, inclusive); '5,10,20' -> choice; '0.5' -> a fixed value."""
+    from ray import tune
+    cast = int if integer else float
+    try:
+        if ":" in text:
+            lo, hi = (cast(v) for v in text.split(":", 1))
+            if lo > hi:
+                raise ValueError
+            return tune.randint(lo, hi + 1) if integer else tune.uniform(lo, hi)
+        values = [cast(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--{key} {text!r}: expected LO:HI or a comma-separated list of "
+                          f"{'integers' if integer else 'numbers'}") from None
+    return tune.choice(values) if len(values) > 1 else values[0]
+
+
+def check_bounds(cfg, args) -> None:
+    """Every end of every range must itself be a valid config value (one-line errors before any trial)."""
+    for key, dotted in SEARCHED.items():
+        text = getattr(args, key)
+        for v in text.replace(":", ",").split(","):
+            section, field = dotted.split(".")
+            probe = copy.deepcopy(cfg)
+            setattr(probe, section, replace(getattr(probe, section), **{field: (int if key == "clusters" else float)(v)}))
+            validate_config(probe, check_paths=False)
+
+
+def apply(cfg_dict: dict, config: dict):
+    cfg = from_dict(cfg_dict)
+    for key, value in config.items():
+        section, field = key.split(".")
+        setattr(cfg, section, replace(getattr(cfg, section), **{field: value}))
+    return cfg
+
+
+def make_trainable(base: dict, parent_run_id: str | None, sweep: str):
+    def trainable(config: dict) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+        trial_id = tune.get_context().get_trial_id()
+        cfg = apply(base, config)
+        cfg.tracking = replace(cfg.tracking, register=False)
+        run_id = tracking.start_run(cfg, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id,
+                                    tags={TRIAL_TAG: trial_id}) if parent_run_id else None
+        try:
+            result = launch(cfg, run_id=run_id, name=f"{sweep}-{trial_id}", callbacks=[TuneReportCallback()])
+            out = read_outputs(result_checkpoint_dir(result))
+            if run_id:
+                publish(run_id, cfg, out, roles=("student",))
+        except BaseException as err:
+            if run_id:
+                tracking.fail_run(run_id, err)
+            raise
+        evals = out.state.history.get("eval", [])
+        best = {f"best_val_{p}": max((e[f"val_query/{p}_map"] for e in evals), default=0.0) for p in ("sshp", "ashp")}
+        tune.report({**best, **out.test, "finished": 1, "mlflow_run_id": run_id or ""})
+    return trainable
+
+
+def trial_table(grid, metric: str) -> list[dict]:
+    rows = []
+    for r in grid:
+        cfg = r.config or {}
+        df = r.metrics_dataframe
+        val = float(df[metric].max()) if df is not None and metric in df else float("nan")
+        m = r.metrics or {}
+        rows.append({"trial": m.get("trial_id", ""), "alpha": round(cfg.get("brcd.alpha", float("nan")), 4),
+                     "delta": round(cfg.get("brcd.delta", float("nan")), 4), "K": cfg.get("brcd.clusters"),
+                     f"best {metric}": round(val, 4),
+                     "test sshp": round(m.get("test_query/sshp_map", float("nan")), 4),
+                     "test ashp": round(m.get("test_query/ashp_map", float("nan")), 4),
+                     "status": "error" if r.error else ("finished" if m.get("finished") else "stopped (ASHA)"),
+                     "mlflow_run_id": m.get("mlflow_run_id", "")})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no trials)"
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def input_example(cfg):
+    import torch
+    return torch.zeros(2, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size)
+
+
+def close_stopped_trials(parent_run_id: str) -> None:
+    """Child runs of trials that ASHA stopped are still RUNNING in MLflow: mark them KILLED."""
+    from mlflow import MlflowClient
+    client = MlflowClient()
+    exp = client.get_run(parent_run_id).info.experiment_id
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        tracking.end_run(run.info.run_id, status="KILLED")

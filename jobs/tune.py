@@ -1,0 +1,113 @@
+"""Ray Tune sweep over BRCD's α, δ and K with ASHA on validation mAP; every trial is a real Ray Train run of the
+student stage, reusing one teacher (trained once, or teacher.uri) and the k-means result of each K.
+
+    python jobs/tune.py --samples 8 --alpha 0:1 --delta 0:1 --clusters 5,10,20 [--config X.yaml] [key=value ...]
+
+Each trial is a child MLflow run of the sweep's run; the best finished trial's student is registered as
+NAME@champion. Ranges are LO:HI (uniform; integers for K), lists are comma-separated (a choice).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from _cli import config_from_args, fail, parser, setup_logging
+
+from brcd_dist import tracking
+from brcd_dist.config import ConfigError, to_dict
+from brcd_dist.data import ensure_shards
+from brcd_dist.pipeline import absolute_paths, connect_ray, run_name, train_teacher
+from brcd_dist.sweep import (SEARCHED, check_bounds, close_stopped_trials, format_table, input_example,
+                             make_trainable, search_space, trial_table)
+
+def main(argv=None) -> list[dict]:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--alpha", default="0:1", help="α range LO:HI or list (default 0:1)")
+    p.add_argument("--delta", default="0:1", help="δ range LO:HI or list (default 0:1)")
+    p.add_argument("--clusters", default="5,10,20", help="K range LO:HI or list (default 5,10,20)")
+    p.add_argument("--samples", type=int, default=8, help="number of trials")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials at once")
+    p.add_argument("--paradigm", default="ashp", choices=["ashp", "sshp"], help="validation mAP that ASHA ranks by")
+    p.add_argument("--champion-alias", default="champion")
+    args = p.parse_intermixed_args(argv)
+    setup_logging()
+    cfg = absolute_paths(config_from_args(args))
+    try:
+        space = {dotted: search_space(getattr(args, key), key, key == "clusters") for key, dotted in SEARCHED.items()}
+        check_bounds(cfg, args)
+    except ConfigError as err:
+        fail(str(err))
+    if args.samples < 1 or args.max_concurrent < 1:
+        fail(f"--samples {args.samples} / --max-concurrent {args.max_concurrent}: must be >= 1")
+    uri = None
+    if cfg.tracking.enabled:
+        try:
+            uri = tracking.check_tracking(cfg.tracking)
+        except tracking.TrackingError as err:
+            fail(str(err))
+    try:
+        manifest = ensure_shards(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    connect_ray(args.address, env={"MLFLOW_TRACKING_URI": uri})
+
+    # Validation mAP is only in the epoch reports that evaluate; ASHA skips the others (it returns CONTINUE on a
+    # result without its metric), but Tune's strict check would reject them first.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    sweep = run_name(cfg).replace("distill-", "sweep-")
+    parent = tracking.start_run(cfg, run_name=sweep, manifest_digest=manifest.digest(),
+                                tags={"brcd.job": "tune"}) if uri else None
+    metric = f"val_query/{args.paradigm}_map"
+    try:
+        teacher_run = None
+        if not cfg.teacher.uri:  # stage A once for the whole sweep
+            path, out = train_teacher(cfg, run_id=parent, name=f"{sweep}-teacher")
+            cfg.teacher = replace(cfg.teacher, uri=str(path))
+            if parent:
+                tracking.log_hash_model(parent, out.teacher, "teacher", input_example(cfg))
+                teacher_run = parent
+        cfg.brcd = replace(cfg.brcd, clustering_cache=cfg.brcd.clustering_cache
+                           or str(Path(cfg.train.storage_path) / sweep / "clustering_cache"))
+        evals = max(cfg.train.eval_every, 1)
+        tuner = tune.Tuner(
+            tune.with_resources(make_trainable(to_dict(cfg), parent, sweep), {"CPU": 0.01}),
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                num_samples=args.samples, max_concurrent_trials=args.max_concurrent,
+                scheduler=ASHAScheduler(metric=metric, mode="max", time_attr="student/epoch", max_t=cfg.train.epochs,
+                                        grace_period=evals, reduction_factor=2)),
+            run_config=tune.RunConfig(name=sweep, storage_path=cfg.train.storage_path),
+        )
+        grid = tuner.fit()
+        rows = trial_table(grid, metric)
+        print(format_table(rows))
+        finished = [r for r in rows if r["status"] == "finished" and r["mlflow_run_id"]]
+        if parent:
+            tracking.log_dict(parent, {"trials": rows}, "trials.json")
+            tracking.log_text(parent, format_table(rows), "trials.txt")
+            if finished:
+                best = max(finished, key=lambda r: r[f"best {metric}"])
+                version = tracking.register_model(
+                    f"runs:/{best['mlflow_run_id']}/student", cfg.tracking.student_name, args.champion_alias,
+                    {"run_id": teacher_run or best["mlflow_run_id"], "trial_run_id": best["mlflow_run_id"],
+                     "alpha": best["alpha"], "delta": best["delta"], "K": best["K"], metric: best[f"best {metric}"]},
+                    "student")
+                tracking.log_metrics(parent, {f"best_{metric}": best[f"best {metric}"]}, 0)
+                print(f"champion: models:/{cfg.tracking.student_name}@{args.champion_alias} (version {version}, "
+                      f"trial {best['trial']}, α={best['alpha']}, δ={best['delta']}, K={best['K']})")
+            close_stopped_trials(parent)
+            tracking.end_run(parent)
+    except BaseException as err:
+        if parent:
+            close_stopped_trials(parent)
+            tracking.fail_run(parent, err)
+        raise
+    return rows
+
+
+if __name__ == "__main__":
+    main()
