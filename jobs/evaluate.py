@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
             (q, q_labels), (db, db_labels) = encode(model, args.split), encode(model, "database")
             codes[role] = {"query": q, "database": db}
     maps = evaluate_paradigms(codes, q_labels, db_labels, cfg.eval.topk)
-    result = {f"{args.split}/{k}_map": round(float(v), 4) for k, v in maps.items()}
+    result = {f"{args.split}/{k}_map": float(v) for k, v in maps.items()}  # full precision: exact reproduction checks
     print(json.dumps(result, indent=1))
     return result
 
