@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from brcd_dist.codes import pack_codes, unpack_codes
+from brcd_dist.codes import pack_codes, probs_and_codes, unpack_codes
 from brcd_dist.data import eval_batches
 from brcd_dist.train.context import WorkerContext, all_gather_objects
 from brcd_dist.train.engine import autocast
@@ -29,7 +29,7 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
             t0 = time.perf_counter()
             with autocast(ctx.use_gpu):
                 logits = model(x.to(next(model.parameters()).dtype))
-            c = torch.where(logits.float() >= 0, 1.0, -1.0).cpu()
+            c = probs_and_codes(logits.float())[1].cpu()  # sign(σ(l) − ½), as HashModel.encode and training
             if ctx.use_gpu:
                 torch.cuda.synchronize()
             seconds[name] += time.perf_counter() - t0
