@@ -37,3 +37,24 @@ def config_from_args(args):
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def preflight(cfg, address=None):
+    """What can be wrong with the input, checked before any worker starts, then the attachment to Ray:
+    the tracking store and registry names, then the shards (made when missing). Returns (tracking uri or None,
+    manifest); a problem ends the job with one line."""
+    from brcd_dist import tracking
+    from brcd_dist.data import ensure_shards
+    from brcd_dist.pipeline import connect_ray
+    uri = None
+    if cfg.tracking.enabled:
+        try:
+            uri = tracking.check_tracking(cfg.tracking)
+        except tracking.TrackingError as err:
+            fail(str(err))
+    try:
+        manifest = ensure_shards(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    connect_ray(address, env={"MLFLOW_TRACKING_URI": uri})
+    return uri, manifest

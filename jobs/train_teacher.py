@@ -5,11 +5,10 @@
 """
 from __future__ import annotations
 
-from _cli import config_from_args, fail, parser, setup_logging
+from _cli import config_from_args, parser, preflight, setup_logging
 
 from brcd_dist import tracking
-from brcd_dist.data import ensure_shards
-from brcd_dist.pipeline import absolute_paths, connect_ray, run_name, train_teacher
+from brcd_dist.pipeline import absolute_paths, run_name, train_teacher
 from brcd_dist.reporting import publish
 
 
@@ -17,17 +16,7 @@ def main(argv=None):
     args = parser(__doc__.splitlines()[0]).parse_intermixed_args(argv)
     setup_logging()
     cfg = absolute_paths(config_from_args(args))
-    uri = None
-    if cfg.tracking.enabled:
-        try:
-            uri = tracking.check_tracking(cfg.tracking)
-        except tracking.TrackingError as err:
-            fail(str(err))
-    try:
-        manifest = ensure_shards(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
-    connect_ray(args.address, env={"MLFLOW_TRACKING_URI": uri})
+    uri, manifest = preflight(cfg, args.address)
     name = run_name(cfg) + "-teacher"
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest(),
                                 tags={"brcd.job": "train_teacher"}) if uri else None
