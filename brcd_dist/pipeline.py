@@ -120,7 +120,10 @@ def result_checkpoint_dir(result) -> Path:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("the run reported no checkpoint")
-    return Path(result.checkpoint.path)
+    ckpt = result.checkpoint
+    if ckpt.filesystem.type_name == "local":
+        return Path(ckpt.path)
+    return Path(ckpt.to_directory())  # remote storage (s3://, gs://): a local copy to read the outputs from
 
 
 def train_teacher(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[Path, Outputs]:
