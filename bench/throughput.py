@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -174,6 +175,8 @@ def pipeline_rates(cfg, *, steps: int) -> list[float]:
         out = read_outputs(result_checkpoint_dir(launch(cfg)))
     finally:
         ray.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)  # this run's checkpoints and Ray's files: about 100 MB
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return [r["student/images_per_s"] for r in out.state.history["train"] if "student/images_per_s" in r]
 
 
