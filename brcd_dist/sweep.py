@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import Iterable
 
 from brcd_dist import tracking
 from brcd_dist.config import ConfigError, from_dict, validate_config
@@ -13,6 +14,7 @@ from brcd_dist.reporting import publish
 
 SEARCHED = {"alpha": "brcd.alpha", "delta": "brcd.delta", "clusters": "brcd.clusters"}
 TRIAL_TAG = "brcd.trial"
+STOPPED_TAG = "brcd.stopped_by"
 
 
 def search_space(text: str, key: str, integer: bool):
@@ -82,11 +84,13 @@ def trial_table(grid, metric: str) -> list[dict]:
         df = r.metrics_dataframe
         val = float(df[metric].max()) if df is not None and metric in df else float("nan")
         m = r.metrics or {}
-        rows.append({"trial": m.get("trial_id", ""), "alpha": round(cfg.get("brcd.alpha", float("nan")), 4),
-                     "delta": round(cfg.get("brcd.delta", float("nan")), 4), "K": cfg.get("brcd.clusters"),
-                     f"best {metric}": round(val, 4),
-                     "test sshp": round(m.get("test_query/sshp_map", float("nan")), 4),
-                     "test ashp": round(m.get("test_query/ashp_map", float("nan")), 4),
+        # Full precision here (the champion is chosen from these rows, and trials.json keeps them); format_table
+        # rounds for display.
+        rows.append({"trial": m.get("trial_id", ""), "alpha": cfg.get("brcd.alpha", float("nan")),
+                     "delta": cfg.get("brcd.delta", float("nan")), "K": cfg.get("brcd.clusters"),
+                     f"best {metric}": val,
+                     "test sshp": m.get("test_query/sshp_map", float("nan")),
+                     "test ashp": m.get("test_query/ashp_map", float("nan")),
                      "status": "error" if r.error else ("finished" if m.get("finished") else "stopped (ASHA)"),
                      "mlflow_run_id": m.get("mlflow_run_id", "")})
     return rows
@@ -96,9 +100,10 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no trials)"
     cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    cells = [{c: str(round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in cols} for r in rows]
+    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in cells]
     return "\n".join(lines)
 
 
@@ -107,10 +112,20 @@ def input_example(cfg):
     return torch.zeros(2, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size)
 
 
-def close_stopped_trials(parent_run_id: str) -> None:
-    """Child runs of trials that ASHA stopped are still RUNNING in MLflow: mark them KILLED."""
+def close_stopped_trials(parent_run_id: str, stopped: Iterable[str] = ()) -> None:
+    """Mark KILLED the child runs still RUNNING (trials cut off) and those of the trials in `stopped` (ids of the
+    trials ASHA stopped). Tune stops a trial by removing its placement group: the trial's Train controller dies
+    with it, and the trial's own error handler may first mark the run FAILED with an ActorDiedError."""
     from mlflow import MlflowClient
     client = MlflowClient()
+    stopped = set(stopped)
     exp = client.get_run(parent_run_id).info.experiment_id
-    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
-        tracking.end_run(run.info.run_id, status="KILLED")
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        if run.data.tags.get(TRIAL_TAG) in stopped:
+            if tracking.ERROR_TAG in run.data.tags:  # the controller's death was the stop, not an error
+                client.delete_tag(run.info.run_id, tracking.ERROR_TAG)
+            tracking.set_tags(run.info.run_id, {STOPPED_TAG: "ASHA"})
+        elif run.info.status != "RUNNING":
+            continue
+        if run.info.status != "KILLED":
+            tracking.end_run(run.info.run_id, status="KILLED")

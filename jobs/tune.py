@@ -50,7 +50,12 @@ def main(argv=None) -> list[dict]:
         manifest = ensure_shards(cfg)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    connect_ray(args.address, env={"MLFLOW_TRACKING_URI": uri})
+    # Ray Train's PlacementGroupCleaner (which frees the workers of a trial that ASHA stopped) finds its cluster by
+    # RAY_ADDRESS, else by looking for GCS processes on the host, and fails where it sees several (another Ray
+    # instance on the machine): the next trial then waits forever for CPUs. Name the cluster to every Ray worker.
+    address = args.address or os.environ.get("RAY_ADDRESS") or ""
+    pinned = address if address != "auto" and "://" not in address else ""
+    connect_ray(args.address, env={"MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": pinned})
 
     # Validation mAP is only in the epoch reports that evaluate; ASHA skips the others (it returns CONTINUE on a
     # result without its metric), but Tune's strict check would reject them first.
@@ -78,8 +83,10 @@ def main(argv=None) -> list[dict]:
             param_space=space,
             tune_config=tune.TuneConfig(
                 num_samples=args.samples, max_concurrent_trials=args.max_concurrent,
+                # stop_last_trials=False: by default ASHA stops every trial whose epoch reaches max_t, i.e. at its
+                # last epoch's report, before the test stage and the trial's final report.
                 scheduler=ASHAScheduler(metric=metric, mode="max", time_attr="student/epoch", max_t=cfg.train.epochs,
-                                        grace_period=evals, reduction_factor=2)),
+                                        grace_period=evals, reduction_factor=2, stop_last_trials=False)),
             run_config=tune.RunConfig(name=sweep, storage_path=cfg.train.storage_path),
         )
         grid = tuner.fit()
@@ -98,8 +105,8 @@ def main(argv=None) -> list[dict]:
                     "student")
                 tracking.log_metrics(parent, {f"best_{metric}": best[f"best {metric}"]}, 0)
                 print(f"champion: models:/{cfg.tracking.student_name}@{args.champion_alias} (version {version}, "
-                      f"trial {best['trial']}, α={best['alpha']}, δ={best['delta']}, K={best['K']})")
-            close_stopped_trials(parent)
+                      f"trial {best['trial']}, α={best['alpha']:.4g}, δ={best['delta']:.4g}, K={best['K']})")
+            close_stopped_trials(parent, [r["trial"] for r in rows if r["status"] == "stopped (ASHA)"])
             tracking.end_run(parent)
     except BaseException as err:
         if parent:
