@@ -50,6 +50,12 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     env_vars.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
                         os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"))
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # Ray Train's PlacementGroupCleaner (which frees the CPUs of a run whose controller died, e.g. a trial that ASHA
+    # stopped) finds its cluster by RAY_ADDRESS, else by looking for GCS processes on the host, and fails where it
+    # sees several. Name the cluster to every Ray worker when we know it (a local instance cannot be named before
+    # it starts: see the README's known limitation).
+    if address and address != "auto" and "://" not in address:
+        env_vars.setdefault("RAY_ADDRESS", address)
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
              log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
 

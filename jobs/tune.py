@@ -12,12 +12,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from _cli import config_from_args, fail, parser, setup_logging
+from _cli import config_from_args, fail, parser, preflight, setup_logging
 
 from brcd_dist import tracking
 from brcd_dist.config import ConfigError, to_dict
-from brcd_dist.data import ensure_shards
-from brcd_dist.pipeline import absolute_paths, connect_ray, run_name, train_teacher
+from brcd_dist.pipeline import absolute_paths, run_name, train_teacher
 from brcd_dist.sweep import (SEARCHED, check_bounds, close_stopped_trials, format_table, input_example,
                              make_trainable, search_space, trial_table)
 
@@ -40,22 +39,7 @@ def main(argv=None) -> list[dict]:
         fail(str(err))
     if args.samples < 1 or args.max_concurrent < 1:
         fail(f"--samples {args.samples} / --max-concurrent {args.max_concurrent}: must be >= 1")
-    uri = None
-    if cfg.tracking.enabled:
-        try:
-            uri = tracking.check_tracking(cfg.tracking)
-        except tracking.TrackingError as err:
-            fail(str(err))
-    try:
-        manifest = ensure_shards(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
-    # Ray Train's PlacementGroupCleaner (which frees the workers of a trial that ASHA stopped) finds its cluster by
-    # RAY_ADDRESS, else by looking for GCS processes on the host, and fails where it sees several (another Ray
-    # instance on the machine): the next trial then waits forever for CPUs. Name the cluster to every Ray worker.
-    address = args.address or os.environ.get("RAY_ADDRESS") or ""
-    pinned = address if address != "auto" and "://" not in address else ""
-    connect_ray(args.address, env={"MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": pinned})
+    uri, manifest = preflight(cfg, args.address)
 
     # Validation mAP is only in the epoch reports that evaluate; ASHA skips the others (it returns CONTINUE on a
     # result without its metric), but Tune's strict check would reject them first.
