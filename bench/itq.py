@@ -14,7 +14,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 
 from brcd_dist.config import load_config
 from brcd_dist.data import load_manifest

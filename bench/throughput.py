@@ -29,7 +29,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -14,11 +14,6 @@ from brcd_dist.models import count_flops
 from brcd_dist.pipeline import Outputs
 
 
-def _series(rows: list, key: str) -> tuple[list, list]:
-    pts = [(r["student/epoch"] if "student/epoch" in r else i + 1, r[key]) for i, r in enumerate(rows) if key in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "student")) -> dict:
     """Log the resolved config, clustering, pictures and the models of `roles` to the run; register them and
     close the run. Returns the registered versions {"student": v, "teacher": v} (empty when tracking.register is

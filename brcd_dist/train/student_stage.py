@@ -4,6 +4,7 @@ gradient; validation mAP every E epochs for model selection and early stopping (
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -24,11 +25,12 @@ from brcd_dist.train.state import ENGINE_TAG, Clustering, TrainState
 
 def full_state_dict(engine) -> dict:
     """The student's weights as a plain CPU state_dict (gathered first under ZeRO-3)."""
+    gather = nullcontext()
     if engine.zero_optimization_stage() == 3:
         import deepspeed
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    with gather:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
 def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clustering: Clustering,
@@ -47,13 +49,10 @@ def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clu
             best["state_dict"] = torch.load(resume_dir / "best_student.pt", weights_only=True)
             restored = best["state_dict"]  # carried into the next checkpoints, or a second restart loses it
             ctx.artifacts["best_student.pt"] = lambda path: torch.save(restored, path)
-    box = {"clustering": clustering}  # replaced when k-means is re-run every R epochs
-    move = lambda c: (c.centroids.to(ctx.device), c.masks.to(ctx.device))  # noqa: E731
-    centroids, masks = move(clustering)
+    # Replaced together when k-means is re-run every R epochs.
+    centroids, masks = clustering.centroids.to(ctx.device), clustering.masks.to(ctx.device)
 
     def step(batch: dict) -> dict:
-        nonlocal centroids, masks
-        c = box["clustering"]
         with torch.no_grad(), autocast(ctx.use_gpu):
             v1, v2 = batch["view1"].to(ctx.device), batch["view2"].to(ctx.device)
             t_logits = teacher(torch.cat([v1, v2]).to(next(teacher.parameters()).dtype)).float()
@@ -62,7 +61,7 @@ def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clu
         l1, l2 = two_view_forward(engine, batch, ctx.device)
         p1, s1 = probs_and_codes(l1)
         p2, s2 = probs_and_codes(l2)
-        labels = torch.tensor([c.pseudo_labels[k] for k in batch["key"]], device=ctx.device)
+        labels = torch.tensor([clustering.pseudo_labels[k] for k in batch["key"]], device=ctx.device)
         view_clusters = assign_nearest(t, centroids, spherical=cfg.kmeans.spherical)
         inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t[:n], t2=t[n:], q1=q[:n], q2=q[n:], labels=labels,
                           view_clusters1=view_clusters[:n], view_clusters2=view_clusters[n:], masks=masks)
@@ -73,15 +72,14 @@ def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clu
                 "offset_rate": offset.detach() / 2}
 
     def on_epoch_end(epoch: int) -> tuple[dict, bool]:
-        nonlocal centroids, masks
+        nonlocal clustering, centroids, masks
         metrics: dict = {}
         if b.recluster_every and (epoch + 1) % b.recluster_every == 0 and epoch + 1 < cfg.train.epochs:
             state.cluster_round += 1
-            box["clustering"] = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
-            centroids, masks = move(box["clustering"])
-            c = box["clustering"]
-            ctx.artifacts["clustering.pt"] = lambda path: c.save(path)
-            metrics.update(clustering_metrics(c))
+            clustering = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
+            centroids, masks = clustering.centroids.to(ctx.device), clustering.masks.to(ctx.device)
+            ctx.artifacts["clustering.pt"] = clustering.save
+            metrics.update(clustering_metrics(clustering))
         stop = False
         last = epoch + 1 == cfg.train.epochs
         if cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last):
