@@ -49,13 +49,14 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- (b) encode
 
 def encode_rates(teacher: str, students: list[str], img_size: int, in_chans: int, *, batch: int, batches: int,
-                 repeats: int, threads: int, device: torch.device, bits: int = 64) -> dict[str, float]:
+                 repeats: int, threads: int, device: torch.device, bits: int = 64,
+                 amp: torch.dtype | None = None) -> dict[str, float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     models = {name: HashModel(name, bits, in_chans, img_size).to(device).eval() for name in [teacher, *students]}
     x = torch.randn(batch, in_chans, img_size, img_size, device=device)
     times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for name, m in models.items():  # warm-up (allocator, oneDNN kernels, cudnn autotune)
             m(x)
         for _ in range(repeats):
@@ -103,8 +104,14 @@ def in_memory_views(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]
     return v1, v2, keys
 
 
-def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.device) -> float:
-    """Images/s of the stage-C step (student_stage.step + backward + AdamW) in a plain loop, in-memory views."""
+def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.device,
+              views: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None,
+              amp: torch.dtype | None = None) -> float:
+    """Images/s of the stage-C step (student_stage.step + backward + AdamW) in a plain loop, in-memory views.
+
+    views: (v1, v2, keys) of at least batch x (steps + warmup) images; default: Fashion-MNIST's, augmented once.
+    amp: autocast dtype for the forwards (bf16 on the GPU), None for full precision.
+    """
     from brcd_dist.clustering.pseudo_labels import assign_nearest
     from brcd_dist.losses import KDInputs, kd_loss
     from brcd_dist.losses.cibhash import cibhash_loss
@@ -116,7 +123,7 @@ def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.devic
     student = build_student(cfg).to(device).train()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.train.lr,
                             weight_decay=cfg.train.weight_decay)
-    v1_all, v2_all, keys = in_memory_views(cfg, B * (steps + warmup))
+    v1_all, v2_all, keys = views or in_memory_views(cfg, B * (steps + warmup))
     gen = torch.Generator().manual_seed(0)
     pseudo = {k: int(torch.randint(K, (1,), generator=gen)) for k in keys}
     centroids = (torch.randint(0, 2, (K, L), generator=gen) * 2 - 1).float().to(device)
@@ -125,9 +132,12 @@ def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.devic
     def step(i: int) -> None:
         sl = slice(i * B, (i + 1) * B)
         v1, v2 = v1_all[sl].to(device), v2_all[sl].to(device)
-        with torch.no_grad():
-            q, t = probs_and_codes(teacher(torch.cat([v1, v2])))
-        logits = student(torch.cat([v1, v2]))
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with torch.no_grad():
+                t_logits = teacher(torch.cat([v1, v2]))
+            logits = student(torch.cat([v1, v2]))
+        q, t = probs_and_codes(t_logits.float())
+        logits = logits.float()
         p1, s1 = probs_and_codes(logits[:B])
         p2, s2 = probs_and_codes(logits[B:])
         labels = torch.tensor([pseudo[k] for k in keys[sl]], device=device)
