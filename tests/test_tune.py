@@ -164,13 +164,23 @@ def test_champion_is_the_finished_trial_with_the_best_validation_ashp_map(mlflow
 
 def test_kmeans_runs_once_per_distinct_k_and_later_trials_reuse_it(sweep, mlflow_runs):
     _, _, children, _ = mlflow_runs
-    files = sorted((sweep.storage / NAME / "clustering_cache").iterdir())
+    files = sorted(f for f in (sweep.storage / NAME / "clustering_cache").iterdir() if f.name.startswith("k"))
     ks = {int(c.data.params["brcd.clusters"]) for c in children}
     assert sorted(int(re.match(r"k(\d+)-", f.name).group(1)) for f in files) == sorted(ks)
     for f in files:  # written by the first trial with its K, not rewritten by the later ones
         k = int(f.name.split("-")[0][1:])
         starts = sorted(c.info.start_time for c in children if int(c.data.params["brcd.clusters"]) == k)
         assert all(f.stat().st_mtime * 1000 < s for s in starts[1:]), (f.name, f.stat().st_mtime, starts)
+
+
+def test_teacher_codes_are_encoded_once_per_split_and_later_trials_reuse_them(sweep, mlflow_runs):
+    _, _, children, _ = mlflow_runs
+    files = [f for f in (sweep.storage / NAME / "clustering_cache").iterdir() if f.name.startswith("codes-")]
+    splits = [f.name.split("-")[1] for f in files]
+    assert "database" in splits and "val_query" in splits and len(splits) == len(set(splits)), splits
+    starts = sorted(c.info.start_time for c in children)
+    database = next(f for f in files if f.name.startswith("codes-database-"))
+    assert all(database.stat().st_mtime * 1000 < s for s in starts[1:])  # not rewritten by later trials
 
 
 def test_teacher_is_trained_once_and_every_trial_uses_it(sweep, mlflow_runs):
