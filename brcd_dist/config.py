@@ -106,6 +106,7 @@ class EvalConfig:
     batch_size: int = 256
     max_queries: int = 0  # 0: all
     max_database: int = 0  # 0: all
+    pr_curves: bool = True  # precision-recall curves of the test queries (three full distance matrices)
 
 
 @dataclass

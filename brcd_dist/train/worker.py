@@ -91,11 +91,12 @@ def distill_worker(config: dict) -> None:
 
         # Stage D: test queries, curves, throughput.
         ran.append("test")
-        test = evaluator.evaluate(student, "test_query", with_curves=True)
-        curves = test.pop("curves")
+        test = evaluator.evaluate(student, "test_query", with_curves=ctx.cfg.eval.pr_curves)
+        curves = test.pop("curves", None)
         state.stage = "done"
         state.history["test"] = {**test, **evaluator.throughput}
         ctx.artifacts["student.pt"] = save_student(student)
-        ctx.artifacts["pr_curves.json"] = lambda path: path.write_text(json.dumps(
-            {k: {kk: [float(x) for x in vv] for kk, vv in v.items()} for k, v in curves.items()}))
+        if curves is not None:
+            ctx.artifacts["pr_curves.json"] = lambda path: path.write_text(json.dumps(
+                {k: {kk: [float(x) for x in vv] for kk, vv in v.items()} for k, v in curves.items()}))
         ctx.report(state, {**test, **evaluator.throughput})
