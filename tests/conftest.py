@@ -36,7 +36,8 @@ def tiny_overrides(shards_dir: Path, storage: Path, name: str, *, max_failures: 
     """key=value overrides of the tiny run (on top of configs/fashion_mnist.yaml), as jobs/distill.py takes them."""
     return ["data.source=shards", f"data.shards_dir={shards_dir}",
             "teacher.name=resnet10t", "student.name=mobilenetv3_small_050",
-            "train.teacher_epochs=1", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=3",
+            "train.teacher_epochs=1", "train.teacher_split=train", "train.epochs=2", "train.batch_size=16",
+            "train.checkpoint_every=3",
             "train.eval_every=1", "eval.topk=50", "brcd.clusters=4", "tracking.enabled=false",
             f"train.max_failures={max_failures}", f"train.storage_path={storage}", f"train.name={name}"]
 
