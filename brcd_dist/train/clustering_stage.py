@@ -3,9 +3,7 @@
 all-reduced bit sums (DESIGN §2 "Pseudo-labels", "Bit masks")."""
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +16,7 @@ from brcd_dist.clustering.kmeans import distributed_kmeans
 from brcd_dist.train.context import WorkerContext, all_gather_objects
 from brcd_dist.train.encoding import encode_local
 from brcd_dist.train.state import Clustering
+from brcd_dist.train.teacher_cache import cache_file, load_cached, save_cached, teacher_digest
 
 log = logging.getLogger("brcd_dist.train")
 
@@ -28,25 +27,15 @@ def encode_train_split(ctx: WorkerContext, teacher) -> tuple[np.ndarray, list]:
     return codes["teacher"], keys
 
 
-def teacher_digest(teacher) -> str:
-    """A short hash of the teacher's weights: clustering results are reusable only for the same teacher."""
-    h = hashlib.sha256()
-    for name, t in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def cache_path(ctx: WorkerContext, teacher, cluster_round: int) -> Optional[Path]:
     """Where the k-means result for this (teacher, shards, K, seed, iterations, geometry) lives, if caching is on.
     The masks are not part of the key: they are recomputed from the cached bit sums for each δ."""
-    cfg = ctx.cfg
-    if not cfg.brcd.clustering_cache:
+    if not ctx.cfg.brcd.clustering_cache:
         return None
-    km = cfg.kmeans
-    key = (f"k{cfg.brcd.clusters}-seed{km.seed + cluster_round}-it{km.iters}-tol{km.tol:g}-"
-           f"{'sph' if km.spherical else 'l2'}-t{teacher_digest(teacher)}-d{ctx.manifest.digest()[:16]}")
-    return Path(cfg.brcd.clustering_cache) / f"{key}.pt"
+    cfg, km = ctx.cfg, ctx.cfg.kmeans
+    stem = (f"k{cfg.brcd.clusters}-seed{km.seed + cluster_round}-it{km.iters}-tol{km.tol:g}-"
+            f"{'sph' if km.spherical else 'l2'}")
+    return cache_file(ctx, teacher_digest(teacher), stem)
 
 
 def kmeans_on_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, cluster_round: int) -> dict:
@@ -83,9 +72,10 @@ def clustering_stage(ctx: WorkerContext, teacher, cluster_round: int = 0, codes_
     """Run stage B; `codes_cache` keeps this rank's teacher codes for later re-clustering rounds (the teacher is
     frozen, so they do not change)."""
     cached = cache_path(ctx, teacher, cluster_round)
-    if cached is not None and cached.is_file():
+    km = load_cached(ctx, cached)
+    if km is not None:
         log.info("k-means result reused from %s", cached)
-        return clustering_from_kmeans(ctx, torch.load(cached, weights_only=False))
+        return clustering_from_kmeans(ctx, km)
     if codes_cache is not None and "codes" in codes_cache:
         codes, keys = codes_cache["codes"], codes_cache["keys"]
     else:
@@ -93,11 +83,7 @@ def clustering_stage(ctx: WorkerContext, teacher, cluster_round: int = 0, codes_
         if codes_cache is not None:
             codes_cache.update(codes=codes, keys=keys)
     km = kmeans_on_codes(ctx, codes, keys, cluster_round)
-    if cached is not None and ctx.is_chief:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        torch.save(km, tmp)
-        os.replace(tmp, cached)  # atomic: concurrent trials with the same K never read half a file
+    save_cached(ctx, km, cached)
     return clustering_from_kmeans(ctx, km)
 
 

@@ -3,16 +3,10 @@
 result broadcast so that every rank takes the same decisions (model selection, early stopping)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Optional
-
-import torch
-
 from brcd_dist.retrieval import PARADIGMS, evaluate_paradigms, pr_curve
-from brcd_dist.train.clustering_stage import teacher_digest
 from brcd_dist.train.context import WorkerContext, broadcast_object
 from brcd_dist.train.encoding import encode_split
+from brcd_dist.train.teacher_cache import cache_file, load_cached, save_cached, teacher_digest
 
 
 class Evaluator:
@@ -24,33 +18,22 @@ class Evaluator:
 
     def __init__(self, ctx: WorkerContext, teacher):
         self.ctx, self.teacher = ctx, teacher
+        self._digest = teacher_digest(teacher) if ctx.cfg.brcd.clustering_cache else ""
         self._teacher_codes: dict = {}
         self.throughput: dict = {}
 
-    def _cache_file(self, split: str, max_items: int) -> Optional[Path]:
-        cache = self.ctx.cfg.brcd.clustering_cache
-        if not cache:
-            return None
-        return Path(cache) / (f"codes-{split}-n{max_items}-t{teacher_digest(self.teacher)}-"
-                              f"d{self.ctx.manifest.digest()[:16]}.pt")
-
     def _teacher_split(self, split: str, max_items: int):
         if split not in self._teacher_codes:
-            path = self._cache_file(split, max_items)
-            # One decision for all ranks: a rank that read the file while another encoded would hang the gather.
-            if path is not None and broadcast_object(path.is_file() if self.ctx.is_chief else None):
-                saved = torch.load(path, weights_only=False)
+            path = cache_file(self.ctx, self._digest, f"codes-{split}-n{max_items}")
+            saved = load_cached(self.ctx, path)
+            if saved is not None:
                 self._teacher_codes[split] = (saved["codes"], saved["labels"])
                 return self._teacher_codes[split]
             codes, _, labels, rates = encode_split(self.ctx, {"teacher": self.teacher}, split, max_items)
             self._teacher_codes[split] = (codes["teacher"], labels)
             if split == "database":
                 self.throughput["teacher_images_per_s"] = rates["teacher"]
-            if path is not None and self.ctx.is_chief:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save({"codes": codes["teacher"], "labels": labels}, tmp)
-                os.replace(tmp, path)
+            save_cached(self.ctx, {"codes": codes["teacher"], "labels": labels}, path)
         return self._teacher_codes[split]
 
     def evaluate(self, student, query_split: str, with_curves: bool = False) -> dict:
