@@ -22,7 +22,6 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +32,8 @@ from _cli import preflight, setup_logging  # noqa: E402
 from brcd_dist import tracking  # noqa: E402
 from brcd_dist.config import load_config  # noqa: E402
 from brcd_dist.models import load_hash_model  # noqa: E402
-from brcd_dist.pipeline import absolute_paths, launch, read_outputs, result_checkpoint_dir, train_teacher  # noqa: E402
-from brcd_dist.reporting import publish  # noqa: E402
+from brcd_dist.pipeline import absolute_paths, train_teacher  # noqa: E402
+from brcd_dist.reporting import launch_and_publish  # noqa: E402
 from brcd_dist.sweep import input_example  # noqa: E402
 
 # Row name -> overrides. Baselines are the KD terms of brcd_dist.losses, each added to the student's own CIBHash
@@ -132,12 +131,8 @@ def student_run(args, cfg, parent: str | None, name: str, tags: dict) -> dict:
     run_id = tracking.start_run(cfg, run_name=name, parent_run_id=parent, tags=tags) if parent else None
     t0 = time.perf_counter()
     try:
-        out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, name=name)))
-        if run_id:
-            publish(run_id, cfg, out, roles=("student",))
-    except Exception as err:  # one failed run must not end the sweep: it is recorded and the rest go on
-        if run_id:
-            tracking.fail_run(run_id, err)
+        out = launch_and_publish(cfg, run_id, name, roles=("student",))
+    except Exception as err:  # one failed run must not end the sweep: it is recorded (run FAILED) and the rest go on
         return {"error": f"{type(err).__name__}: {err}"[:300], "run_id": run_id}
     finally:
         if not args.keep_checkpoints:

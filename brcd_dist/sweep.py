@@ -9,8 +9,7 @@ from typing import Iterable
 
 from brcd_dist import tracking
 from brcd_dist.config import ConfigError, from_dict, validate_config
-from brcd_dist.pipeline import launch, read_outputs, result_checkpoint_dir
-from brcd_dist.reporting import publish
+from brcd_dist.reporting import launch_and_publish
 
 SEARCHED = {"alpha": "brcd.alpha", "delta": "brcd.delta", "clusters": "brcd.clusters"}
 TRIAL_TAG = "brcd.trial"
@@ -62,15 +61,8 @@ def make_trainable(base: dict, parent_run_id: str | None, sweep: str):
         cfg.tracking = replace(cfg.tracking, register=False)
         run_id = tracking.start_run(cfg, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id,
                                     tags={TRIAL_TAG: trial_id}) if parent_run_id else None
-        try:
-            result = launch(cfg, run_id=run_id, name=f"{sweep}-{trial_id}", callbacks=[TuneReportCallback()])
-            out = read_outputs(result_checkpoint_dir(result))
-            if run_id:
-                publish(run_id, cfg, out, roles=("student",))
-        except BaseException as err:
-            if run_id:
-                tracking.fail_run(run_id, err)
-            raise
+        out = launch_and_publish(cfg, run_id, f"{sweep}-{trial_id}", roles=("student",),
+                                 callbacks=[TuneReportCallback()])
         evals = out.state.history.get("eval", [])
         best = {f"best_val_{p}": max((e[f"val_query/{p}_map"] for e in evals), default=0.0) for p in ("sshp", "ashp")}
         tune.report({**best, **out.test, "finished": 1, "mlflow_run_id": run_id or ""})

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from _cli import config_from_args, parser, preflight, setup_logging
 
-from brcd_dist.pipeline import absolute_paths, launch, read_outputs, result_checkpoint_dir, run_name
-from brcd_dist.reporting import publish, result_table
+from brcd_dist.pipeline import absolute_paths, run_name
+from brcd_dist.reporting import launch_and_publish, result_table
 from brcd_dist import tracking
 
 
@@ -23,15 +23,7 @@ def main(argv=None) -> dict:
     uri, manifest = preflight(cfg, args.address)
     name = run_name(cfg)
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest()) if uri else None
-    try:
-        result = launch(cfg, run_id=run_id, name=name)
-        outputs = read_outputs(result_checkpoint_dir(result))
-        if run_id:
-            publish(run_id, cfg, outputs)
-    except BaseException as err:
-        if run_id:
-            tracking.fail_run(run_id, err)
-        raise
+    outputs = launch_and_publish(cfg, run_id, name)
     print(result_table(cfg, outputs))
     return outputs.test
 
