@@ -165,7 +165,7 @@ def encode_all(model: HashModel, x: torch.Tensor, device: torch.device, amp: boo
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(x), 4096):
             logits = model(x[i:i + 4096].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-            out.append(torch.where(torch.sigmoid(logits.float()) >= 0.5, 1.0, -1.0))
+            out.append(probs_and_codes(logits.float())[1])  # sign(σ(l) − ½), as the pipeline encodes
     model.train()
     return torch.cat(out)
 
