@@ -36,6 +36,8 @@ class DataConfig:
     train_per_class: int = 500
     val_fraction: float = 0.5  # share of the test images used as validation queries (rest: test queries)
     samples_per_shard: int = 1000
+    shard_shorter_side: int = 0  # ImageFolder shards: resize once to this shorter side (JPEG stays JPEG); 0 = keep
+    shard_readers: int = 0  # expected ranks x loader workers: at least this many shards a split; 0 = no minimum
     split_seed: int = 0
     loader_workers: int = 1
 
@@ -293,6 +295,8 @@ def validate_config(cfg: Config, check_paths: bool = True) -> Config:
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _check(d.samples_per_shard >= 1, "data.samples_per_shard", d.samples_per_shard, "must be >= 1")
     _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
+    _check(d.shard_shorter_side >= 0, "data.shard_shorter_side", d.shard_shorter_side, "must be >= 0 (0: keep)")
+    _check(d.shard_readers >= 0, "data.shard_readers", d.shard_readers, "must be >= 0 (0: no minimum)")
     for role in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, role)
         _check(m.head in HEADS, f"{role}.head", m.head, f"allowed: {', '.join(HEADS)}")

@@ -32,7 +32,8 @@ def main() -> None:
         manifest = write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
                                 train_per_class=d.train_per_class, val_fraction=d.val_fraction,
                                 samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
-                                image_size=d.image_size, max_images=args.max_images, num_procs=args.procs)
+                                shorter_side=d.shard_shorter_side, readers=d.shard_readers,
+                                max_images=args.max_images, num_procs=args.procs)
     except (ShardsMismatchError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     seconds = time.perf_counter() - t0

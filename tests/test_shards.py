@@ -20,7 +20,7 @@ from PIL import Image
 from brcd_dist.config import Config
 from brcd_dist.data import ShardsMismatchError, ensure_shards, load_manifest, verify_shards, write_shards
 from brcd_dist.data.idx import IdxFormatError, load_fashion_mnist, read_idx
-from brcd_dist.data.imagefolder import stored_size
+from brcd_dist.data.shards import shard_sizes
 from brcd_dist.data.splits import make_splits
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -32,14 +32,15 @@ needs_fmnist = pytest.mark.skipif(not Path(FMNIST, "train-images-idx3-ubyte.gz")
 
 
 def read_tar(path):
-    """[(key, png bytes, label)] in stored order, with the standard library only."""
+    """[(key, image bytes, label)] in stored order, with the standard library only."""
     out, current = [], {}
     with tarfile.open(path) as tar:
         for member in tar:
             key, ext = member.name.split(".", 1)
             current.setdefault(key, {})[ext] = tar.extractfile(member).read()
     for key, files in current.items():
-        out.append((key, files["png"], int(files["cls"])))
+        image = next(files[e] for e in ("jpg", "png", "webp") if e in files)
+        out.append((key, image, int(files["cls"])))
     return out
 
 
@@ -203,8 +204,8 @@ def test_same_parameters_reuse_intact_shards_and_rewrite_damaged_ones(tmp_path):
 def test_image_folder_without_split_folders_holds_out_queries_by_seed(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
     m = write_shards(tmp_path / "s", "imagefolder", str(root), seed=0, train_per_class=3, val_fraction=0.5,
-                     samples_per_shard=4, in_chans=3, image_size=24, holdout_fraction=0.2, progress=False)
-    assert m.classes == ["class_a", "class_b", "class_c"] and (m.in_chans, m.image_size) == (3, stored_size(24))
+                     samples_per_shard=4, in_chans=3, shorter_side=27, holdout_fraction=0.2, progress=False)
+    assert m.classes == ["class_a", "class_b", "class_c"] and (m.in_chans, m.image_size) == (3, 27)
     held = m.splits["val_query"].keys + m.splits["test_query"].keys
     assert len(held) == 1 + 1 + 1  # round(0.2 * n_c) per class, at least one: 7, 5, 6 images
     assert not set(held) & set(m.splits["database"].keys)
@@ -218,26 +219,74 @@ def test_image_folder_without_split_folders_holds_out_queries_by_seed(tmp_path):
             path = files[int(key.split("-")[1])]
             assert path.startswith(m.classes[label])
             im = Image.open(io.BytesIO(png))
-            assert im.mode == "RGB" and min(im.size) == stored_size(24)  # 30 px shorter side reduced to 27
+            assert im.mode == "RGB" and min(im.size) == 27  # 30 px shorter side reduced to 27
+            assert im.format == ("PNG" if Path(path).suffix == ".png" else "JPEG")  # the source's format
 
 
 def test_image_folder_with_train_and_val_uses_them(tmp_path):
     root = make_image_folder(tmp_path / "imgs", val=True, size=(64, 48))
     m = write_shards(tmp_path / "s", "imagefolder", str(root), seed=0, train_per_class=2, val_fraction=0.5,
-                     samples_per_shard=5, in_chans=1, image_size=32, progress=False)
+                     samples_per_shard=5, in_chans=1, shorter_side=36, progress=False)
     assert sorted(m.splits["database"].keys) == [f"train-{i:05d}" for i in range(18)]
     assert sorted(m.splits["val_query"].keys + m.splits["test_query"].keys) == [f"val-{i:05d}" for i in range(7)]
     assert m.splits["val_query"].count == 4  # round(0.5 * 7)
     assert Counter(m.splits["train"].labels) == {0: 2, 1: 2, 2: 2}
     key, png, _ = read_split(tmp_path / "s", m.splits["test_query"])[0]
     im = Image.open(io.BytesIO(png))
-    assert im.mode == "L" and im.size == (round(64 * stored_size(32) / 48), stored_size(32))
+    assert im.mode == "L" and im.size == (round(64 * 36 / 48), 36)
+
+
+def test_jpeg_and_png_sources_are_stored_byte_for_byte_when_no_resize_is_asked(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    m = write_shards(tmp_path / "s", "imagefolder", str(root), seed=0, train_per_class=3, samples_per_shard=4,
+                     in_chans=3, shorter_side=0, progress=False)
+    assert m.image_size == 0
+    files = sorted(p for p in root.rglob("*.*"))
+    for key, data, _ in read_split(tmp_path / "s", m.splits["database"]):
+        assert data == files[int(key.split("-")[1])].read_bytes()
+
+
+def test_resize_keeps_a_jpeg_source_jpeg_at_the_asked_shorter_side(tmp_path):
+    from brcd_dist.data.imagefolder import encode_for_shard
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
+    ext, data = encode_for_shard(path, 3, 256)
+    im = Image.open(io.BytesIO(data))
+    assert (ext, im.format, im.mode, im.size) == ("jpg", "JPEG", "RGB", (341, 256))
+    assert encode_for_shard(path, 3, 300) == ("jpg", path.read_bytes())  # already small enough: a byte copy
+
+
+def test_sources_other_than_jpeg_png_webp_are_stored_as_png(tmp_path):
+    from brcd_dist.data.imagefolder import encode_for_shard
+    path = tmp_path / "x.bmp"
+    Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(path)
+    ext, data = encode_for_shard(path, 3, 0)
+    assert ext == "png" and Image.open(io.BytesIO(data)).size == (12, 10)
+
+
+@pytest.mark.parametrize("n,cap,readers,sizes", [
+    (10, 4, 0, [4, 4, 2]),  # no minimum: full shards, the rest last
+    (10, 4, 5, [2, 2, 2, 2, 2]),  # 5 readers: 5 shards of 2, not 3 of up to 4
+    (11, 4, 2, [4, 4, 3]),  # the cap still holds: 3 shards, near-equal
+    (3, 4, 8, [1, 1, 1]),  # never an empty shard
+])
+def test_shard_sizes_give_every_reader_a_shard_within_the_cap(n, cap, readers, sizes):
+    assert shard_sizes(n, cap, readers) == sizes
+
+
+def test_readers_cut_every_split_into_at_least_that_many_shards_and_other_readers_are_refused(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", n_per_class=(12, 10, 10))
+    kw = dict(seed=0, train_per_class=3, samples_per_shard=100, in_chans=3, progress=False)
+    m = write_shards(tmp_path / "s", "imagefolder", str(root), readers=4, **kw)
+    assert all(len(s.shards) == 4 for s in m.splits.values() if s.count >= 4)
+    with pytest.raises(ShardsMismatchError, match="shard_readers=2"):
+        write_shards(tmp_path / "s", "imagefolder", str(root), readers=2, **kw)
 
 
 def test_encoding_in_a_process_pool_gives_the_same_shards(tmp_path, monkeypatch):
     import brcd_dist.data.shards as shards
     root = make_image_folder(tmp_path / "imgs", n_per_class=(12, 10, 10))
-    kw = dict(seed=0, train_per_class=3, samples_per_shard=7, in_chans=3, image_size=24, progress=False)
+    kw = dict(seed=0, train_per_class=3, samples_per_shard=7, in_chans=3, shorter_side=27, progress=False)
     serial = write_shards(tmp_path / "a", "imagefolder", str(root), num_procs=1, **kw)
     monkeypatch.setattr(shards, "POOL_MIN_IMAGES", 4)
     pooled = write_shards(tmp_path / "b", "imagefolder", str(root), num_procs=2, **kw)

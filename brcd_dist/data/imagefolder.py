@@ -44,19 +44,31 @@ def has_train_val(root: str | Path) -> bool:
     return (root / "train").is_dir() and (root / "val").is_dir()
 
 
-def stored_size(image_size: int) -> int:
-    """Shorter side kept in the shards: 256 for 224 (the eval/crop convention), room for random crops."""
-    return int(round(image_size * 8 / 7))
+# Formats a shard keeps as they are (the reader decodes all three); any other source format is stored as PNG.
+SHARD_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+READABLE_EXTS = ("jpg", "jpeg", "png", "webp")  # sample extensions the shard reader decodes
+JPEG_QUALITY = 90  # re-encoded (resized) JPEGs: FFCV's default; 256-px ImageNet crops at about 26 KB
 
 
-def encode_png(path: str | Path, in_chans: int, shorter_side: int) -> bytes:
-    """Image file -> PNG bytes, L or RGB, shorter side reduced to `shorter_side` (never enlarged)."""
-    with Image.open(path) as im:
-        im = im.convert("L" if in_chans == 1 else "RGB")
+def encode_for_shard(path: str | Path, in_chans: int, shorter_side: int) -> tuple[str, bytes]:
+    """Image file -> (extension, bytes) as a shard stores it: the file's own bytes when it is JPEG, PNG or WebP in
+    L or RGB and needs no resize; else decoded once, converted (L for in_chans=1, RGB for 3), shorter side reduced
+    to `shorter_side` (never enlarged; 0 = keep the size), and re-encoded in its own format (PNG for others)."""
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as im:
+        ext = SHARD_FORMATS.get(im.format, "png")
         w, h = im.size
-        scale = shorter_side / min(w, h)
+        scale = shorter_side / min(w, h) if shorter_side > 0 else 1.0
+        if scale >= 1 and im.mode in ("L", "RGB"):
+            return ext, raw  # byte copy: the reader converts L <-> RGB to the configured channels
+        im = im.convert("L" if in_chans == 1 else "RGB")
         if scale < 1:
             im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
-    return buf.getvalue()
+        if ext == "jpg":
+            im.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        elif ext == "webp":
+            im.save(buf, format="WEBP", quality=JPEG_QUALITY)
+        else:
+            im.save(buf, format="PNG")
+    return ext, buf.getvalue()

@@ -4,7 +4,7 @@ Pipeline of one rank:
   epoch_plan (same on every rank) -> this rank's shard parts
   -> M DataLoader workers, each a webdataset pipeline over its share of the parts (nodesplitter: our rank
      selection, rank/world passed in, torch.distributed not needed; workersplitter: torch worker info)
-  -> keep the part's sample positions, shuffle buffer (train), decode PNG, augment, collate into small chunks
+  -> keep the part's sample positions, shuffle buffer (train), decode (JPEG, PNG, WebP), augment, collate into small chunks
   -> main process: cut the chunk stream into exactly the planned batches (train) or batches of B (eval).
 Batching in the main process is what lets every rank yield exactly S batches whatever the workers' shares.
 
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from brcd_dist.data.augment import TwoViews, eval_batch
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
+from brcd_dist.data.imagefolder import READABLE_EXTS
 from brcd_dist.data.manifest import Manifest, shard_url
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,14 @@ class ReadStats:
     def as_dict(self) -> dict[str, Any]:
         return {"bad_samples": self.bad_samples, "missing_samples": self.missing_samples,
                 "padded_steps": self.padded_steps, "skipped": self.skipped, "errors": list(self.errors)}
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a shard sample, whichever readable extension it is stored under."""
+    for ext in READABLE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"{sample.get('__key__')}: no image (extensions read: {', '.join(READABLE_EXTS)})")
 
 
 class RankShards:
@@ -122,10 +131,11 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample) -> tuple[str, int, Image.Image]:
         key = sample["__key__"]
-        if "png" not in sample or "cls" not in sample:
-            raise ValueError(f"{key}: missing {'png' if 'png' not in sample else 'cls'}")
+        data = image_bytes(sample)
+        if "cls" not in sample:
+            raise ValueError(f"{key}: missing cls")
         label = int(sample["cls"])
-        image = Image.open(io.BytesIO(sample["png"]))
+        image = Image.open(io.BytesIO(data))
         image.load()
         return key, label, image.convert("L" if self.in_chans == 1 else "RGB")
 

@@ -1,9 +1,15 @@
 """Writing WebDataset tar shards and their manifest (DESIGN §1 `make_shards`, §3 split).
 
 Every split is written in a seeded shuffled order, `samples_per_shard` samples a shard, as
-`{split}-{i:06d}.tar`; a sample is {"__key__": stable key, "png": image bytes, "cls": label}. A training image has
-the same key in "train" and "database" (pseudo-labels are keyed by it, DESIGN §2). Tar entries carry mtime 0 and
-PNG encoding is deterministic, so the same parameters give byte-identical shards (and hashes) again.
+`{split}-{i:06d}.tar`; a sample is {"__key__": stable key, EXT: image bytes, "cls": label}, EXT "jpg", "png" or
+"webp". Shards keep the source's encoded bytes (DESIGN §5): an ImageFolder's JPEG stays JPEG, byte for byte unless
+a one-time resize to a shorter side is asked (`shorter_side`, then re-encoded as JPEG); IDX arrays, which have no
+encoding, become PNG. A training image has the same key in "train" and "database" (pseudo-labels are keyed by
+it, DESIGN §2). Tar entries carry mtime 0 and encoding is deterministic, so the same parameters give
+byte-identical shards (and hashes) again.
+
+Shard sizes: `samples_per_shard` at most; with `readers` > 0 (the expected ranks x loader workers), a split
+has at least that many shards (near-equal sizes), so that every loader worker of every rank has its own.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import contextlib
 import fcntl
 import io
 import logging
+import math
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -38,10 +45,10 @@ POOL_MIN_IMAGES = 1000  # fewer images: encoding in this process beats starting 
 
 @dataclass
 class _ImageSet:
-    """One side of a source (training or test images): keys, labels, and how to get image i's PNG bytes."""
+    """One side of a source (training or test images): keys, labels, and how to get image i's stored bytes."""
     keys: list[str]
     labels: np.ndarray
-    encode_many: Callable[[np.ndarray], Iterable[bytes]]  # indices -> PNG bytes, in that order
+    encode_many: Callable[[np.ndarray], Iterable[tuple[str, bytes]]]  # indices -> (extension, bytes), in order
 
 
 @dataclass
@@ -64,10 +71,10 @@ def _limit(n: int, max_images: int) -> int:
 
 # ----------------------------------------------------------------------------- sources
 
-def _png_gray(image: np.ndarray) -> bytes:
+def _png_gray(image: np.ndarray) -> tuple[str, bytes]:
     buf = io.BytesIO()
     Image.fromarray(image, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
+    return "png", buf.getvalue()
 
 
 def _fashion_mnist(path: str, max_images: int) -> _Source:
@@ -76,9 +83,9 @@ def _fashion_mnist(path: str, max_images: int) -> _Source:
     def side(part: str) -> _ImageSet:
         n = _limit(len(arrays[f"{part}_images"]), max_images)
         images, labels = arrays[f"{part}_images"][:n], arrays[f"{part}_labels"][:n].astype(np.int64)
-        cache: dict[int, bytes] = {}  # the train subset re-uses the database's encodings
+        cache: dict[int, tuple[str, bytes]] = {}  # the train subset re-uses the database's encodings
 
-        def encode_many(indices: np.ndarray) -> Iterator[bytes]:
+        def encode_many(indices: np.ndarray) -> Iterator[tuple[str, bytes]]:
             for i in indices:
                 i = int(i)
                 if i not in cache:
@@ -92,9 +99,9 @@ def _fashion_mnist(path: str, max_images: int) -> _Source:
 def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.ndarray, in_chans: int,
                  shorter_side: int, num_procs: int) -> _ImageSet:
     paths = [str(images.root / images.files[p]) for p in positions]
-    encode = partial(imagefolder.encode_png, in_chans=in_chans, shorter_side=shorter_side)
+    encode = partial(imagefolder.encode_for_shard, in_chans=in_chans, shorter_side=shorter_side)
 
-    def encode_many(indices: np.ndarray) -> Iterator[bytes]:
+    def encode_many(indices: np.ndarray) -> Iterator[tuple[str, bytes]]:
         todo = [paths[int(i)] for i in indices]
         if num_procs <= 1 or len(todo) < POOL_MIN_IMAGES:
             yield from map(encode, todo)
@@ -107,10 +114,10 @@ def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.n
     return _ImageSet([keys[p] for p in positions], images.labels[positions], encode_many)
 
 
-def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction: float, seed: int,
+def _image_folder(path: str, *, shorter_side: int, in_chans: int, holdout_fraction: float, seed: int,
                   max_images: int, num_procs: int) -> _Source:
     """train/ + val/ when both exist (keys 'train-N', 'val-N'); else one folder, split by the seed ('img-N')."""
-    size = imagefolder.stored_size(image_size)
+    size = shorter_side
     root = Path(path)
     if imagefolder.has_train_val(root):
         classes, train = imagefolder.scan_class_folders(root / "train")
@@ -131,17 +138,30 @@ def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction
 
 # ----------------------------------------------------------------------------- writing
 
+def shard_sizes(n: int, samples_per_shard: int, readers: int = 0) -> list[int]:
+    """How many samples each shard of an n-sample split holds. readers = 0: samples_per_shard each, the rest in
+    the last; readers > 0: max(ceil(n / samples_per_shard), min(readers, n)) shards of near-equal size."""
+    if readers <= 0:
+        return [min(samples_per_shard, n - start) for start in range(0, n, samples_per_shard)]
+    k = max(math.ceil(n / samples_per_shard), min(readers, n))
+    q, rem = divmod(n, k) if k else (0, 0)
+    return [q + 1] * rem + [q] * (k - rem)
+
+
 def _write_split(out: Path, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
-                 bar: tqdm) -> tuple[SplitInfo, dict[str, str]]:
+                 readers: int, bar: tqdm) -> tuple[SplitInfo, dict[str, str]]:
     shards, counts, hashes = [], [], {}
-    pngs = iter(images.encode_many(order))
-    for start in range(0, len(order), samples_per_shard):
-        part = order[start:start + samples_per_shard]
+    encoded = iter(images.encode_many(order))
+    start = 0
+    for size in shard_sizes(len(order), samples_per_shard, readers):
+        part = order[start:start + size]
+        start += size
         fname = f"{name}-{len(shards):06d}.tar"
         tmp = out / (fname + ".tmp")
         with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
             for i in part:
-                sink.write({"__key__": images.keys[int(i)], "png": next(pngs),
+                ext, data = next(encoded)
+                sink.write({"__key__": images.keys[int(i)], ext: data,
                             "cls": str(int(images.labels[int(i)])).encode()})
                 bar.update(1)
         os.replace(tmp, out / fname)
@@ -154,12 +174,13 @@ def _write_split(out: Path, name: str, images: _ImageSet, order: np.ndarray, sam
 
 
 def _stored_params(source: str, *, seed: int, train_per_class: int, val_fraction: float, samples_per_shard: int,
-                   in_chans: int, image_size: int, holdout_fraction: float, max_images: int) -> dict:
-    """The manifest's content parameters for a request, known before reading the source."""
+                   in_chans: int, shorter_side: int, holdout_fraction: float, max_images: int) -> dict:
+    """The manifest's content parameters for a request, known before reading the source. The manifest's
+    image_size is the stored shorter side: 28 for Fashion-MNIST, `shorter_side` for an ImageFolder (0: as the
+    source's files are)."""
+    image_size = shorter_side
     if source == "fashion_mnist":
         in_chans, image_size, holdout_fraction = 1, FASHION_MNIST_SIZE, 0.0  # stored as is; readers convert
-    else:
-        image_size = imagefolder.stored_size(image_size)
     return dict(source=source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
                 samples_per_shard=samples_per_shard, in_chans=in_chans, image_size=image_size,
                 holdout_fraction=holdout_fraction, max_images=max_images)
@@ -189,25 +210,29 @@ def _dir_lock(directory: Path):
 
 def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *, seed: int = 0,
                  train_per_class: int = 500, val_fraction: float = 0.5, samples_per_shard: int = 1000,
-                 in_chans: int = 1, image_size: int = 32, holdout_fraction: float = DEFAULT_HOLDOUT, max_images: int = 0,
-                 num_procs: int = 1, progress: bool = True) -> Manifest:
+                 in_chans: int = 1, shorter_side: int = 0, holdout_fraction: float = DEFAULT_HOLDOUT,
+                 max_images: int = 0, readers: int = 0, num_procs: int = 1, progress: bool = True) -> Manifest:
     """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir.
 
     A directory whose manifest has other content parameters is refused (ShardsMismatchError); one with the
     same parameters and intact shards is returned as is; otherwise every shard is (re)written.
-    image_size and in_chans apply to ImageFolder sources (Fashion-MNIST is stored as 28x28 gray);
+    shorter_side (0: keep the source's size and bytes) and in_chans apply to ImageFolder sources (Fashion-MNIST
+    is stored as 28x28 gray PNG); readers > 0: at least that many shards a split (module docstring);
     max_images > 0 keeps only the first max_images training and test images (tests, smoke runs).
     """
+    if shorter_side < 0 or readers < 0:
+        raise ValueError(f"shorter_side={shorter_side}, readers={readers}: must be >= 0 (0: keep / no minimum)")
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r}: shards can be made from {', '.join(SOURCES)}")
     out = Path(shards_dir)
     wanted = _stored_params(source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
-                            samples_per_shard=samples_per_shard, in_chans=in_chans, image_size=image_size,
+                            samples_per_shard=samples_per_shard, in_chans=in_chans, shorter_side=shorter_side,
                             holdout_fraction=holdout_fraction, max_images=max_images)
     with _dir_lock(out):
         if manifest_path(out).is_file():
             existing = load_manifest(out)
             check_same_params(existing, wanted, out)
+            check_same_layout(existing, samples_per_shard, readers, out)
             bad = verify_shards(existing, out)
             if not bad:
                 log.info("%s: shards verified (%d files), re-using them", out, len(existing.shard_files()))
@@ -216,7 +241,7 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
         if source == "fashion_mnist":
             src = _fashion_mnist(source_path, max_images)
         else:
-            src = _image_folder(source_path, image_size=image_size, in_chans=in_chans,
+            src = _image_folder(source_path, shorter_side=shorter_side, in_chans=in_chans,
                                 holdout_fraction=holdout_fraction, seed=seed, max_images=max_images,
                                 num_procs=num_procs)
         orders = splits.make_splits(src.train.labels, len(src.test.labels), train_per_class=train_per_class,
@@ -227,7 +252,7 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
                   disable=not progress, mininterval=1.0) as bar:
             for name, order in orders.items():
                 bar.set_postfix_str(name)
-                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, bar)
+                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, readers, bar)
                 hashes.update(h)
         manifest = Manifest(source=source, source_path=str(source_path), seed=seed,
                             train_per_class=train_per_class, val_fraction=val_fraction,
@@ -237,6 +262,16 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
                             max_images=max_images)
         save_manifest(manifest, out)
         return manifest
+
+
+def check_same_layout(existing: Manifest, samples_per_shard: int, readers: int, shards_dir) -> None:
+    """Raise ShardsMismatchError when the directory's shards are cut for another number of readers."""
+    for name, split in existing.splits.items():
+        want = shard_sizes(split.count, samples_per_shard, readers)
+        if split.shard_counts != want:
+            raise ShardsMismatchError(
+                f"{shards_dir} holds {len(split.shard_counts)} {name} shards, asked for {len(want)} "
+                f"(data.shard_readers={readers}): use another data.shards_dir or delete that one")
 
 
 def ensure_shards(cfg) -> Manifest:
@@ -252,12 +287,13 @@ def ensure_shards(cfg) -> Manifest:
         manifest = load_manifest(d.shards_dir)
         check_same_params(manifest, _stored_params(
             d.source, seed=d.split_seed, train_per_class=d.train_per_class, val_fraction=d.val_fraction,
-            samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
+            samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, shorter_side=d.shard_shorter_side,
             holdout_fraction=DEFAULT_HOLDOUT, max_images=0), d.shards_dir)
         return manifest
     return write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
                         train_per_class=d.train_per_class, val_fraction=d.val_fraction,
-                        samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
+                        samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
+                        shorter_side=d.shard_shorter_side, readers=d.shard_readers,
                         num_procs=os.cpu_count() or 1, progress=True)
 
 
