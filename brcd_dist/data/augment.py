@@ -137,7 +137,7 @@ def to_float_batch(arrays: list[np.ndarray]) -> torch.Tensor:
 def gaussian_blur3(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """3x3 Gaussian blur with a per-image sigma (N,), reflect padding, as torchvision's gaussian_blur."""
     n, c, h, w = x.shape
-    taps = torch.tensor([-1.0, 0.0, 1.0])
+    taps = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
     k = torch.exp(-0.5 * (taps / sigma.view(-1, 1)) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, 3)
     y = F.pad(x.reshape(1, n * c, h, w), (1, 1, 1, 1), mode="reflect")

@@ -16,7 +16,6 @@ B with samples of the last batch (repeats: counted in `.stats.padded_steps`).
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -25,10 +24,10 @@ from typing import Any, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from brcd_dist.data.augment import TwoViews, eval_batch
+from brcd_dist.data import tensor_augment
+from brcd_dist.data.decoding import loader_payload, views_on_device
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
 from brcd_dist.data.imagefolder import READABLE_EXTS
 from brcd_dist.data.manifest import Manifest, shard_url
@@ -55,11 +54,11 @@ class ReadStats:
                 "padded_steps": self.padded_steps, "skipped": self.skipped, "errors": list(self.errors)}
 
 
-def image_bytes(sample: dict) -> bytes:
-    """The encoded image of a shard sample, whichever readable extension it is stored under."""
+def image_bytes(sample: dict) -> tuple[str, bytes]:
+    """(extension, encoded image) of a shard sample, whichever readable extension it is stored under."""
     for ext in READABLE_EXTS:
         if ext in sample:
-            return sample[ext]
+            return ext, sample[ext]
     raise ValueError(f"{sample.get('__key__')}: no image (extensions read: {', '.join(READABLE_EXTS)})")
 
 
@@ -91,8 +90,10 @@ class ShardStream(IterableDataset):
     """One rank's samples as chunks of decoded, transformed tensors (runs inside DataLoader workers)."""
 
     def __init__(self, urls: list[str], parts: list[ShardPart], *, train: bool, image_size: int, in_chans: int,
-                 seed: int, epoch: int, rank: int, chunk_size: int, shuffle_buffer: int):
+                 seed: int, epoch: int, rank: int, chunk_size: int, shuffle_buffer: int,
+                 augment_in_loader: bool = True):
         self.urls, self.parts, self.train = urls, parts, train
+        self.augment_in_loader = augment_in_loader  # False: ship uint8 payloads, the device decodes (decoding.py)
         self.image_size, self.in_chans = image_size, in_chans
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.chunk_size, self.shuffle_buffer = chunk_size, shuffle_buffer
@@ -129,15 +130,13 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, sample) -> tuple[str, int, Image.Image]:
+    def _decode(self, sample) -> tuple[str, int, torch.Tensor]:
         key = sample["__key__"]
-        data = image_bytes(sample)
+        ext, data = image_bytes(sample)
         if "cls" not in sample:
             raise ValueError(f"{key}: missing cls")
         label = int(sample["cls"])
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return key, label, image.convert("L" if self.in_chans == 1 else "RGB")
+        return key, label, loader_payload(data, ext, self.in_chans, decode_later=not self.augment_in_loader)
 
     def _chunk(self, items: list, stats: ReadStats, sent: dict[str, int]) -> dict[str, Any]:
         """Transform and collate items (key, label, image); carry the damage counted since the previous
@@ -150,10 +149,13 @@ class ShardStream(IterableDataset):
         sent.update(bad=stats.bad_samples, missing=stats.missing_samples, errors=len(stats.errors))
         if items:
             images = [im for _, _, im in items]
-            if self.train:
-                out["view1"], out["view2"] = TwoViews(self.image_size, self.in_chans, self.seed, self.epoch)(images, keys)
+            if not self.augment_in_loader:
+                out["images"] = images  # uint8 payloads; decoded and augmented on the device per batch
+            elif self.train:
+                out["view1"], out["view2"] = tensor_augment.TensorTwoViews(
+                    self.image_size, self.in_chans, self.seed, self.epoch)(images, keys)
             else:
-                out["image"] = eval_batch(images, self.image_size, self.in_chans)
+                out["image"] = tensor_augment.eval_batch(images, self.image_size, self.in_chans)
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -191,8 +193,9 @@ class ShardBatches:
     """Iterable over one epoch's batches of one rank; len() is the planned step count."""
 
     def __init__(self, dataset: ShardStream, *, sizes: list[int] | None, batch_size: int, num_workers: int,
-                 split: str):
+                 split: str, device: torch.device | str = "cpu"):
         self.dataset, self.sizes, self.batch_size = dataset, sizes, batch_size
+        self.device = torch.device(device)
         self.num_workers, self.split = num_workers, split
         self.num_samples = sum(sizes) if sizes is not None else rank_count(dataset.parts)
         self.stats = ReadStats()
@@ -209,11 +212,29 @@ class ShardBatches:
                 self.stats.errors.append(msg)  # the first ones; the counts hold the rest
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self._batches():
+            yield batch if self.dataset.augment_in_loader else self._on_device(batch)
+
+    def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Decode and augment a batch of loader payloads on self.device (decoding.py)."""
+        d = self.dataset
+        out, dropped = views_on_device(dict(batch), train=d.train, image_size=d.image_size, in_chans=d.in_chans,
+                                       seed=d.seed, epoch=d.epoch, device=self.device)
+        for key in dropped:
+            self.stats.bad_samples += 1
+            msg = f"{key}: undecodable on {self.device}"
+            if len(self.stats.errors) < MAX_LOGGED_ERRORS:
+                log.warning("split %s, rank %d: skipped: %s", self.split, d.rank, msg)
+                self.stats.errors.append(msg)
+        return out
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         self.stats = ReadStats()
         # an own generator: DataLoader draws its workers' base seed from it, not from torch's global RNG
         generator = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + self.dataset.epoch)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator,
-                            prefetch_factor=4 if self.num_workers > 0 else None)
+                            prefetch_factor=4 if self.num_workers > 0 else None,
+                            pin_memory=self.device.type == "cuda")
         buffer = _Buffer()
         steps = len(self.sizes) if self.sizes is not None else None
         step, last = 0, None
@@ -266,6 +287,7 @@ class ShardBatches:
 class _Buffer:
     """Chunks waiting to be cut into batches."""
     TENSOR_KEYS = ("view1", "view2", "image", "label")
+    LIST_KEYS = ("key", "images")  # images: uint8 payloads for the device (decoding.py)
 
     def __init__(self):
         self.pieces: list[dict[str, Any]] = []
@@ -276,7 +298,7 @@ class _Buffer:
 
     def add(self, chunk: dict[str, Any]) -> None:
         if chunk["key"]:
-            self.pieces.append({k: chunk[k] for k in (*self.TENSOR_KEYS, "key") if k in chunk})
+            self.pieces.append({k: chunk[k] for k in (*self.TENSOR_KEYS, *self.LIST_KEYS) if k in chunk})
             self.n += len(chunk["key"])
 
     @staticmethod
@@ -296,7 +318,7 @@ class _Buffer:
                 self.pieces[0] = {name: v[need:] for name, v in piece.items()}
                 need = 0
         self.n -= n
-        batch = {"key": [key for p in taken for key in p["key"]]}
+        batch = {name: [x for p in taken for x in p[name]] for name in self.LIST_KEYS if name in taken[0]}
         for name in self.TENSOR_KEYS:
             if name in taken[0]:
                 batch[name] = torch.cat([p[name] for p in taken]) if len(taken) > 1 else taken[0][name]
@@ -312,17 +334,24 @@ def _check(manifest: Manifest, split: str, rank: int, world_size: int, batch_siz
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
 
 
+def _on_device(device: torch.device | str, augment_on_device: bool | None) -> bool:
+    return torch.device(device).type == "cuda" if augment_on_device is None else augment_on_device
+
+
 def _chunk_size(batch_size: int) -> int:
     return max(8, min(batch_size, 64))
 
 
 def train_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
                   num_workers: int, image_size: int, in_chans: int, epoch: int, seed: int,
-                  shards_url: str = "", max_steps: int = 0, shuffle_buffer: int = 1000) -> ShardBatches:
+                  shards_url: str = "", max_steps: int = 0, shuffle_buffer: int = 1000,
+                  device: torch.device | str = "cpu", augment_on_device: bool | None = None) -> ShardBatches:
     """One epoch of two-view batches {"view1", "view2": (B,C,H,W) float, "key": list[str], "label": (B,) long}.
 
     Every sample of the split once per epoch across ranks (the first max_steps batches' worth when
     max_steps > 0); len() is the same on every rank; batch sizes are near-equal, at most batch_size.
+    The views are made on `device`: in the loader workers for a CPU, decoded and augmented on the device for
+    a GPU (augment_on_device: None = when device is CUDA; True on a CPU runs that same code path, for tests).
     """
     _check(manifest, split, rank, world_size, batch_size)
     info = manifest.splits[split]
@@ -331,12 +360,15 @@ def train_batches(manifest: Manifest, split: str, *, rank: int, world_size: int,
     sizes = batch_sizes(rank_count(plan[rank]), steps, batch_size)
     urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
     dataset = ShardStream(urls, plan[rank], train=True, image_size=image_size, in_chans=in_chans, seed=seed,
-                          epoch=epoch, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=shuffle_buffer)
-    return ShardBatches(dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split)
+                          epoch=epoch, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=shuffle_buffer,
+                          augment_in_loader=not _on_device(device, augment_on_device))
+    return ShardBatches(dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split,
+                        device=device)
 
 
 def eval_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
-                 num_workers: int, image_size: int, in_chans: int, shards_url: str = "") -> ShardBatches:
+                 num_workers: int, image_size: int, in_chans: int, shards_url: str = "",
+                 device: torch.device | str = "cpu", augment_on_device: bool | None = None) -> ShardBatches:
     """Deterministic single-view batches {"image", "key", "label"}; each sample exactly once across ranks,
     no padding, so ranks may take different step counts (no collectives inside encoding)."""
     _check(manifest, split, rank, world_size, batch_size)
@@ -344,5 +376,7 @@ def eval_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, 
     plan = plan_epoch(info.shard_counts, world_size, shuffle=False)
     urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
     dataset = ShardStream(urls, plan[rank], train=False, image_size=image_size, in_chans=in_chans, seed=0,
-                          epoch=0, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=0)
-    return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split)
+                          epoch=0, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=0,
+                          augment_in_loader=not _on_device(device, augment_on_device))
+    return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split,
+                        device=device)

@@ -41,7 +41,8 @@ class WorkerContext:
     def loader_kwargs(self) -> dict:
         d = self.cfg.data
         return dict(rank=self.rank, world_size=self.world_size, num_workers=d.loader_workers,
-                    image_size=d.image_size, in_chans=d.in_chans, shards_url=d.shards_url)
+                    image_size=d.image_size, in_chans=d.in_chans, shards_url=d.shards_url,
+                    device=self.device)  # a GPU decodes and augments its batches itself (data/decoding.py)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Rank 0 streams step metrics to MLflow; a tracking hiccup must not kill a training run."""
