@@ -66,7 +66,8 @@ def keys_of(batches):
 
 # ----------------------------------------------------------------------------- the epoch plan (pure)
 
-LAYOUTS = [([50, 50, 50, 50, 30], 2), ([100], 3), ([7, 7, 7], 4), ([1000, 1000, 3], 3), ([5] * 9, 2), ([64] * 8, 8)]
+LAYOUTS = [([50, 50, 50, 50, 30], 2), ([34, 33, 33], 3), ([7, 7, 7, 7, 6], 4), ([1000, 1000, 600], 3), ([5] * 9, 2),
+           ([64] * 8, 8)]
 
 
 @pytest.mark.parametrize("counts,world", LAYOUTS)
@@ -89,6 +90,30 @@ def test_every_rank_gets_the_same_number_of_non_empty_batches(counts, world, bat
         sizes = batch_sizes(rank_count(parts), steps, batch)
         assert len(sizes) == steps and sum(sizes) == rank_count(parts)
         assert min(sizes) >= 1 and max(sizes) <= batch and max(sizes) - min(sizes) <= 1
+
+
+def test_at_64_ranks_every_shard_is_read_by_one_rank():
+    """The audit's case: ImageNet's 100k train subset at 64 ranks x 6 loader workers. Shards cut for 384 readers
+    (make_shards) give every rank whole shards, 6 of them, and no shard to two ranks."""
+    from brcd_dist.data.shards import shard_sizes
+    counts = shard_sizes(100_000, 2000, 64 * 6)
+    for epoch in (0, 1):
+        plan = plan_epoch(counts, 64, epoch=epoch, seed=0)
+        shards = [p.shard for parts in plan for p in parts]
+        assert sorted(shards) == list(range(len(counts)))  # each shard once, on one rank
+        assert all(p.stride == 1 and p.residue == 0 for parts in plan for p in parts)
+        assert {len(parts) for parts in plan} == {6}
+
+
+def test_a_train_plan_with_fewer_shards_than_ranks_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"50 shards .* 64 ranks .*data.shard_readers >= 64"):
+        plan_epoch([2000] * 50, 64, epoch=0, seed=0)
+
+
+def test_an_eval_plan_gives_whole_shards_even_to_fewer_ranks_than_shards():
+    plan = plan_epoch([10, 10, 10], 5, shuffle=False)
+    assert sorted(len(parts) for parts in plan) == [0, 0, 1, 1, 1]
+    assert sorted(p.shard for parts in plan for p in parts) == [0, 1, 2]
 
 
 def test_plan_is_a_pure_function_of_epoch_and_seed():
@@ -139,11 +164,11 @@ def test_max_steps_stops_the_epoch_early(manifest):
     assert all(len(b["key"]) == 16 for bs in batches for b in bs)
 
 
-def test_more_ranks_than_shards_still_reads_each_key_once_in_equal_steps(manifest):
-    lens, batches, _ = epoch_on_ranks(manifest, "train", 7, batch_size=8, num_workers=0)
-    assert len(set(lens)) == 1 and all(len(b) == lens[0] for b in batches)
-    every = [k for bs in batches for k in keys_of(bs)]
-    assert sorted(every) == sorted(manifest.splits["train"].keys)
+def test_more_ranks_than_shards_is_refused_before_any_shard_is_read(manifest):
+    """Each rank reading every shard (the old strided fallback) would multiply reading by the world size."""
+    with pytest.raises(ValueError, match="data.shard_readers >= 7"):
+        train_batches(manifest, "train", rank=0, world_size=7, batch_size=8, num_workers=0, epoch=0, seed=0,
+                      **LOADER)
 
 
 def test_views_depend_on_key_and_epoch_not_on_which_rank_read_them(manifest):

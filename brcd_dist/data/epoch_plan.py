@@ -6,9 +6,11 @@ into exactly S non-empty batches of near-equal size. No rank runs out of batches
 collective (a WebDataset split by node alone yields fewer batches on a rank with fewer shards: STACK.md).
 
 Assignment: shards in a per-epoch seeded order go, one by one, to the rank with the fewest samples so far.
-If that leaves a rank with less than half the samples of the fullest (fewer shards than ranks, or a tiny last
-shard), every rank reads every shard instead and keeps the samples at positions p with p % W == its residue:
-balanced to one sample per shard, at the cost of W-fold reading of what are then small splits.
+A shard is read by one rank in an epoch (DESIGN §5): at 64 ranks, reading every shard on every rank and keeping
+one sample in 64 would read the split 64 times. A training plan (shuffle=True) that leaves a rank with less than
+half the samples of the fullest (fewer shards than ranks, or a tiny last shard) is refused with the fix: make
+near-equal shards, at least ranks x loader workers of them (data.shard_readers). An evaluation plan
+(shuffle=False) takes any balance: ranks take different step counts there, and a rank may have nothing to read.
 """
 from __future__ import annotations
 
@@ -40,14 +42,11 @@ def plan_epoch(shard_counts: list[int], world_size: int, *, epoch: int = 0, seed
         r = min(range(world_size), key=lambda q: (loads[q], q))
         plan[r].append(ShardPart(int(i), 0, 1, int(shard_counts[i])))
         loads[r] += int(shard_counts[i])
-    if world_size == 1 or 2 * min(loads) >= max(loads):
-        return plan
-    strided: list[list[ShardPart]] = [[] for _ in range(world_size)]
-    for r in range(world_size):
-        residue = (r + epoch) % world_size if shuffle else r  # rotate so a rank sees other samples each epoch
-        for i in order:
-            strided[r].append(ShardPart(int(i), residue, world_size, len(range(residue, int(shard_counts[i]), world_size))))
-    return strided
+    if shuffle and 2 * min(loads) < max(loads):
+        raise ValueError(f"{n} shards of {min(shard_counts, default=0)}-{max(shard_counts, default=0)} samples over "
+                         f"{world_size} ranks leave a rank {min(loads)} samples against {max(loads)}: re-make the "
+                         f"shards with data.shard_readers >= {world_size} x data.loader_workers (jobs/make_shards.py)")
+    return plan
 
 
 def rank_count(parts: list[ShardPart]) -> int:

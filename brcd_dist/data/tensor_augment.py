@@ -18,8 +18,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from brcd_dist.data.augment import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewParams,
-                                    centre_square, draw_view, gaussian_blur3, paper_augment_spec, view_rng)
+from brcd_dist.data.augment import (
+    GRAY_MEAN,
+    GRAY_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentSpec,
+    ViewParams,
+    centre_square,
+    draw_view,
+    gaussian_blur3,
+    paper_augment_spec,
+    view_rng,
+)
 
 LUMA = (0.299, 0.587, 0.114)  # PIL's convert("L"): (R*19595 + G*38470 + B*7471 + 2**15) >> 16
 
