@@ -1,6 +1,6 @@
 """Make the WebDataset shards and manifest.json of a config's data section (DESIGN §1 `make_shards`).
 
-    python jobs/make_shards.py [--config X.yaml] [key=value ...] [--max-images N] [--procs P]
+    python jobs/make_shards.py [--config X.yaml] [key=value ...] [--max-images N] [--procs P] [--ray auto]
 
 Re-running with the same parameters verifies the shards' hashes and re-uses them; a shard directory made with
 another source, seed or split is refused (pick another data.shards_dir).
@@ -21,6 +21,8 @@ def main() -> None:
                    help="only the first N training and N test images (smoke runs; default: all)")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="processes encoding ImageFolder images (default: all cores)")
+    p.add_argument("--ray", metavar="ADDRESS", default="",
+                   help="ImageFolder: one Ray task per shard on this cluster ('auto': the running one), resumable")
     args = p.parse_args()
     cfg = config_from_args(args)
     d = cfg.data
@@ -28,8 +30,12 @@ def main() -> None:
         fail("data.source=shards means the shards exist already; set data.source to fashion_mnist or imagefolder")
     setup_logging()
     t0 = time.perf_counter()
+    writer = write_shards
+    if args.ray:
+        from brcd_dist.data.parallel_shards import ray_writer
+        writer = ray_writer(args.ray)
     try:
-        manifest = write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
+        manifest = writer(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
                                 train_per_class=d.train_per_class, val_fraction=d.val_fraction,
                                 samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
                                 shorter_side=d.shard_shorter_side, readers=d.shard_readers,

@@ -49,6 +49,7 @@ class _ImageSet:
     keys: list[str]
     labels: np.ndarray
     encode_many: Callable[[np.ndarray], Iterable[tuple[str, bytes]]]  # indices -> (extension, bytes), in order
+    paths: list[str] | None = None  # ImageFolder: image i's file (what parallel_shards ships to its tasks)
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.n
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         with multiprocessing.get_context(method).Pool(num_procs) as pool:
             yield from pool.imap(encode, todo, chunksize=16)
-    return _ImageSet([keys[p] for p in positions], images.labels[positions], encode_many)
+    return _ImageSet([keys[p] for p in positions], images.labels[positions], encode_many, paths)
 
 
 def _image_folder(path: str, *, shorter_side: int, in_chans: int, holdout_fraction: float, seed: int,

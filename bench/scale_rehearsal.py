@@ -1,0 +1,156 @@
+"""Scale rehearsal: an ImageNet-shaped synthetic JPEG ImageFolder (1,000 classes) at several sizes, through
+make_shards and the whole pipeline with tiny models and few steps; per stage wall time, CPU time, peak RSS per
+process and bytes on disk, and how each grows with N (DESIGN §5: linear or better).
+
+    flock /work/ray.lock .venv/bin/python bench/scale_rehearsal.py --sizes 20000 80000 320000   # the intended run
+    flock /work/ray.lock .venv/bin/python bench/scale_rehearsal.py --sizes 2000 4000 8000       # a 2-core smoke
+
+Each stage is a subprocess (jobs/make_shards.py, then jobs/distill.py on the shards); a sampler thread walks
+its process tree every 0.5 s with psutil: peak RSS per process (grouped by role: driver, Ray train workers,
+other Ray processes), CPU time summed over the tree's processes at their last sample (a process that ends
+between two samples loses at most 0.5 s of CPU in the sum). Images are small (64x48, JPEG q90, crops of
+scikit-learn's photos tinted per class), so the pixel work is small and what grows with N is the rest: listing,
+splitting, the manifest, shard I/O, epoch plans, k-means, codes and evaluation. Writes one JSON line per
+(size, stage) to --out and prints a table with each quantity's growth exponent between sizes
+(log ratio / log N ratio: 1 = linear).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+PY = sys.executable
+
+
+def role(proc: psutil.Process, root_pid: int) -> str:
+    if proc.pid == root_pid:
+        return "driver"
+    try:
+        name = " ".join(proc.cmdline())[:200]
+    except psutil.Error:
+        return "gone"
+    if "RayTrainWorker" in name or "TrainController" in name:
+        return "ray_train_worker"
+    if "ray::" in name or "default_worker.py" in name:
+        return "ray_worker"
+    if "raylet" in name or "gcs_server" in name or "dashboard" in name or "log_monitor" in name:
+        return "ray_system"
+    return "other"
+
+
+def measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run cmd; wall, CPU over its process tree, peak RSS per role (max over that role's processes)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    cpu: dict[int, float] = {}
+    rss: dict[str, int] = {}
+    roles: dict[int, str] = {}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    with p.oneshot():
+                        t, m = p.cpu_times(), p.memory_info().rss
+                    cpu[p.pid] = t.user + t.system
+                    r = roles.setdefault(p.pid, role(p, proc.pid))
+                    rss[r] = max(rss.get(r, 0), m)
+                except psutil.Error:
+                    pass
+            done.wait(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    output = proc.communicate()[0]
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": sum(cpu.values()),
+            "peak_rss_mb": {r: v / 2**20 for r, v in sorted(rss.items())}, "processes": len(cpu)}
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def rehearse(n: int, work: Path, args) -> list[dict]:
+    from synthetic_imagefolder import make_image_folder
+    per_class = max(2, n // 1000)
+    folder = work / f"folder_{n}"
+    t0 = time.perf_counter()
+    make_image_folder(folder, classes=1000, per_class=per_class, size=(64, 48), seed=0)
+    rows = [{"n": n, "stage": "source", "wall_s": time.perf_counter() - t0, "bytes": du(folder)}]
+    shards = work / f"shards_{n}"
+    data = [f"data.source=imagefolder", f"data.source_path={folder}", f"data.shards_dir={shards}",
+            "data.image_size=32", "data.in_chans=3", "data.train_per_class=10", "data.samples_per_shard=1000",
+            "data.shard_shorter_side=0", "data.shard_readers=4", "data.loader_workers=1"]
+    r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"])
+    rows.append({"n": n, "stage": "make_shards", **r, "bytes": du(shards)})
+    if "pipeline" in args.stages:
+        runs = work / f"runs_{n}"
+        overrides = ["data.source=shards", f"data.shards_dir={shards}", "data.image_size=32", "data.in_chans=3",
+                     "data.loader_workers=1", "teacher.name=resnet10t", "student.name=mobilenetv3_small_050",
+                     "train.teacher_epochs=1", "train.teacher_split=train", "train.epochs=1",
+                     "train.batch_size=32", f"train.max_steps_per_epoch={args.steps}", "train.checkpoint_every=1000",
+                     "train.eval_every=1", "eval.topk=100", "eval.batch_size=256", "brcd.clusters=100",
+                     "tracking.enabled=false", "train.workers=2", f"train.storage_path={runs}",
+                     f"train.name=rehearsal_{n}"]
+        r = measured([PY, "jobs/distill.py", *overrides])
+        rows.append({"n": n, "stage": "pipeline", **r, "bytes": du(runs)})
+    return rows
+
+
+def growth(rows: list[dict], stage: str, field: str) -> str:
+    pts = [(r["n"], r[field]) for r in rows if r["stage"] == stage and r.get(field)]
+    if len(pts) < 2:
+        return "-"
+    return " ".join(f"{math.log(b[1] / a[1]) / math.log(b[0] / a[0]):.2f}" for a, b in zip(pts, pts[1:]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 8000])
+    p.add_argument("--stages", default="shards,pipeline")
+    p.add_argument("--steps", type=int, default=3, help="train.max_steps_per_epoch")
+    p.add_argument("--work", default="/tmp/brcd_scale_rehearsal")
+    p.add_argument("--out", default="bench/results/scale_rehearsal.jsonl")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.sizes:
+        for row in rehearse(n, work, args):
+            row["peak_rss_max_mb"] = max(row.get("peak_rss_mb", {0: 0}).values() or [0])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(REPO / args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"{'stage':<12} {'N':>8} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12} {'MB on disk':>11}")
+    for r in rows:
+        print(f"{r['stage']:<12} {r['n']:>8} {r['wall_s']:>8.1f} {r.get('cpu_s', 0):>8.1f} "
+              f"{r.get('peak_rss_max_mb', 0):>12.0f} {r['bytes'] / 2**20:>11.1f}")
+    print("growth exponents between consecutive sizes (1 = linear):")
+    for stage in ("make_shards", "pipeline"):
+        print(f"  {stage}: wall {growth(rows, stage, 'wall_s')}, CPU {growth(rows, stage, 'cpu_s')}, "
+              f"peak RSS {growth(rows, stage, 'peak_rss_max_mb')}, disk {growth(rows, stage, 'bytes')}")
+
+
+if __name__ == "__main__":
+    main()
