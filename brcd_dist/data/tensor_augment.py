@@ -51,7 +51,8 @@ def crop_resize(images: list[torch.Tensor], boxes: list[tuple[float, float, floa
         if flips is not None and flips[i]:
             view = view.flip(-1)
         out.append(view)
-    return torch.cat(out).float().round_().clamp_(0, 255).contiguous()
+    x = torch.cat(out).contiguous()
+    return x.float() if x.dtype == torch.uint8 else x.round_().clamp_(0, 255)
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -63,22 +64,22 @@ def luma(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL's Image.blend(degenerate, x, factor) on uint8 levels: clipped, then truncated."""
-    f = factor.view(-1, 1, 1, 1)
-    return (degenerate + f * (x - degenerate)).clamp_(0, 255).floor_()
+    """PIL's Image.blend(degenerate, x, factor) on uint8 levels, degenerate + factor (x - degenerate): clipped,
+    then truncated. In place on x."""
+    return x.sub_(degenerate).mul_(factor.view(-1, 1, 1, 1)).add_(degenerate).clamp_(0, 255).floor_()
 
 
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(torch.zeros_like(x), x, f)
+    return x.mul_(f.view(-1, 1, 1, 1)).clamp_(0, 255).floor_()  # a blend with black
 
 
 def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     mean = torch.floor(luma(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5)  # PIL: int(mean + 0.5)
-    return _blend(mean.expand_as(x), x, f)
+    return _blend(mean, x, f)
 
 
 def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(luma(x).expand_as(x), x, f)
+    return _blend(luma(x), x, f)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
