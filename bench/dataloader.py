@@ -31,8 +31,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from brcd_dist.data import augment, tensor_augment, train_batches, write_shards  # noqa: E402
-from brcd_dist.data.decoding import decode_batch, decode_uint8  # noqa: E402
+from brcd_dist.data import augment, tensor_augment, train_batches, write_shards
+from brcd_dist.data.decoding import decode_batch, decode_uint8
 
 
 def shard_samples(manifest, split):

@@ -98,7 +98,7 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
     make_image_folder(folder, classes=1000, per_class=per_class, size=(64, 48), seed=0)
     rows = [{"n": n, "stage": "source", "wall_s": time.perf_counter() - t0, "bytes": du(folder)}]
     shards = work / f"shards_{n}"
-    data = [f"data.source=imagefolder", f"data.source_path={folder}", f"data.shards_dir={shards}",
+    data = ["data.source=imagefolder", f"data.source_path={folder}", f"data.shards_dir={shards}",
             "data.image_size=32", "data.in_chans=3", "data.train_per_class=10", "data.samples_per_shard=1000",
             "data.shard_shorter_side=0", "data.shard_readers=4", "data.loader_workers=1"]
     r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"])

@@ -102,6 +102,16 @@ def test_crop_of_the_output_size_is_the_pixels_and_flip_mirrors_them():
     assert torch.equal(out[1], image[:, 1:4, 1:4].flip(-1).float())
 
 
+def test_the_gpus_float_resize_and_the_cpus_fixed_point_one_differ_by_at_most_one_level(photos):
+    """A CUDA device resizes in float32 (torch has no uint8 antialiased kernel there); this runs that arithmetic
+    on the CPU: the one place where a GPU run's views may differ from a CPU run's, by rounding."""
+    images = [as_tensor(im) for im in crops(photos, 8, (100, 120), "RGB")]
+    boxes = [(3, 5, 90, 97)] * 8
+    fixed = tensor_augment.crop_resize(images, boxes, 64, fixed_point=True)
+    floating = tensor_augment.crop_resize(images, boxes, 64, fixed_point=False)
+    assert (fixed - floating).abs().max() <= 1.0
+
+
 def test_blends_at_factor_one_and_hue_zero_leave_levels_unchanged():
     x = torch.randint(0, 256, (3, 3, 8, 8)).float()
     one = torch.ones(3)

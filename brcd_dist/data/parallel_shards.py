@@ -25,10 +25,24 @@ import webdataset as wds
 from tqdm import tqdm
 
 from brcd_dist.data import imagefolder, splits
-from brcd_dist.data.manifest import (Manifest, SplitInfo, check_same_params, file_sha256, load_manifest,
-                                     manifest_path, save_manifest)
-from brcd_dist.data.shards import (DEFAULT_HOLDOUT, _dir_lock, _image_folder, _stored_params, check_same_layout,
-                                   shard_sizes, verify_shards)
+from brcd_dist.data.manifest import (
+    Manifest,
+    SplitInfo,
+    check_same_params,
+    file_sha256,
+    load_manifest,
+    manifest_path,
+    save_manifest,
+)
+from brcd_dist.data.shards import (
+    DEFAULT_HOLDOUT,
+    _dir_lock,
+    _image_folder,
+    _stored_params,
+    check_same_layout,
+    shard_sizes,
+    verify_shards,
+)
 
 log = logging.getLogger(__name__)
 

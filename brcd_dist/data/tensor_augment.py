@@ -36,14 +36,15 @@ LUMA = (0.299, 0.587, 0.114)  # PIL's convert("L"): (R*19595 + G*38470 + B*7471 
 
 
 def crop_resize(images: list[torch.Tensor], boxes: list[tuple[float, float, float, float]], size: int,
-                flips: list[bool] | None = None) -> torch.Tensor:
+                flips: list[bool] | None = None, *, fixed_point: bool | None = None) -> torch.Tensor:
     """Each image's box (left, top, right, bottom; integer pixels) resized to (size, size), antialiased bilinear,
-    rounded to uint8 levels, mirrored where flips says: (N, C, size, size) float32 in [0, 255]."""
+    rounded to uint8 levels, mirrored where flips says: (N, C, size, size) float32 in [0, 255].
+    fixed_point (None: on a CPU): torch's uint8 kernel, else float32 then rounded (what a GPU runs)."""
     out = []
     for i, (image, box) in enumerate(zip(images, boxes)):
         left, top, right, bottom = (round(v) for v in box)
         crop = image[:, top:bottom, left:right].unsqueeze(0)
-        if crop.device.type == "cpu":  # torch's uint8 kernel (fixed point, rounded, as PIL): 4x the float one
+        if fixed_point if fixed_point is not None else crop.device.type == "cpu":  # 4x the float kernel on CPU
             crop = crop.contiguous(memory_format=torch.channels_last)
         else:
             crop = crop.float()
