@@ -130,3 +130,22 @@ def uninterrupted_run(local_ray, tiny_shards, tmp_path_factory) -> TinyRun:
     """The tiny run, start to end without a failure (max_failures=1 like the fault test's run, so that the two
     differ only by the kill)."""
     return run_tiny(tiny_shards, tmp_path_factory.mktemp("runs"), "uninterrupted", max_failures=1)
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    """SeaweedFS on 127.0.0.1 for this session (tests/object_store.py), its endpoint and keys in os.environ by the
+    standard AWS variable names while it runs, so that the project's own client code reaches it."""
+    from object_store import start_seaweedfs
+    store = start_seaweedfs()
+    before = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)
+    try:
+        yield store
+    finally:
+        store.stop()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
