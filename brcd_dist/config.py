@@ -29,8 +29,8 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "fashion_mnist"  # where shards are made from: fashion_mnist | imagefolder | shards (already made)
     source_path: str = "/usr/share/datasets/fashion-mnist"
-    shards_dir: str = "data/fashion_mnist"  # local directory holding manifest.json (+ shards unless shards_url)
-    shards_url: str = ""  # optional remote base for the shard files: s3://, http(s)://, or pipe:...{shard}
+    shards_dir: str = "data/fashion_mnist"  # local directory holding manifest.json + shards when shards_url is ""
+    shards_url: str = ""  # shards + manifest at s3://, gs:// (no shards_dir needed); http(s)://, pipe:...{shard}: shards only
     image_size: int = 32
     in_chans: int = 1
     train_per_class: int = 500
@@ -304,7 +304,9 @@ def validate_config(cfg: Config, check_paths: bool = True) -> Config:
         if check_paths and m.uri and not m.uri.startswith(("models:/", "runs:/")):
             _check(Path(m.uri).exists(), f"{role}.uri", m.uri,
                    "file not found (allowed: models:/NAME@alias, runs:/..., or a checkpoint path)")
-    if check_paths:
+    remote_manifest = bool(d.shards_url) and "{shard}" not in d.shards_url and "://" in d.shards_url \
+        and not d.shards_url.startswith(("http://", "https://"))  # read with the shards: checked in preflight
+    if check_paths and not remote_manifest:
         has_manifest = (Path(d.shards_dir) / "manifest.json").is_file()
         if d.source == "shards" or (d.shards_url and not has_manifest):
             _check(has_manifest, "data.shards_dir", d.shards_dir, "no manifest.json there (make shards with jobs/make_shards.py)")

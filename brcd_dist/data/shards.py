@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import json
 import logging
 import multiprocessing
 import os
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,10 +25,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from brcd_dist import storage
 from brcd_dist.data import imagefolder, splits
 from brcd_dist.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from brcd_dist.data.manifest import (Manifest, SplitInfo, ShardsMismatchError, check_same_params, file_sha256,
-                                     load_manifest, manifest_path, save_manifest)
+                                     load_manifest, manifest_location, manifest_path, save_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -131,24 +134,39 @@ def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction
 
 # ----------------------------------------------------------------------------- writing
 
-def _write_split(out: Path, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
-                 bar: tqdm) -> tuple[SplitInfo, dict[str, str]]:
-    shards, counts, hashes = [], [], {}
-    pngs = iter(images.encode_many(order))
-    for start in range(0, len(order), samples_per_shard):
-        part = order[start:start + samples_per_shard]
-        fname = f"{name}-{len(shards):06d}.tar"
-        tmp = out / (fname + ".tmp")
-        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
-            for i in part:
-                sink.write({"__key__": images.keys[int(i)], "png": next(pngs),
-                            "cls": str(int(images.labels[int(i)])).encode()})
-                bar.update(1)
-        os.replace(tmp, out / fname)
-        shards.append(fname)
-        counts.append(len(part))
-        hashes[fname] = file_sha256(out / fname)
-    info = SplitInfo(count=len(order), shards=shards, shard_counts=counts,
+PROGRESS_NAME = "shards.progress.json"  # written shards' hashes while a run of write_shards is unfinished
+
+
+def _write_split(out: str, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
+                 bar: tqdm, done: dict[str, str], on_shard: Callable[[str, str], None]) -> tuple[SplitInfo, dict[str, str]]:
+    """Write the split's shards to `out` (local or object store), each uploaded as soon as it is complete.
+    `done`: shards an earlier, unfinished run wrote and that are there with that sha256: kept, not re-encoded."""
+    parts = [order[i:i + samples_per_shard] for i in range(0, len(order), samples_per_shard)]
+    names = [f"{name}-{i:06d}.tar" for i in range(len(parts))]
+    todo = [i for i, fname in enumerate(names) if fname not in done]
+    pngs = iter(images.encode_many(np.concatenate([parts[i] for i in todo]) if todo else np.zeros(0, np.int64)))
+    hashes = {}
+    local = storage.is_local(out)
+    with tempfile.TemporaryDirectory(prefix="brcd-shard-") as scratch:
+        for i, (part, fname) in enumerate(zip(parts, names)):
+            if fname in done:
+                hashes[fname] = done[fname]
+                bar.update(len(part))
+                continue
+            tmp = os.path.join(out if local else scratch, fname + ".tmp")
+            with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+                for j in part:
+                    sink.write({"__key__": images.keys[int(j)], "png": next(pngs),
+                                "cls": str(int(images.labels[int(j)])).encode()})
+                    bar.update(1)
+            hashes[fname] = file_sha256(tmp)
+            if local:
+                os.replace(tmp, os.path.join(out, fname))
+            else:
+                storage.upload(tmp, storage.join(out, fname))
+                os.remove(tmp)
+            on_shard(fname, hashes[fname])
+    info = SplitInfo(count=len(order), shards=names, shard_counts=[len(p) for p in parts],
                      keys=[images.keys[int(i)] for i in order], labels=[int(images.labels[int(i)]) for i in order])
     return info, hashes
 
@@ -165,21 +183,39 @@ def _stored_params(source: str, *, seed: int, train_per_class: int, val_fraction
                 holdout_fraction=holdout_fraction, max_images=max_images)
 
 
+def _intact(out: str, name: str, sha256: str | None) -> bool:
+    return sha256 is not None and storage.is_file(storage.join(out, name)) \
+        and storage.file_sha256(storage.join(out, name)) == sha256
+
+
 def verify_shards(manifest: Manifest, shards_dir: str | os.PathLike) -> list[str]:
     """Shard files that are missing or whose sha256 differs from the manifest's (empty: all good)."""
-    bad = []
-    for name in manifest.shard_files():
-        path = Path(shards_dir) / name
-        if not path.is_file() or file_sha256(path) != manifest.sha256.get(name):
-            bad.append(name)
-    return bad
+    return [name for name in manifest.shard_files() if not _intact(str(shards_dir), name, manifest.sha256.get(name))]
+
+
+def _load_progress(out: str, wanted: dict) -> dict[str, str]:
+    """Hashes of the shards an unfinished earlier run wrote with the same parameters, that are still there intact."""
+    path = storage.join(out, PROGRESS_NAME)
+    if not storage.is_file(path):
+        return {}
+    progress = json.loads(storage.read_bytes(path))
+    if progress.get("params") != wanted:
+        return {}
+    kept = {n: h for n, h in progress.get("sha256", {}).items() if _intact(out, n, h)}
+    log.info("%s: resuming: %d of the earlier run's %d shard(s) are there intact", out, len(kept),
+             len(progress.get("sha256", {})))
+    return kept
 
 
 @contextlib.contextmanager
-def _dir_lock(directory: Path):
-    """One writer per shard directory (several ranks or jobs may call ensure_shards at once)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
+def _dir_lock(directory: str):
+    """One writer per local shard directory (several ranks or jobs may call ensure_shards at once); an object
+    store location has no lock: one writer at a time (jobs/make_shards.py)."""
+    if not storage.is_local(directory):
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -191,28 +227,40 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
                  train_per_class: int = 500, val_fraction: float = 0.5, samples_per_shard: int = 1000,
                  in_chans: int = 1, image_size: int = 32, holdout_fraction: float = DEFAULT_HOLDOUT, max_images: int = 0,
                  num_procs: int = 1, progress: bool = True) -> Manifest:
-    """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir.
+    """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir: a local directory or
+    an object store location (s3://bucket/prefix, gs://...), each shard uploaded as soon as it is written.
 
-    A directory whose manifest has other content parameters is refused (ShardsMismatchError); one with the
-    same parameters and intact shards is returned as is; otherwise every shard is (re)written.
+    A location whose manifest has other content parameters is refused (ShardsMismatchError); one with the
+    same parameters and intact shards is returned as is. Otherwise the shards are written, except those that an
+    unfinished earlier run left there intact (shards.progress.json records their sha256): a re-run resumes.
     image_size and in_chans apply to ImageFolder sources (Fashion-MNIST is stored as 28x28 gray);
     max_images > 0 keeps only the first max_images training and test images (tests, smoke runs).
     """
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r}: shards can be made from {', '.join(SOURCES)}")
-    out = Path(shards_dir)
+    out = str(shards_dir) if not storage.is_local(str(shards_dir)) else os.path.abspath(shards_dir)
     wanted = _stored_params(source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
                             samples_per_shard=samples_per_shard, in_chans=in_chans, image_size=image_size,
                             holdout_fraction=holdout_fraction, max_images=max_images)
     with _dir_lock(out):
-        if manifest_path(out).is_file():
+        done: dict[str, str] = {}
+        if storage.is_file(manifest_path(out)):
             existing = load_manifest(out)
             check_same_params(existing, wanted, out)
             bad = verify_shards(existing, out)
             if not bad:
                 log.info("%s: shards verified (%d files), re-using them", out, len(existing.shard_files()))
                 return existing
-            log.warning("%s: %d shard(s) missing or changed (first: %s); rewriting all", out, len(bad), bad[0])
+            log.warning("%s: %d shard(s) missing or changed (first: %s); rewriting those", out, len(bad), bad[0])
+            done = {n: h for n, h in existing.sha256.items() if n not in bad}
+        else:
+            done = _load_progress(out, wanted)
+        storage.makedirs(out)
+        progress = {"params": wanted, "sha256": dict(done)}
+
+        def on_shard(fname: str, sha: str) -> None:  # record each finished shard: a killed run resumes after it
+            progress["sha256"][fname] = sha
+            storage.write_bytes(storage.join(out, PROGRESS_NAME), json.dumps(progress).encode())
         if source == "fashion_mnist":
             src = _fashion_mnist(source_path, max_images)
         else:
@@ -227,7 +275,7 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
                   disable=not progress, mininterval=1.0) as bar:
             for name, order in orders.items():
                 bar.set_postfix_str(name)
-                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, bar)
+                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, bar, done, on_shard)
                 hashes.update(h)
         manifest = Manifest(source=source, source_path=str(source_path), seed=seed,
                             train_per_class=train_per_class, val_fraction=val_fraction,
@@ -236,26 +284,30 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
                             splits=infos, sha256=hashes, holdout_fraction=wanted["holdout_fraction"],
                             max_images=max_images)
         save_manifest(manifest, out)
+        if storage.is_file(storage.join(out, PROGRESS_NAME)):
+            storage.remove(storage.join(out, PROGRESS_NAME))
         return manifest
 
 
 def ensure_shards(cfg) -> Manifest:
     """The shards a run reads (cfg: brcd_dist.config.Config): made when missing, verified when local.
 
-    data.source == "shards": the manifest in data.shards_dir is used as is. With data.shards_url set and a
-    manifest present, the parameters are checked but the (remote) shard files are not hashed.
+    The manifest is read where the shards are: data.shards_url when set (s3://, gs://), else data.shards_dir.
+    data.source == "shards": that manifest is used as is. A remote manifest has its parameters checked but the
+    shard files are not hashed here (readers check each shard's sha256 as they stream it).
     """
     d = cfg.data
+    where = manifest_location(d.shards_dir, d.shards_url)
     if d.source == "shards":
-        return load_manifest(d.shards_dir)
-    if d.shards_url and manifest_path(d.shards_dir).is_file():
-        manifest = load_manifest(d.shards_dir)
+        return load_manifest(where)
+    if d.shards_url and storage.is_file(manifest_path(where)):
+        manifest = load_manifest(where)
         check_same_params(manifest, _stored_params(
             d.source, seed=d.split_seed, train_per_class=d.train_per_class, val_fraction=d.val_fraction,
             samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
-            holdout_fraction=DEFAULT_HOLDOUT, max_images=0), d.shards_dir)
+            holdout_fraction=DEFAULT_HOLDOUT, max_images=0), where)
         return manifest
-    return write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
+    return write_shards(where, d.source, d.source_path, seed=d.split_seed,
                         train_per_class=d.train_per_class, val_fraction=d.val_fraction,
                         samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
                         num_procs=os.cpu_count() or 1, progress=True)

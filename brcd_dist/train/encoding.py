@@ -23,7 +23,8 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
     keys, labels = [], []
     for m in models.values():
         m.eval()
-    for batch in eval_batches(ctx.manifest, split, batch_size=ctx.cfg.eval.batch_size, **ctx.loader_kwargs()):
+    batches = eval_batches(ctx.manifest, split, batch_size=ctx.cfg.eval.batch_size, **ctx.loader_kwargs())
+    for batch in batches:
         x = batch["image"].to(ctx.device)
         for name, model in models.items():
             t0 = time.perf_counter()
@@ -36,6 +37,7 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
             codes[name].append(c)
         keys.extend(batch["key"])
         labels.append(batch["label"])
+    batches.raise_if_incomplete()  # k-means and mAP need every key: fail before a cache or checkpoint holds less
     out = {n: (torch.cat(c).numpy() if c else np.zeros((0, models[n].bits), np.float32)) for n, c in codes.items()}
     lab = torch.cat(labels).numpy() if labels else np.zeros((0,), np.int64)
     return out, keys, lab, seconds

@@ -61,8 +61,10 @@ def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clu
         l1, l2 = two_view_forward(engine, batch, ctx.device)
         p1, s1 = probs_and_codes(l1)
         p2, s2 = probs_and_codes(l2)
-        labels = torch.tensor([clustering.pseudo_labels[k] for k in batch["key"]], device=ctx.device)
         view_clusters = assign_nearest(t, centroids, spherical=cfg.kmeans.spherical)
+        # a key the clustering does not know (shards changed since) gets its first view's nearest centroid
+        labels = torch.tensor([clustering.pseudo_labels.get(k, -1) for k in batch["key"]], device=ctx.device)
+        labels = torch.where(labels < 0, view_clusters[:n], labels)
         inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t[:n], t2=t[n:], q1=q[:n], q2=q[n:], labels=labels,
                           view_clusters1=view_clusters[:n], view_clusters2=view_clusters[n:], masks=masks)
         kd = kd_loss(b.kd, inputs, b)

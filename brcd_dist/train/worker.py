@@ -13,6 +13,7 @@ import torch
 
 from brcd_dist.config import from_dict
 from brcd_dist.data import load_manifest
+from brcd_dist.data.manifest import manifest_location
 from brcd_dist.models import load_hash_model
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
@@ -32,7 +33,7 @@ def make_context(config: dict) -> WorkerContext:
     # Where each rank runs (placement checks, e.g. STRICT_SPREAD over nodes, read it from the job's logs).
     log.info("rank %d of %d: node %s, pid %d", ctx.get_world_rank(), ctx.get_world_size(),
              ray.get_runtime_context().get_node_id(), os.getpid())
-    return WorkerContext(cfg=cfg, manifest=load_manifest(cfg.data.shards_dir), rank=ctx.get_world_rank(),
+    return WorkerContext(cfg=cfg, manifest=load_manifest(manifest_location(cfg.data.shards_dir, cfg.data.shards_url)), rank=ctx.get_world_rank(),
                          world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
                          run_id=config.get("run_id"))
 
