@@ -149,3 +149,13 @@ def object_store():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_shards(object_store) -> str:
+    """The tiny shards (as tiny_shards) and their manifest written to the session's bucket: their s3:// URL."""
+    from brcd_dist.data import write_shards
+    url = object_store.url("tiny_shards")
+    write_shards(url, "fashion_mnist", FASHION_MNIST, train_per_class=8, max_images=400, samples_per_shard=50,
+                 progress=False)
+    return url
