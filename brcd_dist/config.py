@@ -301,7 +301,7 @@ def validate_config(cfg: Config, check_paths: bool = True) -> Config:
                    "not a timm model name (see timm.list_models())")
         if check_paths and m.weights_path:
             _check(Path(m.weights_path).is_file(), f"{role}.weights_path", m.weights_path, "file not found")
-        if check_paths and m.uri and not m.uri.startswith(("models:/", "runs:/")):
+        if check_paths and m.uri and not m.uri.startswith(("models:/", "runs:/")) and "://" not in m.uri:
             _check(Path(m.uri).exists(), f"{role}.uri", m.uri,
                    "file not found (allowed: models:/NAME@alias, runs:/..., or a checkpoint path)")
     remote_manifest = bool(d.shards_url) and "{shard}" not in d.shards_url and "://" in d.shards_url \

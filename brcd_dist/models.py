@@ -6,6 +6,8 @@ Codes are `sign(sigmoid(logits) - 1/2)`, the forward of `codes.probs_and_codes`.
 """
 from __future__ import annotations
 
+import io
+
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -207,13 +209,16 @@ def build_student(cfg: Config) -> HashModel:
 
 def save_hash_model(model: HashModel, path: str | Path) -> None:
     """One file: {"format", "spec", "state_dict"}; `load_hash_model` rebuilds the model from it alone."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from brcd_dist import storage  # a local path or an object store URI (s3://, gs://), written atomically
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "spec": model.spec, "state_dict": state}, path)
+    with storage.open_write(str(path)) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "spec": model.spec, "state_dict": state}, f)
 
 
 def load_hash_model(path: str | Path, map_location: str | torch.device = "cpu") -> HashModel:
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    from brcd_dist import storage
+    src = path if storage.is_local(str(path)) else io.BytesIO(storage.read_bytes(str(path)))
+    ckpt = torch.load(src, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a hash-model checkpoint (written by save_hash_model)")
     s = ckpt["spec"]

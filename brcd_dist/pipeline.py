@@ -22,7 +22,7 @@ log = logging.getLogger("brcd_dist")
 def absolute_paths(cfg: Config) -> Config:
     """Workers run in other directories (and on other nodes): hand them absolute paths."""
     def ab(p: str) -> str:
-        return str(Path(p).expanduser().resolve()) if p else p
+        return str(Path(p).expanduser().resolve()) if p and "://" not in p else p
     cfg.data = replace(cfg.data, shards_dir=ab(cfg.data.shards_dir), source_path=ab(cfg.data.source_path))
     cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path) if "://" not in cfg.train.storage_path
                         else cfg.train.storage_path)
@@ -71,16 +71,19 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from brcd_dist import storage
     from brcd_dist.train.worker import distill_worker
     t = cfg.train
+    name = name or run_name(cfg)
     trainer = TorchTrainer(
         distill_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages},
+        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages,
+                           "run_dir": storage.join(t.storage_path, name)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},
                                                placement_strategy=t.placement_strategy),
-        run_config=ray.train.RunConfig(name=name or run_name(cfg), storage_path=t.storage_path,
+        run_config=ray.train.RunConfig(name=name, storage_path=t.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        callbacks=callbacks),
@@ -115,7 +118,9 @@ class Outputs:
 def read_outputs(checkpoint_dir: Path) -> Outputs:
     d = Path(checkpoint_dir)
     curves = json.loads((d / "pr_curves.json").read_text()) if (d / "pr_curves.json").is_file() else {}
-    return Outputs(checkpoint_dir=d, state=read_state(d), teacher=load_hash_model(d / "teacher.pt"),
+    state = read_state(d)
+    teacher = d / "teacher.pt" if (d / "teacher.pt").is_file() else state.teacher_uri  # written once per run
+    return Outputs(checkpoint_dir=d, state=state, teacher=load_hash_model(teacher),
                    student=load_hash_model(d / "student.pt") if (d / "student.pt").is_file() else None,
                    clustering=Clustering.load(d / "clustering.pt") if (d / "clustering.pt").is_file() else None,
                    curves=curves)
@@ -133,11 +138,9 @@ def result_checkpoint_dir(result) -> Path:
 
 
 def train_teacher(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[Path, Outputs]:
-    """Stage A alone. Returns a stable copy of the teacher's checkpoint file (Ray keeps only the last two
-    checkpoints) and the run's outputs."""
-    import shutil
+    """Stage A alone. Returns the teacher's file, written once beside the run's checkpoints under
+    train.storage_path (a local path or s3://...: Ray keeps only the last two checkpoints), and the run's
+    outputs."""
     name = name or run_name(cfg) + "-teacher"
     out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, stages="teacher", name=name)))
-    path = Path(cfg.train.storage_path) / name / "teacher.pt"
-    shutil.copyfile(out.checkpoint_dir / "teacher.pt", path)
-    return path, out
+    return out.state.teacher_uri, out

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from pathlib import Path
 
 from _cli import config_from_args, fail, parser, preflight, setup_logging
 
-from brcd_dist import tracking
+from brcd_dist import storage, tracking
 from brcd_dist.config import ConfigError, to_dict
 from brcd_dist.pipeline import absolute_paths, run_name, train_teacher
 from brcd_dist.sweep import (SEARCHED, check_bounds, close_stopped_trials, format_table, input_example,
@@ -60,7 +59,7 @@ def main(argv=None) -> list[dict]:
                 tracking.log_hash_model(parent, out.teacher, "teacher", input_example(cfg))
                 teacher_run = parent
         cfg.brcd = replace(cfg.brcd, clustering_cache=cfg.brcd.clustering_cache
-                           or str(Path(cfg.train.storage_path) / sweep / "clustering_cache"))
+                           or storage.join(cfg.train.storage_path, sweep, "clustering_cache"))
         evals = max(cfg.train.eval_every, 1)
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(to_dict(cfg), parent, sweep), {"CPU": 0.01}),

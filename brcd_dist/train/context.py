@@ -27,6 +27,7 @@ class WorkerContext:
     world_size: int
     device: torch.device
     run_id: Optional[str] = None  # MLflow run that rank 0 logs step metrics to
+    run_dir: str = ""  # storage_path/name (local or s3://...): files written once per run (the teacher)
     # Files rank 0 writes into every checkpoint: name -> writer(path). Stages add theirs as they finish.
     artifacts: dict = field(default_factory=dict)
 

@@ -28,6 +28,7 @@ class TrainState:
     cluster_round: int = 0
     best_metric: float = -1.0
     evals_without_improvement: int = 0
+    teacher_uri: str = ""  # the run's finished teacher, written once beside its checkpoints (not into each)
     history: dict = field(default_factory=lambda: {"train": [], "eval": [], "test": {}})
 
     def to_json(self) -> str:

@@ -7,12 +7,12 @@ half a file."""
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
+import io
 from typing import Any, Optional
 
 import torch
 
+from brcd_dist import storage
 from brcd_dist.train.context import WorkerContext, broadcast_object
 
 
@@ -25,25 +25,24 @@ def teacher_digest(teacher) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_file(ctx: WorkerContext, digest: str, stem: str) -> Optional[Path]:
-    """`<cache>/<stem>-t<teacher digest>-d<shards digest>.pt`, or None when caching is off."""
+def cache_file(ctx: WorkerContext, digest: str, stem: str) -> Optional[str]:
+    """`<cache>/<stem>-t<teacher digest>-d<shards digest>.pt` (a local path or s3://...), or None when caching
+    is off."""
     cache = ctx.cfg.brcd.clustering_cache
     if not cache:
         return None
-    return Path(cache) / f"{stem}-t{digest}-d{ctx.manifest.digest()[:16]}.pt"
+    return storage.join(cache, f"{stem}-t{digest}-d{ctx.manifest.digest()[:16]}.pt")
 
 
-def load_cached(ctx: WorkerContext, path: Optional[Path]) -> Any:
-    """The cached object on every rank, or None on every rank."""
-    if path is None or not broadcast_object(path.is_file() if ctx.is_chief else None):
+def load_cached(ctx: WorkerContext, path: Optional[str]) -> Any:
+    """The cached object on every rank, or None on every rank (every rank reads it: a shared location)."""
+    if path is None or not broadcast_object(storage.is_file(path) if ctx.is_chief else None):
         return None
-    return torch.load(path, weights_only=False)
+    return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)
 
 
-def save_cached(ctx: WorkerContext, obj: Any, path: Optional[Path]) -> None:
+def save_cached(ctx: WorkerContext, obj: Any, path: Optional[str]) -> None:
     if path is None or not ctx.is_chief:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with storage.open_write(path) as f:  # atomic: concurrent runs never read half a file
+        torch.save(obj, f)

@@ -35,7 +35,7 @@ def make_context(config: dict) -> WorkerContext:
              ray.get_runtime_context().get_node_id(), os.getpid())
     return WorkerContext(cfg=cfg, manifest=load_manifest(manifest_location(cfg.data.shards_dir, cfg.data.shards_url)), rank=ctx.get_world_rank(),
                          world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                         run_id=config.get("run_id"))
+                         run_id=config.get("run_id"), run_dir=config.get("run_dir", ""))
 
 
 def begin_attempt(state: TrainState, resumed: bool) -> list:
