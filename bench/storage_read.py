@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the test suite's SeaweedFS launcher
 
-from brcd_dist import storage  # noqa: E402
-from brcd_dist.data import eval_batches, load_manifest, write_shards  # noqa: E402
-from object_store import start_seaweedfs  # noqa: E402
+from object_store import start_seaweedfs
+
+from brcd_dist import storage
+from brcd_dist.data import eval_batches, load_manifest, write_shards
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

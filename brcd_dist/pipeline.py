@@ -42,7 +42,9 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     if ray.is_initialized():
         return
     env_vars = {k: v for k, v in (env or {}).items() if v}
-    for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI"):
+    # where the object store is (not who may use it: credentials come from each node's own chain)
+    for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                "AWS_DEFAULT_REGION"):
         if os.environ.get(key):
             env_vars.setdefault(key, os.environ[key])
     # Ray Train gives up on a worker group that has not started in 60 s; a busy 2-core machine (and the first

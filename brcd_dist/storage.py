@@ -24,8 +24,9 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from functools import lru_cache
-from typing import BinaryIO, Iterator, Optional
+from collections.abc import Iterator
+from functools import cache
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _check_writable(uri: str) -> None:
 
 # ----------------------------------------------------------------------------- pyarrow filesystems
 
-@lru_cache(maxsize=None)
+@cache
 def _object_fs(kind: str, pid: int):
     """One pyarrow filesystem per backend and process (DataLoader workers fork: they make their own)."""
     import pyarrow.fs as pafs
@@ -357,7 +358,7 @@ class ResumingReader(io.RawIOBase):
     checks them: ShardIntegrityError on a mismatch. `reopens` counts the re-opens after failures.
     """
 
-    def __init__(self, uri: str, *, sha256: Optional[str] = None, retries: int = READ_RETRIES):
+    def __init__(self, uri: str, *, sha256: str | None = None, retries: int = READ_RETRIES):
         super().__init__()
         self.uri, self.expected, self.retries = uri, sha256, retries
         self.offset, self.reopens, self.failed = 0, 0, False
@@ -383,7 +384,7 @@ class ResumingReader(io.RawIOBase):
                 if isinstance(err, FileNotFoundError):
                     raise UnreadableError(f"{self.uri}: not found") from err
                 raise
-            except Exception as err:  # noqa: BLE001 - connection reset, timeout, truncated response: retry
+            except Exception as err:  # connection reset, timeout, truncated response: retry
                 self._drop()
                 attempt += 1
                 if attempt > self.retries or (self.offset and not self._src.resumable):
@@ -446,7 +447,7 @@ class ResumingReader(io.RawIOBase):
         super().close()
 
 
-def open_read(uri: str, *, sha256: Optional[str] = None, retries: int = READ_RETRIES,
+def open_read(uri: str, *, sha256: str | None = None, retries: int = READ_RETRIES,
               buffer_size: int = 1 << 20) -> io.BufferedReader:
     """A buffered binary stream of `uri` that survives dropped connections (see ResumingReader); the reader is
     at `.raw`."""
@@ -461,6 +462,26 @@ def file_sha256(uri: str) -> str:
     return h.hexdigest()
 
 
-__all__ = ["ShardIntegrityError", "UnreadableError", "ResumingReader", "open_read", "open_write", "read_bytes",
-           "write_bytes", "upload", "download", "copy_tree", "exists", "is_file", "size", "listdir", "makedirs",
-           "remove", "join", "parent", "scheme", "is_local", "file_sha256"]
+__all__ = [
+    "ResumingReader",
+    "ShardIntegrityError",
+    "UnreadableError",
+    "copy_tree",
+    "download",
+    "exists",
+    "file_sha256",
+    "is_file",
+    "is_local",
+    "join",
+    "listdir",
+    "makedirs",
+    "open_read",
+    "open_write",
+    "parent",
+    "read_bytes",
+    "remove",
+    "scheme",
+    "size",
+    "upload",
+    "write_bytes",
+]

@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 import torch
+from conftest import FASHION_MNIST
+from object_store import through_proxy
 
 from brcd_dist import storage
 from brcd_dist.data import eval_batches, load_manifest, train_batches, write_shards
 from brcd_dist.data.reading import IncompleteReadError
-from conftest import FASHION_MNIST
-from object_store import through_proxy
 
 LOADER = dict(image_size=32, in_chans=1)
 

@@ -9,9 +9,9 @@ import sys
 import uuid
 
 import pytest
+from object_store import through_proxy
 
 from brcd_dist import storage
-from object_store import through_proxy
 
 
 def _key(store, name: str) -> str:
@@ -28,10 +28,9 @@ def test_local_write_read_list_size(tmp_path):
 
 def test_local_write_that_fails_leaves_nothing(tmp_path):
     uri = str(tmp_path / "a.bin")
-    with pytest.raises(RuntimeError):
-        with storage.open_write(uri) as f:
-            f.write(b"half")
-            raise RuntimeError("writer died")
+    with pytest.raises(RuntimeError), storage.open_write(uri) as f:
+        f.write(b"half")
+        raise RuntimeError("writer died")
     assert os.listdir(tmp_path) == []
 
 
@@ -47,10 +46,9 @@ def test_s3_write_read_list_size(object_store):
 
 def test_s3_write_that_fails_uploads_nothing(object_store):
     uri = _key(object_store, "a.bin")
-    with pytest.raises(RuntimeError):
-        with storage.open_write(uri) as f:
-            f.write(b"half")
-            raise RuntimeError("writer died")
+    with pytest.raises(RuntimeError), storage.open_write(uri) as f:
+        f.write(b"half")
+        raise RuntimeError("writer died")
     assert not storage.exists(uri)
 
 
