@@ -287,21 +287,29 @@ class _ObjectSource(_Source):
 
 
 class _HttpSource(_Source):
-    """http(s): one streaming GET with `Range: bytes=offset-` (a server that ignores ranges: skip ahead)."""
+    """http(s): one streaming GET with `Range: bytes=offset-` (a server that ignores ranges: skip ahead). A body
+    that ends before its Content-Length is a failure (urllib returns it as a quiet end), so it is retried."""
 
     def open_at(self, offset: int) -> None:
         req = urllib.request.Request(self.uri, headers={"Range": f"bytes={offset}-"} if offset else {})
         self.resp = urllib.request.urlopen(req, timeout=60)
+        length = self.resp.headers.get("Content-Length")
+        self.left = int(length) if length is not None else None
         if offset and self.resp.status != 206:
             skip = offset
             while skip:
-                got = self.resp.read(min(skip, CHUNK))
+                got = self.read(min(skip, CHUNK))
                 if not got:
                     raise OSError(f"{self.uri}: ended before offset {offset}")
                 skip -= len(got)
 
     def read(self, n: int) -> bytes:
-        return self.resp.read(n)
+        data = self.resp.read(n)
+        if self.left is not None:
+            if not data and self.left > 0:
+                raise OSError(f"{self.uri}: response cut {self.left} bytes short")
+            self.left -= len(data)
+        return data
 
     def close(self) -> None:
         if getattr(self, "resp", None) is not None:
