@@ -112,7 +112,7 @@ def check_same_params(existing: Manifest, wanted: dict[str, Any], shards_dir: st
         if k in wanted and getattr(existing, k) != wanted[k]:
             raise ShardsMismatchError(
                 f"{shards_dir} holds shards made with {k}={getattr(existing, k)!r}, asked for {k}={wanted[k]!r}: "
-                "use another data.shards_dir or delete that one")
+                "use another data.shards_dir / data.shards_url or delete that one")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
