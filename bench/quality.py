@@ -32,7 +32,7 @@ from _cli import preflight, setup_logging  # noqa: E402
 from brcd_dist import tracking  # noqa: E402
 from brcd_dist.config import load_config  # noqa: E402
 from brcd_dist.models import load_hash_model  # noqa: E402
-from brcd_dist.pipeline import absolute_paths, train_teacher  # noqa: E402
+from brcd_dist.driver import absolute_paths, train_teacher  # noqa: E402
 from brcd_dist.reporting import launch_and_publish  # noqa: E402
 from brcd_dist.sweep import input_example  # noqa: E402
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from _cli import config_from_args, parser, preflight, setup_logging
 
-from brcd_dist.pipeline import absolute_paths, run_name
+from brcd_dist.driver import absolute_paths, run_name
 from brcd_dist.reporting import launch_and_publish, result_table
 from brcd_dist import tracking
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from _cli import config_from_args, parser, preflight, setup_logging
 
 from brcd_dist import tracking
-from brcd_dist.pipeline import absolute_paths, run_name, train_teacher
+from brcd_dist.driver import absolute_paths, run_name, train_teacher
 from brcd_dist.reporting import publish
 
 

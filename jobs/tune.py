@@ -16,7 +16,7 @@ from _cli import config_from_args, fail, parser, preflight, setup_logging
 
 from brcd_dist import tracking
 from brcd_dist.config import ConfigError, to_dict
-from brcd_dist.pipeline import absolute_paths, run_name, train_teacher
+from brcd_dist.driver import absolute_paths, run_name, train_teacher
 from brcd_dist.sweep import (SEARCHED, check_bounds, close_stopped_trials, format_table, input_example,
                              make_trainable, search_space, trial_table)
 
