@@ -32,7 +32,7 @@ from _cli import preflight, setup_logging  # noqa: E402
 from brcd_dist import tracking  # noqa: E402
 from brcd_dist.config import load_config  # noqa: E402
 from brcd_dist.models import load_hash_model  # noqa: E402
-from brcd_dist.driver import absolute_paths, train_teacher  # noqa: E402
+from brcd_dist.driver import absolute_paths, launch_teacher_job  # noqa: E402
 from brcd_dist.reporting import launch_and_publish  # noqa: E402
 from brcd_dist.sweep import input_example  # noqa: E402
 
@@ -161,7 +161,7 @@ def get_teacher(args, cfg_base, bits: int, given: dict, sweep: str, parent: str 
             model = load_hash_model(path)
             source = f"given: {path}"
         else:
-            path_t, out = train_teacher(cfg, run_id=run_id, name=name)
+            path_t, out = launch_teacher_job(cfg, run_id=run_id, name=name)
             path, model, source = str(path_t), out.teacher, "trained here (pipeline stage A)"
         if run_id:
             tracking.set_tags(run_id, {"bench.teacher_source": source})

@@ -16,7 +16,7 @@ from _cli import config_from_args, fail, parser, preflight, setup_logging
 
 from brcd_dist import tracking
 from brcd_dist.config import ConfigError, to_dict
-from brcd_dist.driver import absolute_paths, run_name, train_teacher
+from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
 from brcd_dist.sweep import (SEARCHED, check_bounds, close_stopped_trials, format_table, input_example,
                              make_trainable, search_space, trial_table)
 
@@ -54,7 +54,7 @@ def main(argv=None) -> list[dict]:
     try:
         teacher_run = None
         if not cfg.teacher.uri:  # stage A once for the whole sweep
-            path, out = train_teacher(cfg, run_id=parent, name=f"{sweep}-teacher")
+            path, out = launch_teacher_job(cfg, run_id=parent, name=f"{sweep}-teacher")
             cfg.teacher = replace(cfg.teacher, uri=str(path))
             if parent:
                 tracking.log_hash_model(parent, out.teacher, "teacher", input_example(cfg))

@@ -47,8 +47,9 @@ def begin_attempt(state: TrainState, resumed: bool) -> list:
     return ran
 
 
-def distill_worker(config: dict) -> None:
-    """config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher"}."""
+def run_stages(config: dict) -> None:
+    """Stages A–D of DESIGN §1 on this worker (`driver.launch` hands it to TorchTrainer).
+    config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher"}."""
     ctx = make_context(config)
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
