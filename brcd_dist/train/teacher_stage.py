@@ -8,7 +8,7 @@ from typing import Optional
 
 from brcd_dist.codes import probs_and_codes
 from brcd_dist.losses.cibhash import cibhash_loss
-from brcd_dist.models import HashModel, build_teacher, load_hash_model, save_hash_model
+from brcd_dist.models import HashModel, build_teacher, load_hash_model
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.engine import make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
@@ -29,7 +29,7 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
     teacher = teacher.to(ctx.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    ctx.artifacts["teacher.pt"] = lambda path: save_hash_model(teacher, path)
+    ctx.checkpoint_files.teacher = teacher
     return teacher
 
 
