@@ -231,7 +231,7 @@ def main(argv=None) -> list[dict]:
         results.start({"sweep": sweep, "parent_run_id": parent, "argv": sys.argv[1:]})
     cache = Path(cfg.train.storage_path) / sweep / "cache"
     t_start = time.perf_counter()
-    try:
+    with tracking.failing_run(parent):
         for bits, seed in plan(args.bits, args.seeds, args.seed_bits):
             teacher = get_teacher(args, cfg, bits, given, sweep, parent, results)
             if not results.has(bits, seed, ITQ_ROW):
@@ -254,10 +254,6 @@ def main(argv=None) -> list[dict]:
             tracking.log_text(parent, text, "quality_table.md")
             tracking.log_artifact(parent, args.results)
             tracking.end_run(parent)
-    except BaseException as err:
-        if parent:
-            tracking.fail_run(parent, err)
-        raise
     return results.rows
 
 

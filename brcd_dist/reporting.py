@@ -71,14 +71,10 @@ def launch_and_publish(cfg: Config, run_id: str | None, name: str, roles: tuple 
                        callbacks: list | None = None) -> Outputs:
     """One distillation run (`driver.launch`) and its outputs published to its MLflow run, if it has one; a run
     that fails is marked FAILED with its error before the error goes on."""
-    try:
+    with tracking.failing_run(run_id):
         out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, name=name, callbacks=callbacks)))
         if run_id:
             publish(run_id, cfg, out, roles=roles)
-    except BaseException as err:
-        if run_id:
-            tracking.fail_run(run_id, err)
-        raise
     return out
 
 

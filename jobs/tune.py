@@ -51,7 +51,7 @@ def main(argv=None) -> list[dict]:
     parent = tracking.start_run(cfg, run_name=sweep, manifest_digest=manifest.digest(),
                                 tags={"brcd.job": "tune"}) if uri else None
     metric = f"val_query/{args.paradigm}_map"
-    try:
+    with tracking.failing_run(parent, on_failure=close_stopped_trials):
         teacher_run = None
         if not cfg.teacher.uri:  # stage A once for the whole sweep
             path, out = launch_teacher_job(cfg, run_id=parent, name=f"{sweep}-teacher")
@@ -92,11 +92,6 @@ def main(argv=None) -> list[dict]:
                       f"trial {best['trial']}, α={best['alpha']:.4g}, δ={best['delta']:.4g}, K={best['K']})")
             close_stopped_trials(parent, [r["trial"] for r in rows if r["status"] == "stopped (ASHA)"])
             tracking.end_run(parent)
-    except BaseException as err:
-        if parent:
-            close_stopped_trials(parent)
-            tracking.fail_run(parent, err)
-        raise
     return rows
 
 

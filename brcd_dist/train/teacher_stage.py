@@ -21,8 +21,10 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
     cfg = ctx.cfg
     if resume_dir is not None and (resume_dir / "teacher.pt").is_file():
         teacher = load_hash_model(resume_dir / "teacher.pt")  # stage A finished before the restart
+    elif cfg.teacher.uri and Path(cfg.teacher.uri).is_file():
+        teacher = load_hash_model(cfg.teacher.uri)  # a checkpoint file: no MLflow involved
     elif cfg.teacher.uri:
-        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/..., or a checkpoint file
+        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/...
         teacher = load_model(cfg.teacher.uri)
     else:
         teacher = train_teacher(ctx, state, resume_dir)
