@@ -15,7 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 DATA_SOURCES = ("fashion_mnist", "imagefolder", "shards")
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "classifier_mlp")
 TEACHER_SPLITS = ("train", "database")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -53,7 +53,7 @@ class ModelConfig:
     pretrained: bool = False  # timm weights (needs internet) unless weights_path is set
     weights_path: str = ""  # local state_dict for the backbone
     frozen_backbone: bool = False  # frozen pretrained backbone, BN in eval mode (paper setting)
-    head: str = "linear"  # linear: feat->L ; mlp: feat->1000->1000->L as in the paper
+    head: str = "linear"  # linear: feat->L ; mlp: feat->1000->1000->L ; classifier_mlp: logits->1000->L (the paper's)
     uri: str = ""  # an existing hash model: models:/NAME@alias, runs:/..., or a checkpoint file
 
 

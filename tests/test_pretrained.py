@@ -66,3 +66,30 @@ def test_frozen_lite0_student_of_the_config_loads_the_imagenet_weights(converted
     assert all(p.requires_grad for p in student.head.parameters())
     student.train()
     assert not student.backbone.training  # BN statistics stay frozen
+
+
+def test_classifier_mlp_head_reads_the_imagenet_logits(converted):
+    """The paper's head: the backbone keeps its (frozen) 1000-class classifier; Linear(1000, 1000)-ReLU-Linear(1000, L)."""
+    cfg = load_config(CONFIG, [f"student.weights_path={converted}"], validate=False)
+    assert cfg.student.head == "classifier_mlp"
+    student = build_student(cfg)
+    source = torch.load(packaged_weights_file(), weights_only=True)
+    assert torch.equal(student.backbone.classifier.weight, source["_fc.weight"])
+    assert student.feature_dim == 1000
+    linears = [m for m in student.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(1000, 1000), (1000, cfg.brcd.bits)]
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(student(x), student.head(student.backbone(x)))
+
+
+def test_classifier_mlp_student_survives_a_checkpoint_round_trip(converted, tmp_path):
+    from brcd_dist.models import load_hash_model, save_hash_model
+
+    cfg = load_config(CONFIG, [f"student.weights_path={converted}"], validate=False)
+    student = build_student(cfg).eval()
+    save_hash_model(student, tmp_path / "s.pt")
+    again = load_hash_model(tmp_path / "s.pt").eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(student(x), again(x))
