@@ -9,7 +9,9 @@ same input, so this bench computes it once per image for a fixed set of augmente
    input, so that teacher and student see different features). Stored as float16 in --cache, reused by later runs.
 2. teacher: an MLP hash head on the 64 px features trained with the CIBHash loss on pairs of cached views; its codes
    of the training images give k-means pseudo-labels (K = 10) and bit masks (δ), as stage B does.
-3. student, per method: an MLP head (models.hash_head "mlp") on the 32 px features, Adam 1e-3, batch 64,
+3. student, per method: an MLP hash head on the 32 px features (--head mlp: 1280 -> 1000 -> 1000 -> L on the pooled
+   features; --head classifier_mlp: the paper's 1000 -> 1000 -> L on the frozen ImageNet classifier's logits, which
+   is linear in the cached features, so it is applied to them once), Adam 1e-3, batch 64,
    kd_weight × KD + λ_self × CIBHash, two distinct cached views per image per epoch; validation SSHP mAP@1000
    every --eval-every epochs, best kept, early stop after --patience evaluations without improvement; the best
    head is scored on the test queries (SSHP, and ASHP against the teacher's database codes).
@@ -154,11 +156,18 @@ def train_teacher(cache: dict, args) -> torch.nn.Module:
     return head.eval()
 
 
+def classifier_logits(cache: dict) -> dict:
+    """The student's cached features mapped through Lite0's frozen ImageNet classifier (1280 -> 1000 logits)."""
+    state = efficientnet_lite0_state_dict()
+    weight, bias = state["classifier.weight"].float(), state["classifier.bias"].float()
+    return {split: (feats.float() @ weight.T + bias).half() for split, feats in cache["student"].items()}
+
+
 def train_student(cache: dict, teacher_out: dict, cfg: BRCDConfig, args) -> dict:
     torch.manual_seed(args.seed)
     s_views = cache["student"]["views"]
     n, v = s_views.shape[:2]
-    head = hash_head(s_views.shape[-1], BITS, "mlp")
+    head = hash_head(s_views.shape[-1], BITS, args.head)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     labels_db = cache["labels"]["database"]
     best, best_state, bad, history = -1.0, None, 0, []
@@ -247,6 +256,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--head", default="mlp", choices=["mlp", "classifier_mlp"], help="the students' head (models.py)")
     ap.add_argument("--out", default="bench/results/frozen_heads.jsonl")
     args = ap.parse_args()
     if args.views < 2 or args.views % 2:
@@ -271,6 +281,8 @@ def main() -> None:
     teacher_out, report = teacher_outputs(cache, teacher, args)
     report["teacher_seconds"] = round(time.time() - started, 1)
     print(json.dumps({"teacher": report}), flush=True)
+    if args.head == "classifier_mlp":
+        cache["student"] = classifier_logits(cache)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.methods.split(","):
@@ -278,8 +290,8 @@ def main() -> None:
         started = time.time()
         row = {"method": name, "seed": args.seed, **train_student(cache, teacher_out, cfg, args),
                "seconds": round(time.time() - started, 1), "teacher": report,
-               "setup": {k: getattr(args, k) for k in ("views", "database", "queries", "teacher_epochs", "epochs",
-                                                       "eval_every", "patience", "batch")}}
+               "setup": {k: getattr(args, k) for k in ("train", "views", "database", "queries", "teacher_epochs",
+                                                       "epochs", "eval_every", "patience", "batch", "head")}}
         print(json.dumps({k: v for k, v in row.items() if k != "teacher"}), flush=True)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
