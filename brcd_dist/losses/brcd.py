@@ -126,9 +126,9 @@ def brcd_loss(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
     # Negatives: the codes of the other images, each labelled by its image's c(j).
     keep = cand_image.unsqueeze(0) != row_image.unsqueeze(1)
     if negatives == "authors":  # {s_j, t'_j} for view-1 rows, {s'_j, t_j} for view-2 rows
-        cand_block = torch.arange(4, device=device).repeat_interleave(b)
-        row_view = torch.arange(2, device=device).repeat_interleave(b)
-        keep &= (cand_block.unsqueeze(0) == row_view.unsqueeze(1)) | (cand_block.unsqueeze(0) == 3 - row_view.unsqueeze(1))
+        cand_block = torch.arange(4, device=device).repeat_interleave(b).unsqueeze(0)  # 0: s, 1: s', 2: t, 3: t'
+        row_view = torch.arange(2, device=device).repeat_interleave(b).unsqueeze(1)
+        keep &= (cand_block == row_view) | (cand_block == 3 - row_view)
     if cluster_removal:  # false negatives leave the denominator
         keep &= cand_label.unsqueeze(0) != row_label.unsqueeze(1)
     if authors_release:
@@ -139,9 +139,9 @@ def brcd_loss(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
         cand_mask = masks[cand_label] if (masks is not None and mask_sides == "both") else None
         similarity = _matrix_similarity(anchors, candidates, row_mask, cand_mask, n_bits, mask_normalization,
                                         cosine)
-    negatives = (similarity / tau).masked_fill(~keep, float("-inf"))
+    negative_logits = (similarity / tau).masked_fill(~keep, float("-inf"))
 
-    logits = torch.cat([positive.unsqueeze(1), negatives], dim=1)
+    logits = torch.cat([positive.unsqueeze(1), negative_logits], dim=1)
     rows = torch.logsumexp(logits, dim=1) - positive   # −log softmax of the positive
     return rows if reduction == "none" else rows.mean()
 
