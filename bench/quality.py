@@ -47,10 +47,16 @@ METHODS = {
     "SP": ["brcd.kd=sp"],
     "CRD": ["brcd.kd=crd"],
     "KL on bits": ["brcd.kd=kl_bits"],
+    "KL on codes (smoothed)": ["brcd.kd=kl_codes"],
+    "paper's KD (DistillKL, T=4)": ["brcd.kd=distill_kl"],
     "BRCD": ["brcd.kd=brcd"],
     "BRCD, no structural term": ["brcd.kd=brcd", "brcd.structural=false"],
     "BRCD, no cluster-based removal": ["brcd.kd=brcd", "brcd.cluster_removal=false"],
     "BRCD, no bit mask": ["brcd.kd=brcd", "brcd.bit_mask=false"],
+    "BRCD, masks over L": ["brcd.kd=brcd", "brcd.mask_normalization=length"],
+    "BRCD, authors' code": ["brcd.kd=brcd", "brcd.mask_sides=both", "brcd.cosine=normalised", "brcd.negatives=authors"],
+    "BRCD, authors' release (zero masks)": ["brcd.kd=brcd", "brcd.mask_sides=both", "brcd.cosine=normalised",
+                                            "brcd.negatives=authors", "brcd.authors_release=true"],
 }
 ITQ_ROW, TEACHER_ROW = "ITQ on pixels", "teacher (its own codes)"
 
