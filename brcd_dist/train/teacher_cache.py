@@ -12,8 +12,9 @@ from typing import Any, Optional
 
 import torch
 
+from brcd_dist.train.collectives import broadcast_object
+from brcd_dist.train.context import WorkerContext
 from brcd_dist import storage
-from brcd_dist.train.context import WorkerContext, broadcast_object
 
 
 def teacher_digest(teacher) -> str:

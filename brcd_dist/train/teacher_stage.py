@@ -24,10 +24,11 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
         teacher = load_hash_model(state.teacher_uri)
     elif resume_dir is not None and (resume_dir / "teacher.pt").is_file():  # a checkpoint that carries it
         teacher = load_hash_model(resume_dir / "teacher.pt")
-    elif cfg.teacher.uri and storage.scheme(cfg.teacher.uri) in storage.OBJECT_SCHEMES:
-        teacher = load_hash_model(cfg.teacher.uri)  # a checkpoint file on an object store
+    elif cfg.teacher.uri and (storage.scheme(cfg.teacher.uri) in storage.OBJECT_SCHEMES
+                              or Path(cfg.teacher.uri).is_file()):
+        teacher = load_hash_model(cfg.teacher.uri)  # a checkpoint file (local or s3://): no MLflow involved
     elif cfg.teacher.uri:
-        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/..., or a checkpoint file
+        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/...
         teacher = load_model(cfg.teacher.uri)
     else:
         teacher = train_teacher(ctx, state, resume_dir)
@@ -39,7 +40,7 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
         if ctx.is_chief:
             save_hash_model(teacher, state.teacher_uri)
     elif not ctx.run_dir:
-        ctx.artifacts["teacher.pt"] = lambda path: save_hash_model(teacher, path)
+        ctx.checkpoint_files.teacher = teacher
     return teacher
 
 

@@ -74,11 +74,11 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from brcd_dist import storage
-    from brcd_dist.train.worker import distill_worker
+    from brcd_dist.train.worker import run_stages
     t = cfg.train
     name = name or run_name(cfg)
     trainer = TorchTrainer(
-        distill_worker,
+        run_stages,
         train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages,
                            "run_dir": storage.join(t.storage_path, name)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -139,7 +139,8 @@ def result_checkpoint_dir(result) -> Path:
     return Path(ckpt.to_directory())  # remote storage (s3://, gs://): a local copy to read the outputs from
 
 
-def train_teacher(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[Path, Outputs]:
+def launch_teacher_job(cfg: Config, *, run_id: Optional[str] = None,
+                       name: Optional[str] = None) -> tuple[str, Outputs]:
     """Stage A alone. Returns the teacher's file, written once beside the run's checkpoints under
     train.storage_path (a local path or s3://...: Ray keeps only the last two checkpoints), and the run's
     outputs."""
