@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from brcd_dist.train.context import WorkerContext, broadcast_object
@@ -33,11 +34,31 @@ def cache_file(ctx: WorkerContext, digest: str, stem: str) -> Optional[Path]:
     return Path(cache) / f"{stem}-t{digest}-d{ctx.manifest.digest()[:16]}.pt"
 
 
+NUMPY_KEYS = "_numpy_keys"  # a cached dict's entries that were numpy arrays, stored as tensors
+
+
+def to_stored(obj: Any) -> Any:
+    """A dict's numpy arrays as tensors, so that the file loads with weights_only=True (no pickled numpy)."""
+    if not isinstance(obj, dict):
+        return obj
+    arrays = [k for k, v in obj.items() if isinstance(v, np.ndarray)]
+    out = {k: torch.from_numpy(v) if k in arrays else v for k, v in obj.items()}
+    return {**out, NUMPY_KEYS: arrays} if arrays else out
+
+
+def from_stored(obj: Any) -> Any:
+    if not isinstance(obj, dict) or NUMPY_KEYS not in obj:
+        return obj
+    arrays = obj.pop(NUMPY_KEYS)
+    return {k: v.numpy() if k in arrays else v for k, v in obj.items()}
+
+
 def load_cached(ctx: WorkerContext, path: Optional[Path]) -> Any:
-    """The cached object on every rank, or None on every rank."""
+    """The cached object on every rank, or None on every rank. Loaded with weights_only=True: the cache directory
+    is shared across runs and trials, and a crafted file must not run code."""
     if path is None or not broadcast_object(path.is_file() if ctx.is_chief else None):
         return None
-    return torch.load(path, weights_only=False)
+    return from_stored(torch.load(path, weights_only=True))
 
 
 def save_cached(ctx: WorkerContext, obj: Any, path: Optional[Path]) -> None:
@@ -45,5 +66,5 @@ def save_cached(ctx: WorkerContext, obj: Any, path: Optional[Path]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    torch.save(to_stored(obj), tmp)
     os.replace(tmp, path)
