@@ -14,6 +14,7 @@ from typing import Optional
 
 from brcd_dist.config import Config, to_dict
 from brcd_dist.models import HashModel, load_hash_model
+from brcd_dist.redact import credential_env, redact_env
 from brcd_dist.train.state import Clustering, TrainState, read_state
 
 log = logging.getLogger("brcd_dist")
@@ -56,6 +57,7 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     # it starts: see the README's known limitation).
     if address and address != "auto" and "://" not in address:
         env_vars.setdefault("RAY_ADDRESS", address)
+    env_vars = redact_env(env_vars)  # the dashboard shows runtime_env: credentials travel with credential_env()
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
              log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
 
@@ -75,7 +77,8 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
     t = cfg.train
     trainer = TorchTrainer(
         distill_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages},
+        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages,
+                           "env": credential_env(tracking_uri=cfg.tracking.uri)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},

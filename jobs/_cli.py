@@ -24,7 +24,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    from brcd_dist.redact import redact  # a tracking URI or shard URL in the message may carry credentials
+    print(f"error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from brcd_dist.data.augment import TwoViews, eval_batch
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
 from brcd_dist.data.manifest import Manifest, shard_url
+from brcd_dist.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class ShardBatches:
     def _absorb(self, chunk: dict[str, Any]) -> None:
         self.stats.bad_samples += chunk["bad_samples"]
         self.stats.missing_samples += chunk["missing_samples"]
-        for msg in chunk["errors"]:
+        for msg in map(redact, chunk["errors"]):  # URLs of signed or pipe: shards may carry credentials
             if len(self.stats.errors) < MAX_LOGGED_ERRORS:
                 log.warning("split %s, rank %d: skipped: %s", self.split, self.dataset.rank, msg)
                 self.stats.errors.append(msg)  # the first ones; the counts hold the rest

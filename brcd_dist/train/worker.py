@@ -14,6 +14,7 @@ import torch
 from brcd_dist.config import from_dict
 from brcd_dist.data import load_manifest
 from brcd_dist.models import load_hash_model
+from brcd_dist.redact import apply_credential_env
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
@@ -48,7 +49,9 @@ def begin_attempt(state: TrainState, resumed: bool) -> list:
 
 
 def distill_worker(config: dict) -> None:
-    """config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher"}."""
+    """config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher",
+    "env": the driver's credential variables (brcd_dist.redact.credential_env)}."""
+    apply_credential_env(config.get("env"))
     ctx = make_context(config)
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
