@@ -143,6 +143,7 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     storage_path: str = "runs"  # local directory or s3:// / gs:// URI where Ray keeps checkpoints
     name: str = ""  # run name under storage_path; "" makes a unique one from the time
+    resume_anyway: bool = False  # resume a run of this name even if it was started with another config
 
     def validate(self, s: str = "train") -> None:
         _check(self.workers >= 1, f"{s}.workers", self.workers, "must be >= 1")
@@ -190,6 +191,7 @@ class TrackingConfig:
     student_name: str = "brcd-student"  # registered model name of the student
     teacher_name: str = "brcd-teacher"  # registered model name of the teacher
     alias: str = "candidate"  # alias given to a new version whose test mAP is at least the holder's
+    force_alias: bool = False  # move the alias to the new version even if its test mAP is below the holder's
 
     def validate(self, s: str = "tracking") -> None:
         for key in ("experiment", "student_name", "teacher_name", "alias"):
@@ -345,6 +347,20 @@ def flatten(cfg: Config) -> dict[str, Any]:
                 out[f"{prefix}{k}"] = v
     walk(to_dict(cfg), "")
     return out
+
+
+# Keys that do not change what a run computes: a run may resume under other values of them.
+DIGEST_IGNORES = ("train.name", "train.storage_path", "train.max_failures", "train.resume_anyway",
+                  "data.loader_workers", "tracking.")
+
+
+def config_digest(cfg: Config) -> str:
+    """A short sha256 of the config, without the keys that only name, place or log a run (DIGEST_IGNORES): what
+    state.json records, so that a run name is not silently resumed under another config."""
+    import hashlib
+    import json
+    kept = {k: v for k, v in flatten(cfg).items() if not k.startswith(DIGEST_IGNORES)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- validation across sections and on disk

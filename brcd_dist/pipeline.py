@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ from typing import Optional
 from brcd_dist.config import Config, to_dict
 from brcd_dist.models import HashModel, load_hash_model
 from brcd_dist.redact import credential_env, redact_env
+from brcd_dist.run_guard import atomic_copy, check_resume, unique_run_name
 from brcd_dist.train.state import Clustering, TrainState, read_state
 
 log = logging.getLogger("brcd_dist")
@@ -63,7 +63,7 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.train.name or time.strftime("distill-%Y%m%d-%H%M%S")
+    return cfg.train.name or unique_run_name("distill")
 
 
 def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", name: Optional[str] = None,
@@ -75,6 +75,8 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
 
     from brcd_dist.train.worker import distill_worker
     t = cfg.train
+    name = name or run_name(cfg)
+    check_resume(cfg, name)  # the jobs check it before Ray starts; this guards every other caller
     trainer = TorchTrainer(
         distill_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages,
@@ -83,7 +85,7 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},
                                                placement_strategy=t.placement_strategy),
-        run_config=ray.train.RunConfig(name=name or run_name(cfg), storage_path=t.storage_path,
+        run_config=ray.train.RunConfig(name=name, storage_path=t.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        callbacks=callbacks),
@@ -138,9 +140,8 @@ def result_checkpoint_dir(result) -> Path:
 def train_teacher(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[Path, Outputs]:
     """Stage A alone. Returns a stable copy of the teacher's checkpoint file (Ray keeps only the last two
     checkpoints) and the run's outputs."""
-    import shutil
     name = name or run_name(cfg) + "-teacher"
     out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, stages="teacher", name=name)))
     path = Path(cfg.train.storage_path) / name / "teacher.pt"
-    shutil.copyfile(out.checkpoint_dir / "teacher.pt", path)
+    atomic_copy(out.checkpoint_dir / "teacher.pt", path)  # a full disk leaves no truncated teacher.pt behind
     return path, out

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 MASK = "***"
 

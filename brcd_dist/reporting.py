@@ -68,7 +68,7 @@ def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "
         if t.register:
             tags = {"run_id": run_id, "bits": model.bits, "arch": model.arch,
                     **{k.replace("/", "."): round(float(v), 5) for k, v in test.items()}}
-            versions[role] = tracking.register_model(model_uri, name, t.alias, tags, role)
+            versions[role] = tracking.register_model(model_uri, name, t.alias, tags, role, force_alias=t.force_alias)
     tracking.end_run(run_id)
     return versions
 

@@ -5,9 +5,17 @@ from pathlib import Path
 import pytest
 
 import brcd_dist.config as config_module
-
-from brcd_dist.config import (Config, ConfigError, flatten, from_dict, load_config, parse_overrides, to_dict,
-                              to_yaml, validate_config)
+from brcd_dist.config import (
+    Config,
+    ConfigError,
+    flatten,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+    to_yaml,
+    validate_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = REPO / "configs" / "fashion_mnist.yaml"

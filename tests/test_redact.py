@@ -3,8 +3,6 @@ tokens and secret-named variables, applied to MLflow params, the config.yaml art
 warnings and Ray's runtime_env; credential variables reach the workers through the train loop's config."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from brcd_dist.redact import credential_env, redact, redact_env

@@ -29,6 +29,7 @@ class TrainState:
     best_metric: float = -1.0
     evals_without_improvement: int = 0
     history: dict = field(default_factory=lambda: {"train": [], "eval": [], "test": {}})
+    config_digest: str = ""  # config.config_digest of the run that wrote it (a resume under another is refused)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

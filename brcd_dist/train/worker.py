@@ -11,7 +11,7 @@ from pathlib import Path
 import ray.train
 import torch
 
-from brcd_dist.config import from_dict
+from brcd_dist.config import config_digest, from_dict
 from brcd_dist.data import load_manifest
 from brcd_dist.models import load_hash_model
 from brcd_dist.redact import apply_credential_env
@@ -56,7 +56,7 @@ def distill_worker(config: dict) -> None:
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         resume_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
-        state = read_state(resume_dir) if resume_dir else TrainState()
+        state = read_state(resume_dir) if resume_dir else TrainState(config_digest=config_digest(ctx.cfg))
         if resume_dir:
             log.info("rank %d resumes at stage %s, epoch %d, step %d", ctx.rank, state.stage, state.epoch,
                      state.step_in_epoch)
