@@ -53,6 +53,7 @@ class DataConfig:
     samples_per_shard: int = 1000  # images per tar shard
     split_seed: int = 0  # seed of the train/database/query split
     loader_workers: int = 1  # data-loading processes per rank (0: in the training process)
+    max_image_pixels: int = 40_000_000  # ImageFolder images above this many pixels are skipped unread (0: no cap)
 
     def validate(self, s: str = "data") -> None:
         _choice(f"{s}.source", self.source, DATA_SOURCES)
@@ -63,6 +64,7 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 1.0, f"{s}.val_fraction", self.val_fraction, "must be in (0, 1)")
         _check(self.samples_per_shard >= 1, f"{s}.samples_per_shard", self.samples_per_shard, "must be >= 1")
         _check(self.loader_workers >= 0, f"{s}.loader_workers", self.loader_workers, "must be >= 0")
+        _check(self.max_image_pixels >= 0, f"{s}.max_image_pixels", self.max_image_pixels, "must be >= 0 (0: no cap)")
 
 
 @dataclass
@@ -299,8 +301,9 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                validate: bool = True) -> Config:
-    """Defaults, then the YAML file, then overrides; validated unless told otherwise."""
+                validate: bool = True, training: bool = True) -> Config:
+    """Defaults, then the YAML file, then overrides; validated unless told otherwise (training=False: for a job
+    that only makes shards, brcd.clusters is not checked against the train split)."""
     cfg = Config()
     if path:
         p = Path(path)
@@ -317,7 +320,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if overrides:
         _apply(cfg, parse_overrides(overrides))
     if validate:
-        validate_config(cfg)
+        validate_config(cfg, training=training)
     return cfg
 
 
@@ -415,7 +418,7 @@ def _train_split_size(cfg: Config) -> tuple[int, str] | None:
     return None
 
 
-def validate_config(cfg: Config, check_paths: bool = True) -> Config:
+def validate_config(cfg: Config, check_paths: bool = True, training: bool = True) -> Config:
     """Every section's rules, then (check_paths) those that look at the disk: files that must exist, directories
     that must not be files, and the source's classes and images against train_per_class and brcd.clusters."""
     cfg.validate()
@@ -440,7 +443,7 @@ def validate_config(cfg: Config, check_paths: bool = True) -> Config:
         _check(Path(d.source_path).exists(), "data.source_path", d.source_path,
                "not found" + (" (apt-get install dataset-fashion-mnist)" if d.source == "fashion_mnist" else ""))
     split = _train_split_size(cfg)
-    if split is not None:
+    if split is not None and training:
         n, where = split
         _check(cfg.brcd.clusters <= n, "brcd.clusters", cfg.brcd.clusters,
                f"must be <= {n}, the images of the train split ({where})")

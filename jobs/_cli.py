@@ -33,11 +33,11 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def config_from_args(args):
+def config_from_args(args, training: bool = True):
     flags = [f"train.resume_anyway={getattr(args, 'resume_anyway', False)}",
              f"tracking.force_alias={getattr(args, 'force_alias', False)}"]
     try:
-        return load_config(args.config, [*args.overrides, *flags])
+        return load_config(args.config, [*args.overrides, *flags], training=training)
     except ConfigError as err:
         fail(str(err))
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from brcd_dist.data.augment import TwoViews, eval_batch
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
+from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, check_pixels
 from brcd_dist.data.manifest import Manifest, shard_url
 from brcd_dist.redact import redact
 
@@ -127,6 +128,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"{key}: missing {'png' if 'png' not in sample else 'cls'}")
         label = int(sample["cls"])
         image = Image.open(io.BytesIO(sample["png"]))
+        check_pixels(image, DEFAULT_MAX_IMAGE_PIXELS, f"{key}")  # a decompression bomb in a shard: refused unread
         image.load()
         return key, label, image.convert("L" if self.in_chans == 1 else "RGB")
 

@@ -90,9 +90,12 @@ def _fashion_mnist(path: str, max_images: int) -> _Source:
 
 
 def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.ndarray, in_chans: int,
-                 shorter_side: int, num_procs: int) -> _ImageSet:
+                 shorter_side: int, num_procs: int,
+                 max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _ImageSet:
     paths = [str(images.root / images.files[p]) for p in positions]
-    encode = partial(imagefolder.encode_png, in_chans=in_chans, shorter_side=shorter_side)
+    # bytes, or the reason (str) why an image is skipped: corrupt, empty or above the pixel cap
+    encode = partial(imagefolder.encode_png_or_reason, in_chans=in_chans, shorter_side=shorter_side,
+                     max_pixels=max_pixels)
 
     def encode_many(indices: np.ndarray) -> Iterator[bytes]:
         todo = [paths[int(i)] for i in indices]
@@ -108,7 +111,7 @@ def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.n
 
 
 def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction: float, seed: int,
-                  max_images: int, num_procs: int) -> _Source:
+                  max_images: int, num_procs: int, max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _Source:
     """train/ + val/ when both exist (keys 'train-N', 'val-N'); else one folder, split by the seed ('img-N')."""
     size = imagefolder.stored_size(image_size)
     root = Path(path)
@@ -118,38 +121,50 @@ def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction
         n_tr, n_te = _limit(len(train.files), max_images), _limit(len(val.files), max_images)
         tr_keys, te_keys = _keys("train", range(len(train.files)), len(train.files)), _keys("val", range(len(val.files)), len(val.files))
         return _Source(classes, size, in_chans,
-                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs),
-                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs))
+                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs, max_pixels),
+                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs, max_pixels))
     classes, allimg = imagefolder.scan_class_folders(root)
     keys = _keys("img", range(len(allimg.files)), len(allimg.files))
     kept, held = splits.holdout_split(allimg.labels, holdout_fraction, seed)
     kept, held = kept[:_limit(len(kept), max_images)], held[:_limit(len(held), max_images)]
     return _Source(classes, size, in_chans,
-                   _folder_side(allimg, keys, kept, in_chans, size, num_procs),
-                   _folder_side(allimg, keys, held, in_chans, size, num_procs))
+                   _folder_side(allimg, keys, kept, in_chans, size, num_procs, max_pixels),
+                   _folder_side(allimg, keys, held, in_chans, size, num_procs, max_pixels))
 
 
 # ----------------------------------------------------------------------------- writing
 
 def _write_split(out: Path, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
                  bar: tqdm) -> tuple[SplitInfo, dict[str, str]]:
-    shards, counts, hashes = [], [], {}
+    shards, counts, hashes, written, skipped = [], [], {}, [], []
     pngs = iter(images.encode_many(order))
     for start in range(0, len(order), samples_per_shard):
         part = order[start:start + samples_per_shard]
         fname = f"{name}-{len(shards):06d}.tar"
         tmp = out / (fname + ".tmp")
+        n = 0
         with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
             for i in part:
-                sink.write({"__key__": images.keys[int(i)], "png": next(pngs),
-                            "cls": str(int(images.labels[int(i)])).encode()})
+                png = next(pngs)
                 bar.update(1)
+                if isinstance(png, str):  # the reason an image is skipped (corrupt, empty, above the pixel cap)
+                    if len(skipped) < 20:
+                        log.warning("split %s: image skipped: %s", name, png)
+                    skipped.append(png)
+                    continue
+                sink.write({"__key__": images.keys[int(i)], "png": png,
+                            "cls": str(int(images.labels[int(i)])).encode()})
+                written.append(int(i))
+                n += 1
         os.replace(tmp, out / fname)
         shards.append(fname)
-        counts.append(len(part))
+        counts.append(n)
         hashes[fname] = file_sha256(out / fname)
-    info = SplitInfo(count=len(order), shards=shards, shard_counts=counts,
-                     keys=[images.keys[int(i)] for i in order], labels=[int(images.labels[int(i)]) for i in order])
+    if skipped:
+        log.warning("split %s: %d image(s) skipped (unreadable, empty or above data.max_image_pixels), first: %s",
+                    name, len(skipped), skipped[0])
+    info = SplitInfo(count=len(written), shards=shards, shard_counts=counts,
+                     keys=[images.keys[i] for i in written], labels=[int(images.labels[i]) for i in written])
     return info, hashes
 
 
@@ -190,7 +205,8 @@ def _dir_lock(directory: Path):
 def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *, seed: int = 0,
                  train_per_class: int = 500, val_fraction: float = 0.5, samples_per_shard: int = 1000,
                  in_chans: int = 1, image_size: int = 32, holdout_fraction: float = DEFAULT_HOLDOUT, max_images: int = 0,
-                 num_procs: int = 1, progress: bool = True) -> Manifest:
+                 num_procs: int = 1, progress: bool = True,
+                 max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> Manifest:
     """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir.
 
     A directory whose manifest has other content parameters is refused (ShardsMismatchError); one with the
@@ -218,7 +234,7 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
         else:
             src = _image_folder(source_path, image_size=image_size, in_chans=in_chans,
                                 holdout_fraction=holdout_fraction, seed=seed, max_images=max_images,
-                                num_procs=num_procs)
+                                num_procs=num_procs, max_pixels=max_image_pixels)
         orders = splits.make_splits(src.train.labels, len(src.test.labels), train_per_class=train_per_class,
                                     val_fraction=val_fraction, seed=seed)
         sides = {"train": src.train, "database": src.train, "val_query": src.test, "test_query": src.test}
@@ -258,7 +274,7 @@ def ensure_shards(cfg) -> Manifest:
     return write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
                         train_per_class=d.train_per_class, val_fraction=d.val_fraction,
                         samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
-                        num_procs=os.cpu_count() or 1, progress=True)
+                        num_procs=os.cpu_count() or 1, progress=True, max_image_pixels=d.max_image_pixels)
 
 
 __all__ = ["write_shards", "ensure_shards", "verify_shards", "ShardsMismatchError", "SOURCES"]
