@@ -102,7 +102,8 @@ class BRCDConfig:
         _check(0.0 <= self.alpha <= 1.0, f"{s}.alpha", self.alpha, "must be in [0, 1]")
         _check(0.0 <= self.delta <= 1.0, f"{s}.delta", self.delta, "must be in [0, 1]")
         _check(self.clusters >= 2, f"{s}.clusters", self.clusters, "must be an integer >= 2")
-        _check(8 <= self.bits <= 256 and self.bits % 8 == 0, f"{s}.bits", self.bits, "must be a multiple of 8 in 8..256")
+        _check(8 <= self.bits <= 256 and self.bits % 8 == 0, f"{s}.bits", self.bits,
+               "must be a multiple of 8 in 8..256")
         _check(self.tau > 0, f"{s}.tau", self.tau, "must be > 0")
         _check(self.lambda_self >= 0, f"{s}.lambda_self", self.lambda_self, "must be >= 0")
         _check(self.kd_weight >= 0, f"{s}.kd_weight", self.kd_weight, "must be >= 0")
@@ -151,7 +152,8 @@ class TrainConfig:
         _check(self.workers >= 1, f"{s}.workers", self.workers, "must be >= 1")
         _check(self.cpus_per_worker > 0, f"{s}.cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _choice(f"{s}.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
-        _check(self.batch_size >= 2, f"{s}.batch_size", self.batch_size, "must be >= 2 (contrastive losses need negatives)")
+        _check(self.batch_size >= 2, f"{s}.batch_size", self.batch_size,
+               "must be >= 2 (contrastive losses need negatives)")
         _check(self.grad_accum >= 1, f"{s}.grad_accum", self.grad_accum, "must be >= 1")
         _choice(f"{s}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check(self.epochs >= 1, f"{s}.epochs", self.epochs, "must be >= 1")
@@ -438,7 +440,8 @@ def validate_config(cfg: Config, check_paths: bool = True, training: bool = True
         _not_a_file("train.storage_path", cfg.train.storage_path)
     has_manifest = (Path(d.shards_dir) / "manifest.json").is_file()
     if d.source == "shards" or (d.shards_url and not has_manifest):
-        _check(has_manifest, "data.shards_dir", d.shards_dir, "no manifest.json there (make shards with jobs/make_shards.py)")
+        _check(has_manifest, "data.shards_dir", d.shards_dir,
+               "no manifest.json there (make shards with jobs/make_shards.py)")
     elif not has_manifest:
         _check(Path(d.source_path).exists(), "data.source_path", d.source_path,
                "not found" + (" (apt-get install dataset-fashion-mnist)" if d.source == "fashion_mnist" else ""))

@@ -235,8 +235,9 @@ def check_spec(spec, path: str | Path = "checkpoint") -> dict:
     if spec["head"] not in HEADS or not isinstance(spec["frozen_backbone"], bool):
         raise bad(f"head={spec['head']!r} / frozen_backbone={spec['frozen_backbone']!r}")
     kw = spec["backbone_kwargs"]
-    if not isinstance(kw, dict) or not set(kw) <= set(SPEC_BACKBONE_KWARGS) or not all(
-            ints(v) and 1 <= v <= MAX_IMAGE_SIZE for v in kw.values()) or kw.get("img_size", spec["img_size"]) != spec["img_size"]:
+    if (not isinstance(kw, dict) or not set(kw) <= set(SPEC_BACKBONE_KWARGS)
+            or not all(ints(v) and 1 <= v <= MAX_IMAGE_SIZE for v in kw.values())
+            or kw.get("img_size", spec["img_size"]) != spec["img_size"]):
         raise bad(f"backbone_kwargs={kw!r} (allowed: {', '.join(SPEC_BACKBONE_KWARGS)} as integers, img_size as above)")
     return spec
 

@@ -24,13 +24,15 @@ CREDENTIAL_VARS = (
     "HF_TOKEN",
 )
 # A variable or parameter whose name says it holds a secret.
-_SECRET_NAME = r"[A-Za-z0-9_.-]*(?:PASSWORD|PASSWD|SECRET|TOKEN|SIGNATURE|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|" \
+_SECRET_NAME = r"[A-Za-z0-9_.-]*(?:PASSWORD|PASSWD|SECRET|TOKEN|SIGNATURE|CREDENTIAL|API_?KEY|ACCESS_?KEY|" \
+               r"PRIVATE_?KEY|" \
                r"CONNECTION_STRING|SAS_TOKEN|AUTHORIZATION)[A-Za-z0-9_.-]*"
 SECRET_NAME = re.compile(rf"^{_SECRET_NAME}$", re.IGNORECASE)
 # scheme://user:password@host or scheme://token@host: the whole user-info goes.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@?#'\"]+)@")
 # Signed-URL query tokens (S3 X-Amz-Signature/-Credential/-Security-Token, GCS X-Goog-*, Azure SAS sig, ?token=).
-_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)"
+_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:X-Amz-(?:Signature|Credential|Security-Token)"
+                           r"|X-Goog-(?:Signature|Credential)"
                            r"|sig|signature|token|access_token|api_key|apikey|key|password|secret|Policy|Key-Pair-Id)=)"
                            r"(?P<value>[^&#\s'\"]+)", re.IGNORECASE)
 # NAME=value / NAME: value where NAME is a secret's name (env assignments in pipe: commands, messages).

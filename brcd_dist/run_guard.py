@@ -22,7 +22,10 @@ def unique_run_name(prefix: str = "distill") -> str:
 def _states(storage_path: str, name: str) -> list[dict]:
     """state.json of every checkpoint under storage_path/name (local or any pyarrow filesystem URI)."""
     import pyarrow.fs as pafs
-    fs, base = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
+    if "://" in storage_path:
+        fs, base = pafs.FileSystem.from_uri(storage_path)
+    else:
+        fs, base = pafs.LocalFileSystem(), storage_path
     run_dir = f"{base.rstrip('/')}/{name}"
     infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     out = []

@@ -70,6 +70,6 @@ def test_distill_refuses_bad_input_with_one_line_exit_2_before_ray(case, tmp_pat
 def test_make_shards_refuses_train_per_class_above_a_class(tmp_path):
     done = run_job("make_shards.py", ["data.train_per_class=7000", f"data.shards_dir={tmp_path / 's'}"], tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: data.train_per_class=7000: must be <= 6000 (the images of "
-                                                "each Fashion-MNIST class)"]
+    expected = "error: data.train_per_class=7000: must be <= 6000 (the images of each Fashion-MNIST class)"
+    assert done.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "s").exists()

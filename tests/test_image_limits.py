@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,12 @@ import pytest
 from PIL import Image
 
 from brcd_dist.data import imagefolder
-from brcd_dist.data.imagefolder import ImageRefused, check_pixels, encode_png, scan_class_folders
+from brcd_dist.data.imagefolder import (
+    ImageRefused,
+    check_pixels,
+    encode_png,
+    scan_class_folders,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, VENV_BIN, free_port, read_json, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

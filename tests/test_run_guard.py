@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from brcd_dist.config import Config, config_digest
-from brcd_dist.run_guard import RunReuseError, alias_may_move, atomic_copy, check_resume, unique_run_name
+from brcd_dist.run_guard import (
+    RunReuseError,
+    alias_may_move,
+    atomic_copy,
+    check_resume,
+    unique_run_name,
+)
 
 
 def _cfg(storage: Path, **brcd) -> Config:
