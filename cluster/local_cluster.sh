@@ -77,8 +77,12 @@ start() {
     --disable-usage-stats >"$STATE/worker.log" 2>&1
   for _ in $(seq 60); do
     if "$VENV_BIN/python" - "$DASH_PORT" <<'PY' 2>/dev/null; then
-import sys, urllib.request
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=2)
+import os, sys, urllib.request
+headers = {}
+if os.environ.get("RAY_AUTH_MODE") == "token":  # with auth on, the dashboard answers 401 to a request without it
+    headers["Authorization"] = "Bearer " + open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/api/version", headers=headers)
+urllib.request.urlopen(req, timeout=2)
 PY
       echo "ray cluster up: 2 nodes, dashboard http://127.0.0.1:$DASH_PORT, auth $RAY_AUTH_MODE" \
            "(submit after: eval \"\$($0 env)\")"
