@@ -23,8 +23,8 @@ def main(argv=None) -> dict:
     args = parser(__doc__.splitlines()[0]).parse_intermixed_args(argv)
     setup_logging()
     cfg = absolute_paths(config_from_args(args))
-    uri, manifest = preflight(cfg, args.address)
     name = run_name(cfg)
+    uri, manifest = preflight(cfg, args.address, name)
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest()) if uri else None
     outputs = launch_and_publish(cfg, run_id, name)
     print(result_table(cfg, outputs))
