@@ -56,7 +56,7 @@ def test_url_password_leaves_no_trace_in_the_mlflow_store(tmp_path, monkeypatch)
     tracking.log_metrics(run_id, {"x": 1.0}, 0)
     tracking.fail_run(run_id, RuntimeError(f"cannot read {cfg.data.shards_url}"))
     tracking.flush()
-    client = tracking._client(cfg.tracking.uri)
+    client = tracking.client._client(cfg.tracking.uri)
     run = client.get_run(run_id)
     assert run.data.params["data.shards_url"] == "https://***@shards.example/fmnist/{shard}"
     assert "***" in run.data.tags[tracking.ERROR_TAG]

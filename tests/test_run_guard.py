@@ -104,7 +104,7 @@ def test_registry_alias_stays_on_the_better_version(tmp_path, monkeypatch):
     for score, force, holds in ((0.6, False, 0), (0.5, False, 0), (0.5, True, 2)):
         versions.append(tracking.register_model(uri, "guarded", "candidate", {"test_query.sshp_map": score},
                                                 "student", force_alias=force))
-        client = tracking._client(cfg.tracking.uri)
+        client = tracking.client._client(cfg.tracking.uri)
         holder = client.get_model_version_by_alias("guarded", "candidate").version
         assert str(holder) == versions[holds]
 
