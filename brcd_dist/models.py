@@ -6,6 +6,8 @@ Codes are `sign(sigmoid(logits) - 1/2)`, the forward of `codes.probs_and_codes`.
 """
 from __future__ import annotations
 
+import io
+
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -16,12 +18,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from brcd_dist.config import HEADS, Config, ModelConfig
+from brcd_dist.config import HEADS, MAX_IMAGE_SIZE, Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "brcd-dist/hash-model/v1"
 MLP_HIDDEN = 1000  # the paper's head for a frozen pretrained backbone: feat -> 1000 -> 1000 -> L
+# Heads that read the backbone's own (ImageNet, 1000-class) classifier logits rather than its pooled features.
+CLASSIFIER_HEADS = {"classifier_mlp": 1000}
 
 
 def backbone_kwargs(arch: str, img_size: int) -> dict:
@@ -33,20 +37,22 @@ def backbone_kwargs(arch: str, img_size: int) -> dict:
 
 
 def create_backbone(arch: str, in_chans: int, img_size: int, pretrained: bool = False,
-                    kwargs: dict | None = None) -> tuple[nn.Module, dict]:
-    """timm feature extractor (num_classes=0) -> (module, the extra kwargs it was built with).
+                    kwargs: dict | None = None, num_classes: int = 0) -> tuple[nn.Module, dict]:
+    """timm feature extractor (num_classes=0; or with its classifier) -> (module, the extra kwargs it was built with).
 
     `kwargs=None` chooses them (`backbone_kwargs`); models that take no `img_size` (CNNs) are retried without it.
     """
     if kwargs is not None:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs), kwargs
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                                 **kwargs), kwargs
     kwargs = backbone_kwargs(arch, img_size)
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs), kwargs
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                                 **kwargs), kwargs
     except TypeError as e:
         if "img_size" not in str(e):
             raise
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans), {}
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans), {}
 
 
 def hash_head(in_features: int, bits: int, head: str) -> nn.Module:
@@ -56,6 +62,8 @@ def hash_head(in_features: int, bits: int, head: str) -> nn.Module:
         return nn.Sequential(nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(inplace=True),
                              nn.Linear(MLP_HIDDEN, MLP_HIDDEN), nn.ReLU(inplace=True),
                              nn.Linear(MLP_HIDDEN, bits))
+    if head == "classifier_mlp":  # the paper's: Linear(1000, 1000)-ReLU-Linear(1000, L) on the classifier's logits
+        return nn.Sequential(nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(inplace=True), nn.Linear(MLP_HIDDEN, bits))
     raise ValueError(f"head={head!r}: allowed: {', '.join(HEADS)}")
 
 
@@ -63,7 +71,9 @@ class HashModel(nn.Module):
     """timm backbone -> hash head -> L logits. `encode` gives ±1 codes.
 
     With `frozen_backbone`, the backbone has no trainable parameters and stays in eval mode (BN statistics and
-    dropout frozen) even under `.train()`: the paper's setting for a pretrained backbone.
+    dropout frozen) even under `.train()`: the paper's setting for a pretrained backbone. Head "classifier_mlp"
+    keeps the backbone's 1000-class classifier (part of the backbone, so frozen with it) and reads its logits, as
+    the paper's student does.
     """
 
     def __init__(self, arch: str, bits: int, in_chans: int = 3, img_size: int = 224, head: str = "linear",
@@ -74,7 +84,8 @@ class HashModel(nn.Module):
         self.head_type, self.frozen_backbone = head, bool(frozen_backbone)
         # Local weights replace timm's download; timm's own weights need internet.
         self.backbone, self.backbone_kwargs = create_backbone(
-            arch, in_chans, img_size, pretrained=pretrained and not weights_path, kwargs=backbone_kwargs)
+            arch, in_chans, img_size, pretrained=pretrained and not weights_path, kwargs=backbone_kwargs,
+            num_classes=CLASSIFIER_HEADS.get(head, 0))
         if weights_path:
             load_backbone_weights(self.backbone, weights_path)
         self.feature_dim = self._feature_dim()
@@ -207,16 +218,49 @@ def build_student(cfg: Config) -> HashModel:
 
 def save_hash_model(model: HashModel, path: str | Path) -> None:
     """One file: {"format", "spec", "state_dict"}; `load_hash_model` rebuilds the model from it alone."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from brcd_dist import storage  # a local path or an object store URI (s3://, gs://), written atomically
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "spec": model.spec, "state_dict": state}, path)
+    with storage.open_write(str(path)) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "spec": model.spec, "state_dict": state}, f)
+
+
+SPEC_BACKBONE_KWARGS = ("img_size", "patch_size")  # the only timm kwargs a checkpoint may carry (backbone_kwargs)
+
+
+def check_spec(spec, path: str | Path = "checkpoint") -> dict:
+    """A checkpoint's model spec, checked before timm sees any of it (a file from a shared store is input): known
+    keys, a timm model name, plain values in range, and no timm kwargs beyond img_size and patch_size."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: model spec {what}; not a checkpoint written by save_hash_model")
+    keys = {"arch", "bits", "in_chans", "img_size", "head", "frozen_backbone", "backbone_kwargs"}
+    if not isinstance(spec, dict) or set(spec) != keys:
+        raise bad(f"keys {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}, expected {sorted(keys)}")
+    ints = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(spec["arch"], str) or not timm.is_model(spec["arch"]):
+        raise bad(f"arch={spec['arch']!r} is not a timm model name")
+    if not (ints(spec["bits"]) and 8 <= spec["bits"] <= 256 and spec["bits"] % 8 == 0):
+        raise bad(f"bits={spec['bits']!r} is not a multiple of 8 in 8..256")
+    if spec["in_chans"] not in (1, 3) or not ints(spec["in_chans"]):
+        raise bad(f"in_chans={spec['in_chans']!r} is not 1 or 3")
+    if not (ints(spec["img_size"]) and 8 <= spec["img_size"] <= MAX_IMAGE_SIZE):
+        raise bad(f"img_size={spec['img_size']!r} is not in 8..{MAX_IMAGE_SIZE}")
+    if spec["head"] not in HEADS or not isinstance(spec["frozen_backbone"], bool):
+        raise bad(f"head={spec['head']!r} / frozen_backbone={spec['frozen_backbone']!r}")
+    kw = spec["backbone_kwargs"]
+    if (not isinstance(kw, dict) or not set(kw) <= set(SPEC_BACKBONE_KWARGS)
+            or not all(ints(v) and 1 <= v <= MAX_IMAGE_SIZE for v in kw.values())
+            or kw.get("img_size", spec["img_size"]) != spec["img_size"]):
+        raise bad(f"backbone_kwargs={kw!r} (allowed: {', '.join(SPEC_BACKBONE_KWARGS)} as integers, img_size as above)")
+    return spec
 
 
 def load_hash_model(path: str | Path, map_location: str | torch.device = "cpu") -> HashModel:
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    from brcd_dist import storage
+    src = path if storage.is_local(str(path)) else io.BytesIO(storage.read_bytes(str(path)))
+    ckpt = torch.load(src, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a hash-model checkpoint (written by save_hash_model)")
-    s = ckpt["spec"]
+    s = check_spec(ckpt.get("spec"), path)
     model = HashModel(s["arch"], s["bits"], s["in_chans"], s["img_size"], head=s["head"],
                       frozen_backbone=s["frozen_backbone"], backbone_kwargs=s["backbone_kwargs"])
     model.load_state_dict(ckpt["state_dict"])

@@ -17,7 +17,7 @@ from _cli import config_from_args, fail, parser, setup_logging
 
 from brcd_dist import tracking
 from brcd_dist.data import ensure_shards, eval_batches
-from brcd_dist.pipeline import absolute_paths
+from brcd_dist.driver import absolute_paths
 from brcd_dist.retrieval import encode_batches, evaluate_paradigms
 
 

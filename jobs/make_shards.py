@@ -2,8 +2,11 @@
 
     python jobs/make_shards.py [--config X.yaml] [key=value ...] [--max-images N] [--procs P] [--ray auto]
 
-Re-running with the same parameters verifies the shards' hashes and re-uses them; a shard directory made with
-another source, seed or split is refused (pick another data.shards_dir).
+Shards and manifest go to data.shards_url when set (s3://bucket/prefix, gs://...: each shard is uploaded as soon
+as it is written; credentials and endpoint from the standard AWS/GCP variables), else to data.shards_dir.
+Re-running with the same parameters verifies the shards' hashes and re-uses them; an interrupted run resumes
+(shards already there with their recorded sha256 are kept); a location made with another source, seed or split
+is refused (pick another data.shards_dir / data.shards_url).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import time
 from _cli import config_from_args, fail, parser, setup_logging
 
 from brcd_dist.data import ShardsMismatchError, write_shards
+from brcd_dist.data.manifest import manifest_location
 
 
 def main() -> None:
@@ -24,26 +28,27 @@ def main() -> None:
     p.add_argument("--ray", metavar="ADDRESS", default="",
                    help="ImageFolder: one Ray task per shard on this cluster ('auto': the running one), resumable")
     args = p.parse_args()
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, training=False)  # brcd.clusters does not concern the shards
     d = cfg.data
     if d.source == "shards":
         fail("data.source=shards means the shards exist already; set data.source to fashion_mnist or imagefolder")
     setup_logging()
     t0 = time.perf_counter()
+    where = manifest_location(d.shards_dir, d.shards_url)
     writer = write_shards
     if args.ray:
         from brcd_dist.data.parallel_shards import ray_writer
         writer = ray_writer(args.ray)
     try:
-        manifest = writer(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
-                                train_per_class=d.train_per_class, val_fraction=d.val_fraction,
-                                samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
-                                shorter_side=d.shard_shorter_side, readers=d.shard_readers,
-                                max_images=args.max_images, num_procs=args.procs)
-    except (ShardsMismatchError, FileNotFoundError, ValueError) as err:
+        manifest = writer(where, d.source, d.source_path, seed=d.split_seed,
+                          train_per_class=d.train_per_class, val_fraction=d.val_fraction,
+                          samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
+                          shorter_side=d.shard_shorter_side, readers=d.shard_readers,
+                          max_images=args.max_images, num_procs=args.procs, max_image_pixels=d.max_image_pixels)
+    except (ShardsMismatchError, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
     seconds = time.perf_counter() - t0
-    print(f"{d.shards_dir}: {manifest.source}, seed {manifest.seed}, {manifest.num_classes} classes, "
+    print(f"{where}: {manifest.source}, seed {manifest.seed}, {manifest.num_classes} classes, "
           f"{manifest.image_size}px x {manifest.in_chans} ch, manifest sha256 {manifest.digest()[:12]}")
     for name, split in manifest.splits.items():
         print(f"  {name:<11} {split.count:>8} images in {len(split.shards):>4} shards")

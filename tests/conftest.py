@@ -44,7 +44,7 @@ def tiny_overrides(shards_dir: Path, storage: Path, name: str, *, max_failures: 
 
 def tiny_config(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 0):
     from brcd_dist.config import load_config
-    from brcd_dist.pipeline import absolute_paths
+    from brcd_dist.driver import absolute_paths
     return absolute_paths(load_config(DEFAULT_CONFIG, tiny_overrides(shards_dir, storage, name,
                                                                      max_failures=max_failures)))
 
@@ -108,7 +108,7 @@ def run_tiny(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 
     thread beside it (the fault test's killer) and should return once the threading.Event `finished` is set."""
     import threading
 
-    from brcd_dist.pipeline import launch
+    from brcd_dist.driver import launch
     cfg = tiny_config(shards_dir, storage, name, max_failures=max_failures)
     finished = threading.Event()
     thread = None
@@ -130,3 +130,32 @@ def uninterrupted_run(local_ray, tiny_shards, tmp_path_factory) -> TinyRun:
     """The tiny run, start to end without a failure (max_failures=1 like the fault test's run, so that the two
     differ only by the kill)."""
     return run_tiny(tiny_shards, tmp_path_factory.mktemp("runs"), "uninterrupted", max_failures=1)
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    """SeaweedFS on 127.0.0.1 for this session (tests/object_store.py), its endpoint and keys in os.environ by the
+    standard AWS variable names while it runs, so that the project's own client code reaches it."""
+    from object_store import start_seaweedfs
+    store = start_seaweedfs()
+    before = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)
+    try:
+        yield store
+    finally:
+        store.stop()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_shards(object_store) -> str:
+    """The tiny shards (as tiny_shards) and their manifest written to the session's bucket: their s3:// URL."""
+    from brcd_dist.data import write_shards
+    url = object_store.url("tiny_shards")
+    write_shards(url, "fashion_mnist", FASHION_MNIST, train_per_class=8, max_images=400, samples_per_shard=50,
+                 progress=False)
+    return url

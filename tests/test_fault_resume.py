@@ -44,7 +44,7 @@ import pytest
 import torch
 
 from conftest import read_json, run_tiny
-from brcd_dist.pipeline import read_outputs, result_checkpoint_dir
+from brcd_dist.driver import read_outputs, result_checkpoint_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -122,7 +122,8 @@ def test_killed_run_restarts_and_finishes(killed_run, killed_outputs):
     run, _ = killed_run
     assert run.result.error is None
     assert killed_outputs.state.stage == "done"
-    assert {"teacher.pt", "clustering.pt", "student.pt"} <= {p.name for p in killed_outputs.checkpoint_dir.iterdir()}
+    assert {"clustering.pt", "student.pt"} <= {p.name for p in killed_outputs.checkpoint_dir.iterdir()}
+    assert killed_outputs.state.teacher_uri.endswith("teacher.pt")
 
 
 def test_restart_resumes_stage_c_from_the_last_checkpoint(killed_run, killed_outputs):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from brcd_dist.data import load_manifest
-from brcd_dist.pipeline import read_outputs, result_checkpoint_dir
+from brcd_dist.driver import read_outputs, result_checkpoint_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -27,9 +27,11 @@ def test_run_ends_without_error_and_reports_a_checkpoint(uninterrupted_run):
     assert (result_checkpoint_dir(result) / "state.json").is_file()
 
 
-def test_final_checkpoint_holds_teacher_clustering_and_student(uninterrupted_run):
+def test_final_checkpoint_holds_clustering_and_student_and_the_run_dir_the_teacher_once(uninterrupted_run):
     names = {p.name for p in result_checkpoint_dir(uninterrupted_run.result).iterdir()}
-    assert {"state.json", "teacher.pt", "clustering.pt", "student.pt", "pr_curves.json"} <= names
+    assert {"state.json", "clustering.pt", "student.pt", "pr_curves.json"} <= names
+    assert "teacher.pt" not in names  # the frozen teacher is not copied into every checkpoint
+    assert (uninterrupted_run.storage / "teacher.pt").is_file()
 
 
 def test_every_stage_ran_once_in_one_attempt(outputs):

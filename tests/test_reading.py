@@ -23,7 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 from brcd_dist.data import eval_batches, load_manifest, train_batches, write_shards
 from brcd_dist.data import augment
 from brcd_dist.data.epoch_plan import batch_sizes, plan_epoch, rank_count, steps_per_epoch
-from brcd_dist.data.manifest import shard_url
+from brcd_dist.data.manifest import file_sha256, save_manifest, shard_url
+from brcd_dist.storage import ShardIntegrityError
 from dist_utils import run_on_ranks
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -245,7 +246,7 @@ def test_eval_images_are_deterministic_and_resized(manifest):
 
 def test_shard_urls_from_local_s3_http_and_pipe_bases():
     assert shard_url("a-000001.tar", "/d") == "/d/a-000001.tar"
-    assert shard_url("a.tar", "/d", "s3://b/p/") == "pipe:aws s3 cp s3://b/p/a.tar -"
+    assert shard_url("a.tar", "/d", "s3://b/p/") == "s3://b/p/a.tar"
     assert shard_url("a.tar", "/d", "https://h/x") == "https://h/x/a.tar"
     assert shard_url("a.tar", "/d", "pipe:gsutil cat gs://b/{shard}") == "pipe:gsutil cat gs://b/a.tar"
     with pytest.raises(ValueError, match="shard"):
@@ -309,7 +310,22 @@ def damaged(manifest, tmp_path):
     for name in split.shards:
         intact |= set(_intact_keys(out / name))
     assert bad_key not in intact and len(intact) < split.count - 20
+    # damaged when written: the manifest holds these files' hashes (a shard changed after it is a different
+    # failure, refused outright: test_a_shard_changed_after_its_manifest_stops_the_pass_naming_it)
+    m = load_manifest(out)
+    for name in (split.shards[0], split.shards[3]):
+        m.sha256[name] = file_sha256(out / name)
+    save_manifest(m, out)
     return load_manifest(out), intact
+
+
+def test_a_shard_changed_after_its_manifest_stops_the_pass_naming_it(manifest, tmp_path):
+    out = tmp_path / "changed"
+    shutil.copytree(manifest.shards_dir, out)
+    name = manifest.splits["test_query"].shards[1]
+    _rewrite_with_garbage_png(out / name, victim=3)
+    with pytest.raises(ShardIntegrityError, match=f"{name}: sha256"):
+        eval_on_ranks(load_manifest(out), "test_query", 1, num_workers=0)
 
 
 def test_damaged_train_data_is_skipped_counted_and_steps_stay_equal(damaged, caplog):

@@ -9,6 +9,23 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # data.max_image_pixels: larger images are refused before they are decoded
+
+
+class ImageRefused(ValueError):
+    """An image that is not read: above the pixel cap, or not decodable; the message names it."""
+
+
+def check_pixels(image: Image.Image, max_pixels: int, where: str) -> None:
+    """Refuse an opened (not yet decoded: only its header was read) image above `max_pixels`."""
+    w, h = image.size
+    if max_pixels and w * h > max_pixels:
+        raise ImageRefused(f"{where}: {w}x{h} = {w * h} pixels, above data.max_image_pixels={max_pixels}")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when path, symlinks resolved, stays under root (a link that leaves the root is not followed)."""
+    return path.resolve().is_relative_to(root.resolve())
 
 
 @dataclass
@@ -22,16 +39,17 @@ def scan_class_folders(root: str | Path, classes: list[str] | None = None) -> tu
     """Class names (sorted sub-folder names, or the given ones) and the images under them."""
     root = Path(root)
     if classes is None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = sorted(p.name for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith(".") and _inside(p, root))
     if not classes:
         raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/IMAGE or ROOT/train/CLASS/IMAGE)")
     files, labels = [], []
     for label, name in enumerate(classes):
         folder = root / name
-        if not folder.is_dir():
-            continue  # a class absent from val/ is allowed
+        if not folder.is_dir() or not _inside(folder, root):
+            continue  # a class absent from val/ is allowed; one linked from outside the root is not read
         for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _inside(p, root):
                 files.append(str(p.relative_to(root)))
                 labels.append(label)
     if not files:
@@ -50,16 +68,23 @@ READABLE_EXTS = ("jpg", "jpeg", "png", "webp")  # sample extensions the shard re
 JPEG_QUALITY = 90  # re-encoded (resized) JPEGs: FFCV's default; 256-px ImageNet crops at about 26 KB
 
 
-def encode_for_shard(path: str | Path, in_chans: int, shorter_side: int) -> tuple[str, bytes]:
+def encode_for_shard(path: str | Path, in_chans: int, shorter_side: int,
+                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, bytes]:
     """Image file -> (extension, bytes) as a shard stores it: the file's own bytes when it is JPEG, PNG or WebP in
     L or RGB and needs no resize; else decoded once, converted (L for in_chans=1, RGB for 3), shorter side reduced
-    to `shorter_side` (never enlarged; 0 = keep the size), and re-encoded in its own format (PNG for others)."""
+    to `shorter_side` (never enlarged; 0 = keep the size), and re-encoded in its own format (PNG for others).
+    An image above `max_pixels` is refused (ImageRefused) from its header, before any pixel is decoded; a copied
+    image is still decoded once (a JPEG at 1/8 scale) so that a corrupt or truncated file is refused, not copied."""
     raw = Path(path).read_bytes()
     with Image.open(io.BytesIO(raw)) as im:
+        check_pixels(im, max_pixels, str(path))
         ext = SHARD_FORMATS.get(im.format, "png")
         w, h = im.size
         scale = shorter_side / min(w, h) if shorter_side > 0 else 1.0
         if scale >= 1 and im.mode in ("L", "RGB"):
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))  # every coefficient read, 1/64 of the pixels
+            im.load()  # raises on a truncated or corrupt file
             return ext, raw  # byte copy: the reader converts L <-> RGB to the configured channels
         im = im.convert("L" if in_chans == 1 else "RGB")
         if scale < 1:
@@ -72,3 +97,15 @@ def encode_for_shard(path: str | Path, in_chans: int, shorter_side: int) -> tupl
         else:
             im.save(buf, format="PNG")
     return ext, buf.getvalue()
+
+
+def encode_for_shard_or_reason(path: str | Path, in_chans: int, shorter_side: int,
+                               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, bytes] | str:
+    """encode_for_shard, or a one-line reason for an image that cannot be used (corrupt, empty, above the pixel
+    cap): such an image is skipped, counted and named, never the end of a shard run."""
+    try:
+        return encode_for_shard(path, in_chans, shorter_side, max_pixels)
+    except ImageRefused as err:
+        return str(err)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"{path}: {type(err).__name__}: {' '.join(str(err).split())[:200]}"

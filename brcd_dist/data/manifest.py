@@ -1,7 +1,8 @@
 """manifest.json: what a shard directory holds (the seeded split, per-shard counts, keys, labels, hashes).
 
 Readers plan every epoch from it without opening a shard: per-shard counts give each rank its step count
-(reading.py), keys and labels let the evaluation align codes with labels (DESIGN §1, §3).
+(reading.py), keys and labels let the evaluation align codes with labels (DESIGN §1, §3). It lives with the
+shards, wherever they are (a local directory, s3://, gs://: brcd_dist.storage), so a worker needs nothing local.
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+from brcd_dist import storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -70,15 +72,25 @@ class Manifest:
         return [name for split in self.splits.values() for name in split.shards]
 
 
-def manifest_path(shards_dir: str | os.PathLike) -> Path:
-    return Path(shards_dir) / MANIFEST_NAME
+def manifest_path(shards_dir: str | os.PathLike) -> str:
+    return storage.join(str(shards_dir), MANIFEST_NAME)
+
+
+def manifest_location(shards_dir: str, shards_url: str = "") -> str:
+    """Where a run's manifest is: with the shards at shards_url when that is a location (not a pipe: template),
+    else in the local shards_dir."""
+    if shards_url and "{shard}" not in shards_url and storage.scheme(shards_url) not in ("pipe", "http", "https"):
+        return shards_url
+    return str(shards_dir)
 
 
 def load_manifest(shards_dir: str | os.PathLike) -> Manifest:
+    """The manifest in a shard location (local directory, s3://, gs://)."""
     path = manifest_path(shards_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest (make shards with jobs/make_shards.py)")
-    raw = path.read_bytes()
+    try:
+        raw = storage.read_bytes(path)
+    except (FileNotFoundError, storage.UnreadableError) as err:
+        raise FileNotFoundError(f"{path}: no shard manifest (make shards with jobs/make_shards.py)") from err
     d = json.loads(raw)
     if d.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: manifest format {d.get('format')!r}, this code reads {FORMAT_VERSION}")
@@ -87,12 +99,9 @@ def load_manifest(shards_dir: str | os.PathLike) -> Manifest:
 
 
 def save_manifest(manifest: Manifest, shards_dir: str | os.PathLike) -> None:
-    """Write atomically (tmp + rename): a crash never leaves half a manifest beside the shards."""
-    path = manifest_path(shards_dir)
-    tmp = path.with_suffix(".json.tmp")
+    """Write atomically (tmp + rename, or one upload): a crash never leaves half a manifest beside the shards."""
     text = manifest.to_json().encode()
-    tmp.write_bytes(text)
-    os.replace(tmp, path)
+    storage.write_bytes(manifest_path(shards_dir), text)
     manifest._raw = text
     manifest.shards_dir = str(shards_dir)
 
@@ -103,30 +112,22 @@ def check_same_params(existing: Manifest, wanted: dict[str, Any], shards_dir: st
         if k in wanted and getattr(existing, k) != wanted[k]:
             raise ShardsMismatchError(
                 f"{shards_dir} holds shards made with {k}={getattr(existing, k)!r}, asked for {k}={wanted[k]!r}: "
-                "use another data.shards_dir or delete that one")
+                "use another data.shards_dir / data.shards_url or delete that one")
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: str | os.PathLike) -> str:
+    return storage.file_sha256(str(path))
 
 
 def shard_url(name: str, shards_dir: str, shards_url: str = "") -> str:
-    """Where a reader opens shard `name`: shards_url as base when set, else the local shard directory.
+    """Where a reader opens shard `name`: shards_url as base when set, else the shard directory.
 
-    s3://B/P -> 'pipe:aws s3 cp s3://B/P/NAME -'; http(s)://... -> joined (webdataset reads it with curl);
-    a base holding '{shard}' (e.g. 'pipe:gsutil cat gs://b/{shard}') gets the name put in its place.
+    A location (local, s3://, gs://, http(s)://) gets the name joined on; a base holding '{shard}' (e.g.
+    'pipe:gsutil cat gs://b/{shard}') gets the name put in its place.
     """
     base = shards_url or shards_dir
     if "{shard}" in base:
         return base.replace("{shard}", name)
     if base.startswith("pipe:"):
         raise ValueError(f"data.shards_url={base!r}: a pipe: URL needs '{{shard}}' where the file name goes")
-    if base.startswith("s3://"):
-        return f"pipe:aws s3 cp {base.rstrip('/')}/{name} -"
-    if "://" in base:
-        return f"{base.rstrip('/')}/{name}"
-    return os.path.join(base, name)
+    return storage.join(base, name)

@@ -8,14 +8,20 @@ Pipeline of one rank:
   -> main process: cut the chunk stream into exactly the planned batches (train) or batches of B (eval).
 Batching in the main process is what lets every rank yield exactly S batches whatever the workers' shares.
 
-Damaged data does not stop an epoch: an undecodable sample is skipped, a shard that ends early (truncated,
-unreadable) is noticed against the manifest's count; both are counted in `.stats` and logged. If a rank then
+Shards are streamed through brcd_dist.storage: a dropped connection is retried and the shard re-opened at the
+byte already consumed, so the tar stream goes on at the same sample; each shard's sha256 is checked against the
+manifest as it streams (a mismatch stops the pass with ShardIntegrityError naming the shard). Damaged data
+that retrying cannot fix does not stop a training epoch: an undecodable sample is skipped, a shard that stays
+unreadable after the retries (or ends early) is noticed against the manifest's count; both are counted in
+`.stats` and logged. Passes that need every key (encoding for k-means, evaluation) call
+`batches.raise_if_incomplete()`, which fails with one line naming the first damaged shard. If a rank then
 runs short of samples for its S steps, it still yields S batches: what is left spreads over the remaining
 steps when that gives each at least 2 samples; otherwise every remaining step gets what is left topped up to
 B with samples of the last batch (repeats: counted in `.stats.padded_steps`).
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -24,13 +30,18 @@ from typing import Any, Iterator
 
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import pipelinefilter
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from brcd_dist import storage
 from brcd_dist.data import tensor_augment
 from brcd_dist.data.decoding import loader_payload, views_on_device
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
-from brcd_dist.data.imagefolder import READABLE_EXTS
+from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, READABLE_EXTS, check_pixels
 from brcd_dist.data.manifest import Manifest, shard_url
+from brcd_dist.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +97,34 @@ def split_by_loader_worker(src):
                 yield item
 
 
+class IncompleteReadError(RuntimeError):
+    """A pass that must see every key lost some (unreadable shard, undecodable sample); one line naming it."""
+
+
+def open_shards(hashes: dict[str, str]):
+    """webdataset stage: {"url"} -> {"url", "stream"} through brcd_dist.storage (retry + byte-range re-open),
+    the shard's sha256 checked when the tar reader is done with it."""
+    def stage(src):
+        for item in src:
+            url = item["url"]
+            stream = storage.open_read(url, sha256=hashes.get(url))
+            try:
+                yield {**item, "stream": stream}
+                stream.raw.finish()  # the tar reader stops at the end-of-archive blocks: hash the rest too
+            finally:
+                stream.close()
+    return stage
+
+
 class ShardStream(IterableDataset):
     """One rank's samples as chunks of decoded, transformed tensors (runs inside DataLoader workers)."""
 
     def __init__(self, urls: list[str], parts: list[ShardPart], *, train: bool, image_size: int, in_chans: int,
                  seed: int, epoch: int, rank: int, chunk_size: int, shuffle_buffer: int,
-                 augment_in_loader: bool = True):
+                 augment_in_loader: bool = True, hashes: dict[str, str] | None = None):
         self.urls, self.parts, self.train = urls, parts, train
         self.augment_in_loader = augment_in_loader  # False: ship uint8 payloads, the device decodes (decoding.py)
+        self.hashes = hashes or {}  # url -> sha256 from the manifest
         self.image_size, self.in_chans = image_size, in_chans
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.chunk_size, self.shuffle_buffer = chunk_size, shuffle_buffer
@@ -136,6 +167,8 @@ class ShardStream(IterableDataset):
         if "cls" not in sample:
             raise ValueError(f"{key}: missing cls")
         label = int(sample["cls"])
+        with Image.open(io.BytesIO(data)) as image:  # the header only: a decompression bomb is refused unread
+            check_pixels(image, DEFAULT_MAX_IMAGE_PIXELS, f"{key}")
         return key, label, loader_payload(data, ext, self.in_chans, decode_later=not self.augment_in_loader)
 
     def _chunk(self, items: list, stats: ReadStats, sent: dict[str, int]) -> dict[str, Any]:
@@ -166,11 +199,15 @@ class ShardStream(IterableDataset):
         stats, sent = ReadStats(), {"bad": 0, "missing": 0, "errors": 0}
 
         def on_error(exn: BaseException) -> bool:  # webdataset handler: note it, go on with the next item
-            stats.errors.append(f"{type(exn).__name__}: {exn}"[:500])
+            if isinstance(exn, storage.ShardIntegrityError):  # a replaced or damaged shard: stop, never train on it
+                raise storage.ShardIntegrityError(str(exn.args[0]).split(" @ ")[0]) from exn
+            stats.errors.append(f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"[:500])
             return True
 
-        pipeline = wds.WebDataset(self.urls, handler=on_error, shardshuffle=False, empty_check=False,
-                                  nodesplitter=RankShards(rank_urls), workersplitter=split_by_loader_worker)
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls), RankShards(rank_urls), split_by_loader_worker,
+            open_shards(self.hashes), pipelinefilter(tar_file_expander)(handler=on_error),
+            pipelinefilter(group_by_keys)(handler=on_error))
         samples = self._kept_samples(pipeline, my_parts, stats)
         if self.train:
             samples = self._shuffled(samples, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}"))
@@ -203,10 +240,18 @@ class ShardBatches:
     def __len__(self) -> int:
         return len(self.sizes) if self.sizes is not None else math.ceil(self.num_samples / self.batch_size)
 
+    def raise_if_incomplete(self) -> None:
+        """After a pass that must see every key: IncompleteReadError naming the first damaged shard, if any."""
+        if self.stats.skipped:
+            first = self.stats.errors[0] if self.stats.errors else "no detail"
+            raise IncompleteReadError(
+                f"split {self.split}, rank {self.dataset.rank}: {self.stats.missing_samples} samples missing and "
+                f"{self.stats.bad_samples} undecodable after retries; first: {first}")
+
     def _absorb(self, chunk: dict[str, Any]) -> None:
         self.stats.bad_samples += chunk["bad_samples"]
         self.stats.missing_samples += chunk["missing_samples"]
-        for msg in chunk["errors"]:
+        for msg in map(redact, chunk["errors"]):  # URLs of signed or pipe: shards may carry credentials
             if len(self.stats.errors) < MAX_LOGGED_ERRORS:
                 log.warning("split %s, rank %d: skipped: %s", self.split, self.dataset.rank, msg)
                 self.stats.errors.append(msg)  # the first ones; the counts hold the rest
@@ -338,6 +383,10 @@ def _on_device(device: torch.device | str, augment_on_device: bool | None) -> bo
     return torch.device(device).type == "cuda" if augment_on_device is None else augment_on_device
 
 
+def _hashes(manifest: Manifest, names: list[str], urls: list[str]) -> dict[str, str]:
+    return {url: manifest.sha256[name] for name, url in zip(names, urls) if name in manifest.sha256}
+
+
 def _chunk_size(batch_size: int) -> int:
     return max(8, min(batch_size, 64))
 
@@ -361,7 +410,8 @@ def train_batches(manifest: Manifest, split: str, *, rank: int, world_size: int,
     urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
     dataset = ShardStream(urls, plan[rank], train=True, image_size=image_size, in_chans=in_chans, seed=seed,
                           epoch=epoch, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=shuffle_buffer,
-                          augment_in_loader=not _on_device(device, augment_on_device))
+                          augment_in_loader=not _on_device(device, augment_on_device),
+                          hashes=_hashes(manifest, info.shards, urls))
     return ShardBatches(dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split,
                         device=device)
 
@@ -377,6 +427,7 @@ def eval_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, 
     urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
     dataset = ShardStream(urls, plan[rank], train=False, image_size=image_size, in_chans=in_chans, seed=0,
                           epoch=0, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=0,
-                          augment_in_loader=not _on_device(device, augment_on_device))
+                          augment_in_loader=not _on_device(device, augment_on_device),
+                          hashes=_hashes(manifest, info.shards, urls))
     return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split,
                         device=device)

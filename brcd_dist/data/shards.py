@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import json
 import logging
 import math
 import multiprocessing
 import os
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,10 +32,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from brcd_dist import storage
 from brcd_dist.data import imagefolder, splits
 from brcd_dist.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from brcd_dist.data.manifest import (Manifest, SplitInfo, ShardsMismatchError, check_same_params, file_sha256,
-                                     load_manifest, manifest_path, save_manifest)
+                                     load_manifest, manifest_location, manifest_path, save_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +101,12 @@ def _fashion_mnist(path: str, max_images: int) -> _Source:
 
 
 def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.ndarray, in_chans: int,
-                 shorter_side: int, num_procs: int) -> _ImageSet:
+                 shorter_side: int, num_procs: int,
+                 max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _ImageSet:
     paths = [str(images.root / images.files[p]) for p in positions]
-    encode = partial(imagefolder.encode_for_shard, in_chans=in_chans, shorter_side=shorter_side)
+    # (extension, bytes), or the reason (str) why an image is skipped: corrupt, empty or above the pixel cap
+    encode = partial(imagefolder.encode_for_shard_or_reason, in_chans=in_chans, shorter_side=shorter_side,
+                     max_pixels=max_pixels)
 
     def encode_many(indices: np.ndarray) -> Iterator[tuple[str, bytes]]:
         todo = [paths[int(i)] for i in indices]
@@ -116,7 +122,7 @@ def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.n
 
 
 def _image_folder(path: str, *, shorter_side: int, in_chans: int, holdout_fraction: float, seed: int,
-                  max_images: int, num_procs: int) -> _Source:
+                  max_images: int, num_procs: int, max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _Source:
     """train/ + val/ when both exist (keys 'train-N', 'val-N'); else one folder, split by the seed ('img-N')."""
     size = shorter_side
     root = Path(path)
@@ -126,15 +132,15 @@ def _image_folder(path: str, *, shorter_side: int, in_chans: int, holdout_fracti
         n_tr, n_te = _limit(len(train.files), max_images), _limit(len(val.files), max_images)
         tr_keys, te_keys = _keys("train", range(len(train.files)), len(train.files)), _keys("val", range(len(val.files)), len(val.files))
         return _Source(classes, size, in_chans,
-                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs),
-                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs))
+                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs, max_pixels),
+                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs, max_pixels))
     classes, allimg = imagefolder.scan_class_folders(root)
     keys = _keys("img", range(len(allimg.files)), len(allimg.files))
     kept, held = splits.holdout_split(allimg.labels, holdout_fraction, seed)
     kept, held = kept[:_limit(len(kept), max_images)], held[:_limit(len(held), max_images)]
     return _Source(classes, size, in_chans,
-                   _folder_side(allimg, keys, kept, in_chans, size, num_procs),
-                   _folder_side(allimg, keys, held, in_chans, size, num_procs))
+                   _folder_side(allimg, keys, kept, in_chans, size, num_procs, max_pixels),
+                   _folder_side(allimg, keys, held, in_chans, size, num_procs, max_pixels))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -149,28 +155,73 @@ def shard_sizes(n: int, samples_per_shard: int, readers: int = 0) -> list[int]:
     return [q + 1] * rem + [q] * (k - rem)
 
 
-def _write_split(out: Path, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
-                 readers: int, bar: tqdm) -> tuple[SplitInfo, dict[str, str]]:
-    shards, counts, hashes = [], [], {}
-    encoded = iter(images.encode_many(order))
-    start = 0
-    for size in shard_sizes(len(order), samples_per_shard, readers):
-        part = order[start:start + size]
-        start += size
-        fname = f"{name}-{len(shards):06d}.tar"
-        tmp = out / (fname + ".tmp")
-        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
-            for i in part:
-                ext, data = next(encoded)
-                sink.write({"__key__": images.keys[int(i)], ext: data,
-                            "cls": str(int(images.labels[int(i)])).encode()})
-                bar.update(1)
-        os.replace(tmp, out / fname)
-        shards.append(fname)
-        counts.append(len(part))
-        hashes[fname] = file_sha256(out / fname)
-    info = SplitInfo(count=len(order), shards=shards, shard_counts=counts,
-                     keys=[images.keys[int(i)] for i in order], labels=[int(images.labels[int(i)]) for i in order])
+PROGRESS_NAME = "shards.progress.json"  # written shards' hashes while a run of write_shards is unfinished
+
+
+def _shard_keys(uri: str) -> list[str]:
+    """The sample keys of a written shard, in order (a resumed run re-lists a kept shard: some of its images may
+    have been skipped when it was written)."""
+    import tarfile
+    keys: list[str] = []
+    with storage.open_read(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            key = os.path.basename(member.name).split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def _write_split(out: str, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
+                 readers: int, bar: tqdm, done: dict[str, str], on_shard: Callable[[str, str], None]) -> tuple[SplitInfo, dict[str, str]]:
+    """Write the split's shards to `out` (local or object store), each uploaded as soon as it is complete.
+    `done`: shards an earlier, unfinished run wrote and that are there with that sha256: kept, not re-encoded.
+    An image that cannot be encoded (corrupt, empty, above the pixel cap) is skipped, counted and named."""
+    bounds = np.cumsum([0] + shard_sizes(len(order), samples_per_shard, readers))
+    parts = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    names = [f"{name}-{i:06d}.tar" for i in range(len(parts))]
+    todo = [i for i, fname in enumerate(names) if fname not in done]
+    encoded = iter(images.encode_many(np.concatenate([parts[i] for i in todo]) if todo else np.zeros(0, np.int64)))
+    hashes, counts, written, skipped = {}, [], [], []
+    local = storage.is_local(out)
+    with tempfile.TemporaryDirectory(prefix="brcd-shard-") as scratch:
+        for i, (part, fname) in enumerate(zip(parts, names)):
+            if fname in done:
+                hashes[fname] = done[fname]
+                index = {images.keys[int(j)]: int(j) for j in part}
+                kept = [index[k] for k in _shard_keys(storage.join(out, fname))]
+                written += kept
+                counts.append(len(kept))
+                bar.update(len(part))
+                continue
+            tmp = os.path.join(out if local else scratch, fname + ".tmp")
+            n = 0
+            with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+                for j in part:
+                    item = next(encoded)
+                    bar.update(1)
+                    if isinstance(item, str):  # the reason an image is skipped (corrupt, empty, above the pixel cap)
+                        if len(skipped) < 20:
+                            log.warning("split %s: image skipped: %s", name, item)
+                        skipped.append(item)
+                        continue
+                    ext, data = item
+                    sink.write({"__key__": images.keys[int(j)], ext: data,
+                                "cls": str(int(images.labels[int(j)])).encode()})
+                    written.append(int(j))
+                    n += 1
+            counts.append(n)
+            hashes[fname] = file_sha256(tmp)
+            if local:
+                os.replace(tmp, os.path.join(out, fname))
+            else:
+                storage.upload(tmp, storage.join(out, fname))
+                os.remove(tmp)
+            on_shard(fname, hashes[fname])
+    if skipped:
+        log.warning("split %s: %d image(s) skipped (unreadable, empty or above data.max_image_pixels), first: %s",
+                    name, len(skipped), skipped[0])
+    info = SplitInfo(count=len(written), shards=names, shard_counts=counts,
+                     keys=[images.keys[i] for i in written], labels=[int(images.labels[i]) for i in written])
     return info, hashes
 
 
@@ -187,21 +238,39 @@ def _stored_params(source: str, *, seed: int, train_per_class: int, val_fraction
                 holdout_fraction=holdout_fraction, max_images=max_images)
 
 
+def _intact(out: str, name: str, sha256: str | None) -> bool:
+    return sha256 is not None and storage.is_file(storage.join(out, name)) \
+        and storage.file_sha256(storage.join(out, name)) == sha256
+
+
 def verify_shards(manifest: Manifest, shards_dir: str | os.PathLike) -> list[str]:
     """Shard files that are missing or whose sha256 differs from the manifest's (empty: all good)."""
-    bad = []
-    for name in manifest.shard_files():
-        path = Path(shards_dir) / name
-        if not path.is_file() or file_sha256(path) != manifest.sha256.get(name):
-            bad.append(name)
-    return bad
+    return [name for name in manifest.shard_files() if not _intact(str(shards_dir), name, manifest.sha256.get(name))]
+
+
+def _load_progress(out: str, wanted: dict) -> dict[str, str]:
+    """Hashes of the shards an unfinished earlier run wrote with the same parameters, that are still there intact."""
+    path = storage.join(out, PROGRESS_NAME)
+    if not storage.is_file(path):
+        return {}
+    progress = json.loads(storage.read_bytes(path))
+    if progress.get("params") != wanted:
+        return {}
+    kept = {n: h for n, h in progress.get("sha256", {}).items() if _intact(out, n, h)}
+    log.info("%s: resuming: %d of the earlier run's %d shard(s) are there intact", out, len(kept),
+             len(progress.get("sha256", {})))
+    return kept
 
 
 @contextlib.contextmanager
-def _dir_lock(directory: Path):
-    """One writer per shard directory (several ranks or jobs may call ensure_shards at once)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
+def _dir_lock(directory: str):
+    """One writer per local shard directory (several ranks or jobs may call ensure_shards at once); an object
+    store location has no lock: one writer at a time (jobs/make_shards.py)."""
+    if not storage.is_local(directory):
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -212,25 +281,29 @@ def _dir_lock(directory: Path):
 def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *, seed: int = 0,
                  train_per_class: int = 500, val_fraction: float = 0.5, samples_per_shard: int = 1000,
                  in_chans: int = 1, shorter_side: int = 0, holdout_fraction: float = DEFAULT_HOLDOUT,
-                 max_images: int = 0, readers: int = 0, num_procs: int = 1, progress: bool = True) -> Manifest:
-    """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir.
+                 max_images: int = 0, readers: int = 0, num_procs: int = 1, progress: bool = True,
+                 max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> Manifest:
+    """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir: a local directory or
+    an object store location (s3://bucket/prefix, gs://...), each shard uploaded as soon as it is written.
 
-    A directory whose manifest has other content parameters is refused (ShardsMismatchError); one with the
-    same parameters and intact shards is returned as is; otherwise every shard is (re)written.
-    shorter_side (0: keep the source's size and bytes) and in_chans apply to ImageFolder sources (Fashion-MNIST
-    is stored as 28x28 gray PNG); readers > 0: at least that many shards a split (module docstring);
+    A location whose manifest has other content parameters is refused (ShardsMismatchError); one with the
+    same parameters and intact shards is returned as is. Otherwise the shards are written, except those that an
+    unfinished earlier run left there intact (shards.progress.json records their sha256): a re-run resumes.
+    shorter_side (0: keep the source's size and bytes), in_chans and max_image_pixels apply to ImageFolder sources
+    (Fashion-MNIST is stored as 28x28 gray PNG); readers > 0: at least that many shards a split (module docstring);
     max_images > 0 keeps only the first max_images training and test images (tests, smoke runs).
     """
     if shorter_side < 0 or readers < 0:
         raise ValueError(f"shorter_side={shorter_side}, readers={readers}: must be >= 0 (0: keep / no minimum)")
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r}: shards can be made from {', '.join(SOURCES)}")
-    out = Path(shards_dir)
+    out = str(shards_dir) if not storage.is_local(str(shards_dir)) else os.path.abspath(shards_dir)
     wanted = _stored_params(source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
                             samples_per_shard=samples_per_shard, in_chans=in_chans, shorter_side=shorter_side,
                             holdout_fraction=holdout_fraction, max_images=max_images)
     with _dir_lock(out):
-        if manifest_path(out).is_file():
+        done: dict[str, str] = {}
+        if storage.is_file(manifest_path(out)):
             existing = load_manifest(out)
             check_same_params(existing, wanted, out)
             check_same_layout(existing, samples_per_shard, readers, out)
@@ -238,13 +311,22 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
             if not bad:
                 log.info("%s: shards verified (%d files), re-using them", out, len(existing.shard_files()))
                 return existing
-            log.warning("%s: %d shard(s) missing or changed (first: %s); rewriting all", out, len(bad), bad[0])
+            log.warning("%s: %d shard(s) missing or changed (first: %s); rewriting those", out, len(bad), bad[0])
+            done = {n: h for n, h in existing.sha256.items() if n not in bad}
+        else:
+            done = _load_progress(out, {**wanted, "readers": readers})  # readers moves the shard boundaries
+        storage.makedirs(out)
+        progress = {"params": {**wanted, "readers": readers}, "sha256": dict(done)}
+
+        def on_shard(fname: str, sha: str) -> None:  # record each finished shard: a killed run resumes after it
+            progress["sha256"][fname] = sha
+            storage.write_bytes(storage.join(out, PROGRESS_NAME), json.dumps(progress).encode())
         if source == "fashion_mnist":
             src = _fashion_mnist(source_path, max_images)
         else:
             src = _image_folder(source_path, shorter_side=shorter_side, in_chans=in_chans,
                                 holdout_fraction=holdout_fraction, seed=seed, max_images=max_images,
-                                num_procs=num_procs)
+                                num_procs=num_procs, max_pixels=max_image_pixels)
         orders = splits.make_splits(src.train.labels, len(src.test.labels), train_per_class=train_per_class,
                                     val_fraction=val_fraction, seed=seed)
         sides = {"train": src.train, "database": src.train, "val_query": src.test, "test_query": src.test}
@@ -253,7 +335,8 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
                   disable=not progress, mininterval=1.0) as bar:
             for name, order in orders.items():
                 bar.set_postfix_str(name)
-                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, readers, bar)
+                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, readers, bar,
+                                              done, on_shard)
                 hashes.update(h)
         manifest = Manifest(source=source, source_path=str(source_path), seed=seed,
                             train_per_class=train_per_class, val_fraction=val_fraction,
@@ -262,6 +345,8 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
                             splits=infos, sha256=hashes, holdout_fraction=wanted["holdout_fraction"],
                             max_images=max_images)
         save_manifest(manifest, out)
+        if storage.is_file(storage.join(out, PROGRESS_NAME)):
+            storage.remove(storage.join(out, PROGRESS_NAME))
         return manifest
 
 
@@ -269,7 +354,11 @@ def check_same_layout(existing: Manifest, samples_per_shard: int, readers: int, 
     """Raise ShardsMismatchError when the directory's shards are cut for another number of readers."""
     for name, split in existing.splits.items():
         want = shard_sizes(split.count, samples_per_shard, readers)
-        if split.shard_counts != want:
+        # skipped images (corrupt, empty, above the pixel cap) leave a split short of the count it was cut for: its
+        # shard count then lies between what `readers` gives for the images kept and for twice as many
+        most = len(shard_sizes(2 * split.count, samples_per_shard, readers))
+        if split.shard_counts != want and not (len(want) <= len(split.shard_counts) <= most
+                                               and max(split.shard_counts, default=0) <= samples_per_shard):
             raise ShardsMismatchError(
                 f"{shards_dir} holds {len(split.shard_counts)} {name} shards, asked for {len(want)} "
                 f"(data.shard_readers={readers}): use another data.shards_dir or delete that one")
@@ -278,24 +367,26 @@ def check_same_layout(existing: Manifest, samples_per_shard: int, readers: int, 
 def ensure_shards(cfg) -> Manifest:
     """The shards a run reads (cfg: brcd_dist.config.Config): made when missing, verified when local.
 
-    data.source == "shards": the manifest in data.shards_dir is used as is. With data.shards_url set and a
-    manifest present, the parameters are checked but the (remote) shard files are not hashed.
+    The manifest is read where the shards are: data.shards_url when set (s3://, gs://), else data.shards_dir.
+    data.source == "shards": that manifest is used as is. A remote manifest has its parameters checked but the
+    shard files are not hashed here (readers check each shard's sha256 as they stream it).
     """
     d = cfg.data
+    where = manifest_location(d.shards_dir, d.shards_url)
     if d.source == "shards":
-        return load_manifest(d.shards_dir)
-    if d.shards_url and manifest_path(d.shards_dir).is_file():
-        manifest = load_manifest(d.shards_dir)
+        return load_manifest(where)
+    if d.shards_url and storage.is_file(manifest_path(where)):
+        manifest = load_manifest(where)
         check_same_params(manifest, _stored_params(
             d.source, seed=d.split_seed, train_per_class=d.train_per_class, val_fraction=d.val_fraction,
             samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, shorter_side=d.shard_shorter_side,
-            holdout_fraction=DEFAULT_HOLDOUT, max_images=0), d.shards_dir)
+            holdout_fraction=DEFAULT_HOLDOUT, max_images=0), where)
         return manifest
-    return write_shards(d.shards_dir, d.source, d.source_path, seed=d.split_seed,
+    return write_shards(where, d.source, d.source_path, seed=d.split_seed,
                         train_per_class=d.train_per_class, val_fraction=d.val_fraction,
                         samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
                         shorter_side=d.shard_shorter_side, readers=d.shard_readers,
-                        num_procs=os.cpu_count() or 1, progress=True)
+                        num_procs=os.cpu_count() or 1, progress=True, max_image_pixels=d.max_image_pixels)
 
 
 __all__ = ["write_shards", "ensure_shards", "verify_shards", "ShardsMismatchError", "SOURCES"]

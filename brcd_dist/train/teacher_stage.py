@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from brcd_dist import storage
 from brcd_dist.codes import probs_and_codes
 from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import HashModel, build_teacher, load_hash_model, save_hash_model
@@ -19,17 +20,27 @@ log = logging.getLogger("brcd_dist.train")
 
 def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Path]) -> HashModel:
     cfg = ctx.cfg
-    if resume_dir is not None and (resume_dir / "teacher.pt").is_file():
-        teacher = load_hash_model(resume_dir / "teacher.pt")  # stage A finished before the restart
+    if state.teacher_uri:  # stage A finished before the restart: the run's teacher file
+        teacher = load_hash_model(state.teacher_uri)
+    elif resume_dir is not None and (resume_dir / "teacher.pt").is_file():  # a checkpoint that carries it
+        teacher = load_hash_model(resume_dir / "teacher.pt")
+    elif cfg.teacher.uri and (storage.scheme(cfg.teacher.uri) in storage.OBJECT_SCHEMES
+                              or Path(cfg.teacher.uri).is_file()):
+        teacher = load_hash_model(cfg.teacher.uri)  # a checkpoint file (local or s3://): no MLflow involved
     elif cfg.teacher.uri:
-        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/..., or a checkpoint file
+        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/...
         teacher = load_model(cfg.teacher.uri)
     else:
         teacher = train_teacher(ctx, state, resume_dir)
     teacher = teacher.to(ctx.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    ctx.artifacts["teacher.pt"] = lambda path: save_hash_model(teacher, path)
+    if ctx.run_dir and not state.teacher_uri:  # the frozen teacher once per run, not again in every checkpoint
+        state.teacher_uri = storage.join(ctx.run_dir, "teacher.pt")
+        if ctx.is_chief:
+            save_hash_model(teacher, state.teacher_uri)
+    elif not ctx.run_dir:
+        ctx.checkpoint_files.teacher = teacher
     return teacher
 
 

@@ -7,13 +7,14 @@ import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from brcd_dist.config import Config, to_dict
 from brcd_dist.models import HashModel, load_hash_model
+from brcd_dist.redact import credential_env, redact_env
+from brcd_dist.run_guard import check_resume, unique_run_name
 from brcd_dist.train.state import Clustering, TrainState, read_state
 
 log = logging.getLogger("brcd_dist")
@@ -22,7 +23,7 @@ log = logging.getLogger("brcd_dist")
 def absolute_paths(cfg: Config) -> Config:
     """Workers run in other directories (and on other nodes): hand them absolute paths."""
     def ab(p: str) -> str:
-        return str(Path(p).expanduser().resolve()) if p else p
+        return str(Path(p).expanduser().resolve()) if p and "://" not in p else p
     cfg.data = replace(cfg.data, shards_dir=ab(cfg.data.shards_dir), source_path=ab(cfg.data.source_path))
     cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path) if "://" not in cfg.train.storage_path
                         else cfg.train.storage_path)
@@ -42,7 +43,9 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     if ray.is_initialized():
         return
     env_vars = {k: v for k, v in (env or {}).items() if v}
-    for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI"):
+    # where the object store is (not who may use it: credentials come from each node's own chain)
+    for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                "AWS_DEFAULT_REGION"):
         if os.environ.get(key):
             env_vars.setdefault(key, os.environ[key])
     # Ray Train gives up on a worker group that has not started in 60 s; a busy 2-core machine (and the first
@@ -56,12 +59,13 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     # it starts: see the README's known limitation).
     if address and address != "auto" and "://" not in address:
         env_vars.setdefault("RAY_ADDRESS", address)
+    env_vars = redact_env(env_vars)  # the dashboard shows runtime_env: credentials travel with credential_env()
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
              log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.train.name or time.strftime("distill-%Y%m%d-%H%M%S")
+    return cfg.train.name or unique_run_name("distill")
 
 
 def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", name: Optional[str] = None,
@@ -71,16 +75,21 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from brcd_dist.train.worker import distill_worker
+    from brcd_dist import storage
+    from brcd_dist.train.worker import run_stages
     t = cfg.train
+    name = name or run_name(cfg)
+    check_resume(cfg, name)  # the jobs check it before Ray starts; this guards every other caller
     trainer = TorchTrainer(
-        distill_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages},
+        run_stages,
+        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages,
+                           "run_dir": storage.join(t.storage_path, name),
+                           "env": credential_env(tracking_uri=cfg.tracking.uri)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},
                                                placement_strategy=t.placement_strategy),
-        run_config=ray.train.RunConfig(name=name or run_name(cfg), storage_path=t.storage_path,
+        run_config=ray.train.RunConfig(name=name, storage_path=t.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        callbacks=callbacks),
@@ -115,7 +124,9 @@ class Outputs:
 def read_outputs(checkpoint_dir: Path) -> Outputs:
     d = Path(checkpoint_dir)
     curves = json.loads((d / "pr_curves.json").read_text()) if (d / "pr_curves.json").is_file() else {}
-    return Outputs(checkpoint_dir=d, state=read_state(d), teacher=load_hash_model(d / "teacher.pt"),
+    state = read_state(d)
+    teacher = d / "teacher.pt" if (d / "teacher.pt").is_file() else state.teacher_uri  # written once per run
+    return Outputs(checkpoint_dir=d, state=state, teacher=load_hash_model(teacher),
                    student=load_hash_model(d / "student.pt") if (d / "student.pt").is_file() else None,
                    clustering=Clustering.load(d / "clustering.pt") if (d / "clustering.pt").is_file() else None,
                    curves=curves)
@@ -132,12 +143,11 @@ def result_checkpoint_dir(result) -> Path:
     return Path(ckpt.to_directory())  # remote storage (s3://, gs://): a local copy to read the outputs from
 
 
-def train_teacher(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[Path, Outputs]:
-    """Stage A alone. Returns a stable copy of the teacher's checkpoint file (Ray keeps only the last two
-    checkpoints) and the run's outputs."""
-    import shutil
+def launch_teacher_job(cfg: Config, *, run_id: Optional[str] = None,
+                       name: Optional[str] = None) -> tuple[str, Outputs]:
+    """Stage A alone. Returns the teacher's file, written once beside the run's checkpoints under
+    train.storage_path (a local path or s3://...: Ray keeps only the last two checkpoints), and the run's
+    outputs."""
     name = name or run_name(cfg) + "-teacher"
     out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, stages="teacher", name=name)))
-    path = Path(cfg.train.storage_path) / name / "teacher.pt"
-    shutil.copyfile(out.checkpoint_dir / "teacher.pt", path)
-    return path, out
+    return out.state.teacher_uri, out

@@ -1,0 +1,94 @@
+"""Shards on a real S3-compatible store (SeaweedFS on 127.0.0.1, tests/object_store.py): written there with their
+manifest, resumable; read through a link that cuts every connection, every key exactly once and the same samples
+as the fault-free read; a shard gone for good fails a pass that needs every key, naming it."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+from conftest import FASHION_MNIST
+from object_store import through_proxy
+
+from brcd_dist import storage
+from brcd_dist.data import eval_batches, load_manifest, train_batches, write_shards
+from brcd_dist.data.reading import IncompleteReadError
+
+LOADER = dict(image_size=32, in_chans=1)
+
+
+def _epoch(manifest, **kw):
+    batches = train_batches(manifest, "train", rank=0, world_size=1, batch_size=16, num_workers=1, epoch=0,
+                            seed=3, **LOADER, **kw)
+    return list(batches), batches.stats
+
+
+def _eval(manifest, split="test_query"):
+    batches = eval_batches(manifest, split, rank=0, world_size=1, batch_size=64, num_workers=1, **LOADER)
+    out = list(batches)
+    batches.raise_if_incomplete()
+    return out
+
+
+def test_shards_and_manifest_are_written_to_the_bucket(s3_shards):
+    manifest = load_manifest(s3_shards)
+    names = storage.listdir(s3_shards)
+    assert "manifest.json" in names and set(manifest.shard_files()) <= set(names)
+    assert "shards.progress.json" not in names  # a finished run leaves no progress record
+
+
+def test_an_interrupted_upload_resumes_writing_only_the_missing_shards(object_store, monkeypatch):
+    url = object_store.url(f"resume-{uuid.uuid4().hex[:6]}")
+    args = dict(train_per_class=2, max_images=100, samples_per_shard=10, progress=False)
+    uploads = []
+    real_upload = storage.upload
+
+    def dying_upload(src, dst):
+        if len(uploads) == 3:
+            raise ConnectionError("link lost")
+        uploads.append(dst)
+        real_upload(src, dst)
+    monkeypatch.setattr(storage, "upload", dying_upload)
+    with pytest.raises(ConnectionError):
+        write_shards(url, "fashion_mnist", FASHION_MNIST, **args)
+    monkeypatch.setattr(storage, "upload", lambda src, dst: (uploads.append(dst), real_upload(src, dst)))
+    manifest = write_shards(url, "fashion_mnist", FASHION_MNIST, **args)
+    total = len(manifest.shard_files())
+    assert len(uploads) == total  # 3 before the failure + the rest after it, none twice
+    assert len(set(uploads)) == total
+
+
+def test_reading_through_a_cutting_link_gives_every_key_once_and_the_same_samples(object_store, s3_shards):
+    manifest = load_manifest(s3_shards)
+    clean, clean_stats = _epoch(manifest)
+    with through_proxy(object_store, cut_after=30_000) as proxy:
+        cut, cut_stats = _epoch(manifest)
+    assert proxy.cuts >= 3  # shards are ~100 kB: each was cut at least once
+    keys = [k for b in cut for k in b["key"]]
+    assert sorted(keys) == sorted(manifest.splits["train"].keys)  # every key, exactly once
+    assert cut_stats.skipped == clean_stats.skipped == 0
+    assert [b["key"] for b in cut] == [b["key"] for b in clean]
+    assert all(torch.equal(a["view1"], b["view1"]) and torch.equal(a["view2"], b["view2"]) for a, b in zip(cut, clean))
+
+
+def test_a_shard_gone_for_good_fails_an_every_key_pass_naming_it(object_store, s3_shards):
+    manifest = load_manifest(s3_shards)
+    copy = object_store.url(f"gone-{uuid.uuid4().hex[:6]}")
+    for name in storage.listdir(s3_shards):
+        storage.write_bytes(storage.join(copy, name), storage.read_bytes(storage.join(s3_shards, name)))
+    victim = manifest.splits["test_query"].shards[1]
+    storage.remove(storage.join(copy, victim))
+    with pytest.raises(IncompleteReadError, match=f"{victim}"):
+        _eval(load_manifest(copy))
+
+
+def test_a_shard_gone_for_good_is_skipped_and_counted_in_training(object_store, s3_shards):
+    manifest = load_manifest(s3_shards)
+    copy = object_store.url(f"gone-{uuid.uuid4().hex[:6]}")
+    for name in storage.listdir(s3_shards):
+        storage.write_bytes(storage.join(copy, name), storage.read_bytes(storage.join(s3_shards, name)))
+    victim = manifest.splits["train"].shards[0]
+    storage.remove(storage.join(copy, victim))
+    _, stats = _epoch(load_manifest(copy))
+    assert stats.missing_samples == manifest.splits["train"].shard_counts[0]
+    assert any(victim in e for e in stats.errors)
