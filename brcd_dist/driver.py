@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from brcd_dist import storage
 from brcd_dist.config import Config, to_dict
 from brcd_dist.models import HashModel, load_hash_model
 from brcd_dist.train.state import Clustering, TrainState, read_state
@@ -20,13 +21,15 @@ log = logging.getLogger("brcd_dist")
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Workers run in other directories (and on other nodes): hand them absolute paths."""
-    def ab(p: str) -> str:
-        return str(Path(p).expanduser().resolve()) if p and "://" not in p else p
+    """Workers run in other directories (and on other nodes): hand them absolute paths. Inputs resolve against
+    the current directory; outputs (checkpoints, the k-means cache) against storage.output_root(), which is not
+    the temporary working dir of a submitted job."""
+    def ab(p: str, root: Path | None = None) -> str:
+        return str(((root or Path.cwd()) / Path(p).expanduser()).resolve()) if p and "://" not in p else p
+    out = storage.output_root()
     cfg.data = replace(cfg.data, shards_dir=ab(cfg.data.shards_dir), source_path=ab(cfg.data.source_path))
-    cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path) if "://" not in cfg.train.storage_path
-                        else cfg.train.storage_path)
-    cfg.brcd = replace(cfg.brcd, clustering_cache=ab(cfg.brcd.clustering_cache))
+    cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path, out))
+    cfg.brcd = replace(cfg.brcd, clustering_cache=ab(cfg.brcd.clustering_cache, out))
     from brcd_dist.tracking import resolve_tracking_uri  # "" means ./mlflow.db of the driver, not of a worker
     cfg.tracking = replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri))
     for role in ("teacher", "student"):
