@@ -140,3 +140,24 @@ def test_search_job_finds_a_database_image_itself_at_distance_zero(built, tiny_s
     _, rank, hit, distance, _ = lines[1].split("\t")
     assert (rank, hit, distance) == ("1", key, "0")
     assert all(int(line.split("\t")[3]) > 0 for line in lines[2:])
+
+
+def test_evaluate_job_scores_the_ray_data_codes_as_the_one_process_loop_does(local_ray, tiny_shards, registry,
+                                                                             tmp_path):
+    """jobs/evaluate.py encodes with Ray Data now; its SSHP mAP must be the one of the one-process loop's codes."""
+    from brcd_dist.data import eval_batches, load_manifest
+    from brcd_dist.models import save_hash_model
+    from brcd_dist.retrieval import encode_batches, mean_average_precision
+    uri, _, student = registry
+    save_hash_model(student, tmp_path / "student.pt")
+    result = load_job("evaluate").main([str(tmp_path / "student.pt"), "data.source=shards",
+                                        f"data.shards_dir={tiny_shards}", "eval.topk=50", f"tracking.uri={uri}"])
+
+    def loop(split):
+        batches = eval_batches(load_manifest(tiny_shards), split, rank=0, world_size=1, batch_size=64,
+                               num_workers=0, image_size=32, in_chans=1)
+        codes, keys, labels = encode_batches(student, batches, "cpu")
+        order = np.argsort(np.array(keys), kind="stable")
+        return codes[order], labels[order]
+    (q, q_labels), (db, db_labels) = loop("test_query"), loop("database")
+    assert result == {"test_query/sshp_map": float(mean_average_precision(q, db, q_labels, db_labels, 50))}
