@@ -12,6 +12,7 @@ from brcd_dist.codes import pack_codes, probs_and_codes, unpack_codes
 from brcd_dist.data import eval_batches
 from brcd_dist.train.context import WorkerContext, all_gather_objects
 from brcd_dist.train.engine import autocast
+from brcd_dist.train.progress import StageBar
 
 
 @torch.no_grad()
@@ -23,7 +24,9 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
     keys, labels = [], []
     for m in models.values():
         m.eval()
-    for batch in eval_batches(ctx.manifest, split, batch_size=ctx.cfg.eval.batch_size, **ctx.loader_kwargs()):
+    loader = eval_batches(ctx.manifest, split, batch_size=ctx.cfg.eval.batch_size, **ctx.loader_kwargs())
+    bar = StageBar(f"encode {split} ({', '.join(models)})", len(loader), "batch", chief=ctx.is_chief)
+    for batch in loader:
         x = batch["image"].to(ctx.device)
         for name, model in models.items():
             t0 = time.perf_counter()
@@ -36,6 +39,8 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
             codes[name].append(c)
         keys.extend(batch["key"])
         labels.append(batch["label"])
+        bar.update(1)
+    bar.close()
     out = {n: (torch.cat(c).numpy() if c else np.zeros((0, models[n].bits), np.float32)) for n, c in codes.items()}
     lab = torch.cat(labels).numpy() if labels else np.zeros((0,), np.int64)
     return out, keys, lab, seconds

@@ -17,6 +17,7 @@ from brcd_dist.models import load_hash_model
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.progress import quiet_worker_logs
 from brcd_dist.train.state import Clustering, TrainState, read_state
 from brcd_dist.train.student_stage import save_student, student_stage
 from brcd_dist.train.teacher_stage import teacher_stage
@@ -25,6 +26,7 @@ log = logging.getLogger("brcd_dist.train")
 
 
 def make_context(config: dict) -> WorkerContext:
+    quiet_worker_logs()
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
