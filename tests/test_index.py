@@ -122,3 +122,32 @@ def test_codes_that_do_not_fit_the_model_are_refused(model):
 def test_duplicate_keys_are_refused(model):
     with pytest.raises(ValueError, match="not unique"):
         Index.build(np.zeros((2, 8), np.uint8), ["a", "a"], [0, 0], model)
+
+
+def _job(name: str):
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "jobs"))
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_index_job_refuses_images_that_are_neither_shards_nor_a_folder_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _job("index").main(["models:/brcd-student@champion", "--images", str(tmp_path / "nowhere"),
+                            "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --images") and "nowhere" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_job_refuses_a_missing_query_file_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _job("search").main([str(tmp_path), "--query", str(tmp_path / "missing.png")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --query: no such file: {tmp_path / 'missing.png'}"]
