@@ -40,7 +40,7 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
         keys.extend(batch["key"])
         labels.append(batch["label"])
         bar.update(1)
-    bar.close()
+    bar.close(line=False)  # evaluation encodes every epoch: a bar, not a line each
     out = {n: (torch.cat(c).numpy() if c else np.zeros((0, models[n].bits), np.float32)) for n, c in codes.items()}
     lab = torch.cat(labels).numpy() if labels else np.zeros((0,), np.int64)
     return out, keys, lab, seconds

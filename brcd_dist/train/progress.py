@@ -31,12 +31,17 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
 
 
-def quiet_worker_logs() -> None:
-    """Raise the noisy loggers of this process to their NOISY_LOGGERS level, unless BRCD_VERBOSE is set."""
+def quiet_worker_logs(root: bool = False) -> None:
+    """Raise the noisy loggers of this process to their NOISY_LOGGERS level, unless BRCD_VERBOSE is set; with
+    `root` (a Ray Train worker), every INFO line too: Ray Train's per-report line comes from a logger named by its
+    file path, FAISS's loader and our own per-stage INFO lines are what the bars show."""
     if verbose():
         return
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    if root:
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("brcd_dist").setLevel(logging.WARNING)
 
 
 def _in_ray_worker() -> bool:
@@ -88,15 +93,19 @@ class StageBar:
             self.bar.set_description(f"{self.name}  {_fmt(self.shown)}")
         self.bar.update(n)
 
-    def close(self, summary: str = "") -> None:
-        """Close the bar and print the stage's one line: name, count, seconds, rate, and `summary`."""
+    def close(self, summary: str = "", line: bool = True) -> None:
+        """Close the bar and (with `line`) print the stage's one line: name, count, seconds, rate, `summary`."""
         if self.bar is None:
             return
         self.bar.close()
+        if not line:
+            self.bar = None
+            return
         seconds = time.perf_counter() - self.t0
         rate = self.count / seconds if seconds > 0 else 0.0
         tail = f"; {summary}" if summary else (f"; {_fmt(self.shown)}" if self.shown else "")
-        stage_line(f"[{self.name}] done: {self.count} {self.unit}s in {seconds:.1f} s ({rate:.1f}/s){tail}")
+        units = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s")) else "s")
+        stage_line(f"[{self.name}] done: {self.count} {units} in {seconds:.1f} s ({rate:.1f}/s){tail}")
         self.bar = None
 
 

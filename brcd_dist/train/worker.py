@@ -26,7 +26,7 @@ log = logging.getLogger("brcd_dist.train")
 
 
 def make_context(config: dict) -> WorkerContext:
-    quiet_worker_logs()
+    quiet_worker_logs(root=True)
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
