@@ -32,7 +32,7 @@ from _cli import preflight, setup_logging  # noqa: E402
 from brcd_dist import tracking  # noqa: E402
 from brcd_dist.config import load_config  # noqa: E402
 from brcd_dist.models import load_hash_model  # noqa: E402
-from brcd_dist.pipeline import absolute_paths, train_teacher  # noqa: E402
+from brcd_dist.driver import absolute_paths, launch_teacher_job  # noqa: E402
 from brcd_dist.reporting import launch_and_publish  # noqa: E402
 from brcd_dist.sweep import input_example  # noqa: E402
 
@@ -47,10 +47,16 @@ METHODS = {
     "SP": ["brcd.kd=sp"],
     "CRD": ["brcd.kd=crd"],
     "KL on bits": ["brcd.kd=kl_bits"],
+    "KL on codes (smoothed)": ["brcd.kd=kl_codes"],
+    "paper's KD (DistillKL, T=4)": ["brcd.kd=distill_kl"],
     "BRCD": ["brcd.kd=brcd"],
     "BRCD, no structural term": ["brcd.kd=brcd", "brcd.structural=false"],
     "BRCD, no cluster-based removal": ["brcd.kd=brcd", "brcd.cluster_removal=false"],
     "BRCD, no bit mask": ["brcd.kd=brcd", "brcd.bit_mask=false"],
+    "BRCD, masks over L": ["brcd.kd=brcd", "brcd.mask_normalization=length"],
+    "BRCD, authors' code": ["brcd.kd=brcd", "brcd.mask_sides=both", "brcd.cosine=normalised", "brcd.negatives=authors"],
+    "BRCD, authors' release (zero masks)": ["brcd.kd=brcd", "brcd.mask_sides=both", "brcd.cosine=normalised",
+                                            "brcd.negatives=authors", "brcd.authors_release=true"],
 }
 ITQ_ROW, TEACHER_ROW = "ITQ on pixels", "teacher (its own codes)"
 
@@ -161,7 +167,7 @@ def get_teacher(args, cfg_base, bits: int, given: dict, sweep: str, parent: str 
             model = load_hash_model(path)
             source = f"given: {path}"
         else:
-            path_t, out = train_teacher(cfg, run_id=run_id, name=name)
+            path_t, out = launch_teacher_job(cfg, run_id=run_id, name=name)
             path, model, source = str(path_t), out.teacher, "trained here (pipeline stage A)"
         if run_id:
             tracking.set_tags(run_id, {"bench.teacher_source": source})
@@ -231,7 +237,7 @@ def main(argv=None) -> list[dict]:
         results.start({"sweep": sweep, "parent_run_id": parent, "argv": sys.argv[1:]})
     cache = Path(cfg.train.storage_path) / sweep / "cache"
     t_start = time.perf_counter()
-    try:
+    with tracking.failing_run(parent):
         for bits, seed in plan(args.bits, args.seeds, args.seed_bits):
             teacher = get_teacher(args, cfg, bits, given, sweep, parent, results)
             if not results.has(bits, seed, ITQ_ROW):
@@ -254,10 +260,6 @@ def main(argv=None) -> list[dict]:
             tracking.log_text(parent, text, "quality_table.md")
             tracking.log_artifact(parent, args.results)
             tracking.end_run(parent)
-    except BaseException as err:
-        if parent:
-            tracking.fail_run(parent, err)
-        raise
     return results.rows
 
 

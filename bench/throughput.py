@@ -3,7 +3,7 @@
 
 (a) Pairing: ONE training process with ONE compute thread on each side, the same models (the config's teacher
     and student, random init), batch, loss and optimizer (torch AdamW, as DeepSpeed's `torch_adam`):
-    - pipeline: `brcd_dist.pipeline.launch` (Ray Train TorchTrainer, 1 worker, DeepSpeed ZeRO-0, WebDataset
+    - pipeline: `brcd_dist.driver.launch` (Ray Train TorchTrainer, 1 worker, DeepSpeed ZeRO-0, WebDataset
       shards streamed by 1 DataLoader worker process doing the decode and the paper's augmentations, frozen
       teacher forward on both views, k-means pseudo-labels and masks) with train.teacher_epochs=0 (the teacher
       keeps its seeded init: its weights do not change the step's cost), 2 student epochs of
@@ -168,7 +168,7 @@ def pipeline_rates(cfg, *, steps: int) -> list[float]:
     import ray
 
     from brcd_dist.data import ensure_shards
-    from brcd_dist.pipeline import absolute_paths, launch, read_outputs, result_checkpoint_dir
+    from brcd_dist.driver import absolute_paths, launch, read_outputs, result_checkpoint_dir
     storage = tempfile.mkdtemp(prefix="brcd-throughput-")
     cfg.train = replace(cfg.train, workers=1, cpus_per_worker=1, teacher_epochs=0, epochs=2,
                         max_steps_per_epoch=steps, eval_every=0, checkpoint_every=1 << 30, storage_path=storage,

@@ -14,11 +14,18 @@ from typing import Any, get_type_hints
 
 import yaml
 
-KD_METHODS = ("brcd", "none", "individual_cos", "individual_l2", "rkd", "pkt", "sp", "crd", "kl_bits")
 DATA_SOURCES = ("fashion_mnist", "imagefolder", "shards")
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "classifier_mlp")
 TEACHER_SPLITS = ("train", "database")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def __getattr__(name: str) -> Any:
+    """KD_METHODS: the names in brcd_dist.losses' registry (read on first use: importing the losses needs torch)."""
+    if name == "KD_METHODS":
+        from brcd_dist.losses import kd_names
+        return kd_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -46,7 +53,7 @@ class ModelConfig:
     pretrained: bool = False  # timm weights (needs internet) unless weights_path is set
     weights_path: str = ""  # local state_dict for the backbone
     frozen_backbone: bool = False  # frozen pretrained backbone, BN in eval mode (paper setting)
-    head: str = "linear"  # linear: feat->L ; mlp: feat->1000->1000->L as in the paper
+    head: str = "linear"  # linear: feat->L ; mlp: feat->1000->1000->L ; classifier_mlp: logits->1000->L (the paper's)
     uri: str = ""  # an existing hash model: models:/NAME@alias, runs:/..., or a checkpoint file
 
 
@@ -63,6 +70,12 @@ class BRCDConfig:
     structural: bool = True  # structural-semantic positive term
     cluster_removal: bool = True  # false-negative removal and offset-positive rule
     bit_mask: bool = True  # per-cluster bit masks
+    # BRCD variants (losses/brcd.py; issue 16). The defaults are DESIGN §2.
+    mask_normalization: str = "kept"  # a masked similarity over: kept (the kept bits) | length (L)
+    mask_sides: str = "anchor"  # mask every code with: anchor (the anchor's cluster mask) | both (its own image's)
+    cosine: str = "dot"  # dot (a·b over the normaliser) | normalised (the authors' nn.CosineSimilarity)
+    negatives: str = "all"  # all ({s_j, s'_j, t_j, t'_j}) | authors ({s_j, t'_j})
+    authors_release: bool = False  # the authors' shipped all-zero masks: an individual-only pull
     recluster_every: int = 0  # re-run k-means every R student epochs (0: once)
     clustering_cache: str = ""  # directory where k-means results are kept by (teacher, data, K, seed) and reused
 
@@ -265,7 +278,14 @@ def validate_config(cfg: Config, check_paths: bool = True) -> Config:
     _check(b.tau > 0, "brcd.tau", b.tau, "must be > 0")
     _check(b.lambda_self >= 0, "brcd.lambda_self", b.lambda_self, "must be >= 0")
     _check(b.kd_weight >= 0, "brcd.kd_weight", b.kd_weight, "must be >= 0")
-    _check(b.kd in KD_METHODS, "brcd.kd", b.kd, f"allowed: {', '.join(KD_METHODS)}")
+    # the KD-loss registry and the BRCD variants (local: importing the losses needs torch)
+    from brcd_dist.losses import kd_names
+    from brcd_dist.losses.brcd import check_variant
+    _check(b.kd in kd_names(), "brcd.kd", b.kd, f"allowed: {', '.join(kd_names())}")
+    try:
+        check_variant(b.mask_normalization, b.mask_sides, b.cosine, b.negatives, b.authors_release, b.bit_mask)
+    except ValueError as e:
+        raise ConfigError(f"brcd.{e}") from None
     _check(b.recluster_every >= 0, "brcd.recluster_every", b.recluster_every, "must be >= 0")
     _check(cfg.kmeans.iters >= 1, "kmeans.iters", cfg.kmeans.iters, "must be >= 1")
     _check(cfg.kmeans.tol >= 0, "kmeans.tol", cfg.kmeans.tol, "must be >= 0")

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "brcd-dist/hash-model/v1"
 MLP_HIDDEN = 1000  # the paper's head for a frozen pretrained backbone: feat -> 1000 -> 1000 -> L
+# Heads that read the backbone's own (ImageNet, 1000-class) classifier logits rather than its pooled features.
+CLASSIFIER_HEADS = {"classifier_mlp": 1000}
 
 
 def backbone_kwargs(arch: str, img_size: int) -> dict:
@@ -33,20 +35,22 @@ def backbone_kwargs(arch: str, img_size: int) -> dict:
 
 
 def create_backbone(arch: str, in_chans: int, img_size: int, pretrained: bool = False,
-                    kwargs: dict | None = None) -> tuple[nn.Module, dict]:
-    """timm feature extractor (num_classes=0) -> (module, the extra kwargs it was built with).
+                    kwargs: dict | None = None, num_classes: int = 0) -> tuple[nn.Module, dict]:
+    """timm feature extractor (num_classes=0; or with its classifier) -> (module, the extra kwargs it was built with).
 
     `kwargs=None` chooses them (`backbone_kwargs`); models that take no `img_size` (CNNs) are retried without it.
     """
     if kwargs is not None:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs), kwargs
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                                 **kwargs), kwargs
     kwargs = backbone_kwargs(arch, img_size)
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs), kwargs
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                                 **kwargs), kwargs
     except TypeError as e:
         if "img_size" not in str(e):
             raise
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans), {}
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans), {}
 
 
 def hash_head(in_features: int, bits: int, head: str) -> nn.Module:
@@ -56,6 +60,8 @@ def hash_head(in_features: int, bits: int, head: str) -> nn.Module:
         return nn.Sequential(nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(inplace=True),
                              nn.Linear(MLP_HIDDEN, MLP_HIDDEN), nn.ReLU(inplace=True),
                              nn.Linear(MLP_HIDDEN, bits))
+    if head == "classifier_mlp":  # the paper's: Linear(1000, 1000)-ReLU-Linear(1000, L) on the classifier's logits
+        return nn.Sequential(nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(inplace=True), nn.Linear(MLP_HIDDEN, bits))
     raise ValueError(f"head={head!r}: allowed: {', '.join(HEADS)}")
 
 
@@ -63,7 +69,9 @@ class HashModel(nn.Module):
     """timm backbone -> hash head -> L logits. `encode` gives ±1 codes.
 
     With `frozen_backbone`, the backbone has no trainable parameters and stays in eval mode (BN statistics and
-    dropout frozen) even under `.train()`: the paper's setting for a pretrained backbone.
+    dropout frozen) even under `.train()`: the paper's setting for a pretrained backbone. Head "classifier_mlp"
+    keeps the backbone's 1000-class classifier (part of the backbone, so frozen with it) and reads its logits, as
+    the paper's student does.
     """
 
     def __init__(self, arch: str, bits: int, in_chans: int = 3, img_size: int = 224, head: str = "linear",
@@ -74,7 +82,8 @@ class HashModel(nn.Module):
         self.head_type, self.frozen_backbone = head, bool(frozen_backbone)
         # Local weights replace timm's download; timm's own weights need internet.
         self.backbone, self.backbone_kwargs = create_backbone(
-            arch, in_chans, img_size, pretrained=pretrained and not weights_path, kwargs=backbone_kwargs)
+            arch, in_chans, img_size, pretrained=pretrained and not weights_path, kwargs=backbone_kwargs,
+            num_classes=CLASSIFIER_HEADS.get(head, 0))
         if weights_path:
             load_backbone_weights(self.backbone, weights_path)
         self.feature_dim = self._feature_dim()

@@ -11,7 +11,7 @@ import torch
 from brcd_dist import plots, tracking
 from brcd_dist.config import Config, to_yaml
 from brcd_dist.models import count_flops
-from brcd_dist.pipeline import Outputs, launch, read_outputs, result_checkpoint_dir
+from brcd_dist.driver import Outputs, launch, read_outputs, result_checkpoint_dir
 
 
 def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "student")) -> dict:
@@ -69,16 +69,12 @@ def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "
 
 def launch_and_publish(cfg: Config, run_id: str | None, name: str, roles: tuple = ("teacher", "student"),
                        callbacks: list | None = None) -> Outputs:
-    """One distillation run (`pipeline.launch`) and its outputs published to its MLflow run, if it has one; a run
+    """One distillation run (`driver.launch`) and its outputs published to its MLflow run, if it has one; a run
     that fails is marked FAILED with its error before the error goes on."""
-    try:
+    with tracking.failing_run(run_id):
         out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, name=name, callbacks=callbacks)))
         if run_id:
             publish(run_id, cfg, out, roles=roles)
-    except BaseException as err:
-        if run_id:
-            tracking.fail_run(run_id, err)
-        raise
     return out
 
 

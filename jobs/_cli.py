@@ -45,7 +45,7 @@ def preflight(cfg, address=None):
     manifest); a problem ends the job with one line."""
     from brcd_dist import tracking
     from brcd_dist.data import ensure_shards
-    from brcd_dist.pipeline import connect_ray
+    from brcd_dist.driver import connect_ray
     uri = None
     if cfg.tracking.enabled:
         try:

@@ -1,5 +1,8 @@
 """BRCD distillation, stages A–D of DESIGN §1, as one Ray Train job.
 
+The stages run in `brcd_dist.train.worker.run_stages` on every Ray Train worker; this script checks the input,
+opens the MLflow run and calls `brcd_dist.reporting.launch_and_publish` (-> `brcd_dist.driver.launch`).
+
     python jobs/distill.py                                   # embedded default: Fashion-MNIST, local Ray, CPU
     python jobs/distill.py --config X.yaml brcd.alpha=0.7    # any config + overrides
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/distill.py --config X.yaml
@@ -17,7 +20,7 @@ import os
 
 from _cli import config_from_args, parser, preflight, setup_logging
 
-from brcd_dist.pipeline import absolute_paths, run_name
+from brcd_dist.driver import absolute_paths, run_name
 from brcd_dist.reporting import launch_and_publish, result_table
 from brcd_dist import teacher_reuse, tracking
 from brcd_dist.train.progress import VERBOSE_ENV

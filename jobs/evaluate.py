@@ -17,7 +17,7 @@ from brcd_dist import tracking
 from brcd_dist.batch_encoding import encode_images, image_source
 from brcd_dist.codes import unpack_codes
 from brcd_dist.data import ensure_shards
-from brcd_dist.pipeline import absolute_paths, connect_ray
+from brcd_dist.driver import absolute_paths, connect_ray
 from brcd_dist.retrieval import evaluate_paradigms
 
 

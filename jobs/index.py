@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         fail(f"{args.model}: {str(err).splitlines()[0]} (tracking uri {uri})")
     if not hasattr(model, "encode"):
         fail(f"{args.model}: not a brcd_dist hash model (logged without its checkpoint)")
-    from brcd_dist.pipeline import connect_ray
+    from brcd_dist.driver import connect_ray
     connect_ray(args.address)
     t0 = time.perf_counter()
     encoded = encode_images(model, images, batch_size=args.batch_size, actors=args.actors)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from _cli import config_from_args, parser, preflight, setup_logging
 
 from brcd_dist import tracking
-from brcd_dist.pipeline import absolute_paths, run_name, train_teacher
+from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
 from brcd_dist.reporting import publish
 
 
@@ -20,13 +20,9 @@ def main(argv=None):
     name = run_name(cfg) + "-teacher"
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest(),
                                 tags={"brcd.job": "train_teacher"}) if uri else None
-    try:
-        path, out = train_teacher(cfg, run_id=run_id, name=name)
+    with tracking.failing_run(run_id):
+        path, out = launch_teacher_job(cfg, run_id=run_id, name=name)
         versions = publish(run_id, cfg, out) if run_id else {}
-    except BaseException as err:
-        if run_id:
-            tracking.fail_run(run_id, err)
-        raise
     print(f"teacher: {path}")
     if "teacher" in versions:
         print(f"registered: models:/{cfg.tracking.teacher_name}@{cfg.tracking.alias} (version {versions['teacher']})")

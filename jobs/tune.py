@@ -16,7 +16,7 @@ from _cli import config_from_args, fail, parser, preflight, setup_logging
 
 from brcd_dist import tracking
 from brcd_dist.config import ConfigError, to_dict
-from brcd_dist.pipeline import absolute_paths, run_name, train_teacher
+from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
 from brcd_dist.sweep import (SEARCHED, check_bounds, close_stopped_trials, format_table, input_example,
                              make_trainable, search_space, trial_table)
 
@@ -51,10 +51,10 @@ def main(argv=None) -> list[dict]:
     parent = tracking.start_run(cfg, run_name=sweep, manifest_digest=manifest.digest(),
                                 tags={"brcd.job": "tune"}) if uri else None
     metric = f"val_query/{args.paradigm}_map"
-    try:
+    with tracking.failing_run(parent, on_failure=close_stopped_trials):
         teacher_run = None
         if not cfg.teacher.uri:  # stage A once for the whole sweep
-            path, out = train_teacher(cfg, run_id=parent, name=f"{sweep}-teacher")
+            path, out = launch_teacher_job(cfg, run_id=parent, name=f"{sweep}-teacher")
             cfg.teacher = replace(cfg.teacher, uri=str(path))
             if parent:
                 tracking.log_hash_model(parent, out.teacher, "teacher", input_example(cfg))
@@ -92,11 +92,6 @@ def main(argv=None) -> list[dict]:
                       f"trial {best['trial']}, α={best['alpha']:.4g}, δ={best['delta']:.4g}, K={best['K']})")
             close_stopped_trials(parent, [r["trial"] for r in rows if r["status"] == "stopped (ASHA)"])
             tracking.end_run(parent)
-    except BaseException as err:
-        if parent:
-            close_stopped_trials(parent)
-            tracking.fail_run(parent, err)
-        raise
     return rows
 
 

@@ -44,7 +44,7 @@ def tiny_overrides(shards_dir: Path, storage: Path, name: str, *, max_failures: 
 
 def tiny_config(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 0):
     from brcd_dist.config import load_config
-    from brcd_dist.pipeline import absolute_paths
+    from brcd_dist.driver import absolute_paths
     return absolute_paths(load_config(DEFAULT_CONFIG, tiny_overrides(shards_dir, storage, name,
                                                                      max_failures=max_failures)))
 
@@ -108,7 +108,7 @@ def run_tiny(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 
     thread beside it (the fault test's killer) and should return once the threading.Event `finished` is set."""
     import threading
 
-    from brcd_dist.pipeline import launch
+    from brcd_dist.driver import launch
     cfg = tiny_config(shards_dir, storage, name, max_failures=max_failures)
     finished = threading.Event()
     thread = None

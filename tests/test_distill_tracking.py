@@ -114,7 +114,7 @@ class DistillRun:
     work: Path  # the job's cwd; holds mlflow.db, mlruns/ and runs/
     cfg: object  # the resolved Config the job should have run with
     run: object  # mlflow.entities.Run
-    outputs: object  # brcd_dist.pipeline.Outputs of the final checkpoint
+    outputs: object  # brcd_dist.driver.Outputs of the final checkpoint
     shards: Path
 
     @property
@@ -140,7 +140,7 @@ def distill_run(tiny_shards, tmp_path_factory) -> DistillRun:
     from mlflow import MlflowClient
 
     from brcd_dist.config import load_config
-    from brcd_dist.pipeline import absolute_paths, read_outputs
+    from brcd_dist.driver import absolute_paths, read_outputs
     work = tmp_path_factory.mktemp("distill")
     overrides = distill_overrides(tiny_shards, work)
     ray_tmp = short_tmp()

@@ -44,7 +44,7 @@ import pytest
 import torch
 
 from conftest import read_json, run_tiny
-from brcd_dist.pipeline import read_outputs, result_checkpoint_dir
+from brcd_dist.driver import read_outputs, result_checkpoint_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from brcd_dist.data import load_manifest
-from brcd_dist.pipeline import read_outputs, result_checkpoint_dir
+from brcd_dist.driver import read_outputs, result_checkpoint_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -262,6 +262,31 @@ def test_interrupted_run_is_marked_killed(uri):
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "KILLED"
 
 
+def test_failing_run_fails_the_run_with_the_error_and_lets_the_error_go_on(uri):
+    run_id = tracking.start_run(make_config(uri))
+    tracking.log_metrics(run_id, {"loss/total": 3.0}, step=0, tracking_uri=uri)
+    seen = []
+    with pytest.raises(RuntimeError, match="worker died"):
+        with tracking.failing_run(run_id, on_failure=seen.append):
+            raise RuntimeError("worker died")
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert seen == [run_id]
+    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR_TAG] == "RuntimeError: worker died"
+
+
+def test_failing_run_leaves_a_run_that_succeeds_running(uri):
+    run_id = tracking.start_run(make_config(uri))
+    with tracking.failing_run(run_id, on_failure=lambda _: pytest.fail("called on success")):
+        pass
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "RUNNING"
+
+
+def test_failing_run_without_a_run_only_lets_the_error_go_on():
+    with pytest.raises(KeyError):
+        with tracking.failing_run(None, on_failure=lambda _: pytest.fail("called without a run")):
+            raise KeyError("x")
+
+
 def test_end_run_rejects_an_unknown_status():
     with pytest.raises(ValueError, match="allowed: FINISHED, FAILED, KILLED"):
         tracking.end_run("any", status="DONE")

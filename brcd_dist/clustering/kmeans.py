@@ -24,12 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from brcd_dist.clustering.pseudo_labels import nearest_centroids
+from brcd_dist.clustering.assign import BACKENDS, CentroidAssigner, choose_backend
 
 log = logging.getLogger(__name__)
 
 INITS = ("k-means++", "random")
-BACKENDS = ("faiss-gpu", "faiss-cpu", "torch-cuda", "torch-cpu")
 SPLIT_EPS = 1 / 1024  # FAISS split_clusters: relative perturbation that turns one centroid into two
 _SUM_CHUNK = 1 << 16  # rows per block when summing, so that no float64 copy of the whole shard is made
 
@@ -106,16 +105,19 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
     init_k, init_d = (init.shape if init.ndim == 2 else (-1, -1)) if init is not None else (k, d)
     st = np.asarray(state.centroids) if state is not None else None
     st_k, st_d = (st.shape if st.ndim == 2 else (-1, -1)) if st is not None else (k, d)
-    mine = torch.tensor([len(shape), n, d, int(finite), k, iters, seed, init_k, init_d, st_k, st_d, int(bool(bad_arg))],
-                        dtype=torch.int64)
-    table = comm.all_gather(mine).numpy()
-    ndims, ns, ds, fin, ks, its, seeds = (table[:, i] for i in range(7))
+    mine = {"ndim": len(shape), "n": n, "d": d, "finite": int(finite), "k": k, "iters": iters, "seed": seed,
+            "init_k": init_k, "init_d": init_d, "state_k": st_k, "state_d": st_d, "bad_arg": int(bool(bad_arg))}
+    table = comm.all_gather(torch.tensor(list(mine.values()), dtype=torch.int64)).numpy()  # (ranks, columns)
+    col = dict(zip(mine, table.T))  # column name -> one value per rank
+    ndims, ns, ds, fin, ks, its, seeds = (col[c] for c in ("ndim", "n", "d", "finite", "k", "iters", "seed"))
+    init_shapes = np.stack([col["init_k"], col["init_d"]], axis=1)
+    state_shapes = np.stack([col["state_k"], col["state_d"]], axis=1)
 
     def fail(msg: str):
         raise ValueError(f"distributed_kmeans: {msg}")
 
-    if table[:, 11].any():
-        fail(bad_arg or f"bad argument on rank(s) {np.flatnonzero(table[:, 11]).tolist()}")
+    if col["bad_arg"].any():
+        fail(bad_arg or f"bad argument on rank(s) {np.flatnonzero(col['bad_arg']).tolist()}")
     if (ndims != 2).any():
         fail(f"x must be 2-D (n, d) on every rank; ndim per rank: {ndims.tolist()}")
     for name, col in (("k", ks), ("iters", its), ("seed", seeds)):
@@ -132,10 +134,10 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
         fail(f"k={k} is larger than the number of points ({total} over {comm.size} ranks: {ns.tolist()})")
     if not fin.all():
         fail(f"x contains NaN or Inf on rank(s) {np.flatnonzero(fin == 0).tolist()}")
-    if (table[:, 7:9] != [[k, ds[0]]]).any():
-        fail(f"init centroids must have shape ({k}, {ds[0]}); per rank: {table[:, 7:9].tolist()}")
-    if (table[:, 9:11] != [[k, ds[0]]]).any():
-        fail(f"state centroids must have shape ({k}, {ds[0]}); per rank: {table[:, 9:11].tolist()}")
+    if (init_shapes != [[k, ds[0]]]).any():
+        fail(f"init centroids must have shape ({k}, {ds[0]}); per rank: {init_shapes.tolist()}")
+    if (state_shapes != [[k, ds[0]]]).any():
+        fail(f"state centroids must have shape ({k}, {ds[0]}); per rank: {state_shapes.tolist()}")
     return ns
 
 
@@ -206,67 +208,6 @@ def _init_kmeanspp(x, k, rng, offsets, comm) -> np.ndarray:
         out[j] = _fetch_point(x, local, comm).cpu().numpy()
         d2 = torch.minimum(d2, _sq_dist_to(x, torch.as_tensor(out[j], device=x.device)))
     return out
-
-
-# ----------------------------------------------------------------------------- assignment
-
-def _faiss():
-    try:
-        import faiss
-        return faiss
-    except ImportError:
-        return None
-
-
-def choose_backend() -> str:
-    """FAISS on the GPU when it has GPU support; else torch matmul on the GPU when CUDA is there; else FAISS on the
-    CPU (torch on the CPU only if FAISS is missing)."""
-    faiss = _faiss()
-    if faiss is not None and faiss.get_num_gpus() > 0:
-        return "faiss-gpu"
-    if torch.cuda.is_available():
-        return "torch-cuda"
-    return "faiss-cpu" if faiss is not None else "torch-cpu"
-
-
-class _Assigner:
-    """Nearest centroid of each local point, by the chosen backend: (labels int64, squared L2 distance float32)."""
-
-    def __init__(self, backend: str, d: int, spherical: bool, device: torch.device):
-        self.backend, self.spherical, self.device = backend, spherical, device
-        if backend.startswith("faiss"):
-            faiss = _faiss()
-            if backend == "faiss-gpu":
-                import faiss.contrib.torch_utils  # noqa: F401  lets FAISS GPU indexes read torch CUDA tensors in place
-                self._res = faiss.StandardGpuResources()
-                cfg = faiss.GpuIndexFlatConfig()
-                cfg.device = device.index or 0
-                self.index = (faiss.GpuIndexFlatIP if spherical else faiss.GpuIndexFlatL2)(self._res, d, cfg)
-            else:
-                self.index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
-
-    def __call__(self, x: torch.Tensor, x_sq: torch.Tensor | None, centroids: np.ndarray
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] == 0:
-            return torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, device=x.device)
-        if self.backend.startswith("torch"):
-            return nearest_centroids(x, torch.as_tensor(centroids, device=x.device), spherical=self.spherical)
-        self.index.reset()
-        c_sq = (centroids.astype(np.float64) ** 2).sum(1)
-        if self.backend == "faiss-gpu":
-            self.index.add(torch.as_tensor(centroids, device=x.device))
-            dis, lab = self.index.search(x, 1)
-            dis, lab = dis[:, 0], lab[:, 0]
-            if self.spherical:  # IndexFlatIP returned x.c: turn it into ||x||² - 2 x.c + ||c||²
-                c_sq_t = torch.as_tensor(c_sq, device=x.device)
-                dis = (x_sq + c_sq_t[lab] - 2 * dis.double()).clamp_min(0).float()
-            return lab, dis
-        self.index.add(centroids)
-        dis, lab = self.index.search(x.numpy(), 1)
-        dis, lab = dis[:, 0], lab[:, 0]
-        if self.spherical:  # numpy, not torch, on the CPU: see _local_stats
-            dis = np.maximum(x_sq.numpy() + c_sq[lab] - 2 * dis.astype(np.float64), 0).astype(np.float32)
-        return torch.from_numpy(lab), torch.from_numpy(np.ascontiguousarray(dis))
 
 
 # ----------------------------------------------------------------------------- update
@@ -369,7 +310,7 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
     d = x.shape[1]
     log.info("k-means: rank %d/%d assigns %d points (d=%d, k=%d) with %s", comm.rank, comm.size, x.shape[0], d, k,
              backend)
-    assign = _Assigner(backend, d, spherical, device)
+    assign = CentroidAssigner(backend, d, spherical, device)
     x_sq = _sq_dist_to(x, torch.zeros(d, dtype=torch.float64, device=device)) if spherical else None
     x_cols = np.ascontiguousarray(x.numpy().T) if device.type == "cpu" else None  # see _local_stats
 

@@ -8,8 +8,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brcd_dist.losses.registry import KDInputs, per_view, register_kd
+
 
 def crd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
     """(B, L), (B, L) -> scalar: mean over rows of −log softmax_j(cos(student_i, teacher_j)/τ)[i]."""
     logits = F.normalize(student, dim=1) @ F.normalize(teacher.detach(), dim=1).T / tau
     return F.cross_entropy(logits, torch.arange(student.shape[0], device=student.device))
+
+
+@register_kd("crd")
+def _crd(x: KDInputs, cfg) -> torch.Tensor:
+    return per_view(lambda s, t: crd_loss(s, t, cfg.tau), x.s1, x.s2, x.t1, x.t2)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brcd_dist.losses.registry import KDInputs, per_view, register_kd
+
 
 def _normalised_distances(x: torch.Tensor) -> torch.Tensor:
     """Pairwise Euclidean distances over their mean positive distance (RKD eq. 4)."""
@@ -56,3 +58,18 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     gs = F.normalize(student @ student.T, dim=1)
     gt = F.normalize(teacher.detach() @ teacher.detach().T, dim=1)
     return ((gs - gt) ** 2).sum() / student.shape[0] ** 2
+
+
+@register_kd("rkd")
+def _rkd(x: KDInputs, cfg) -> torch.Tensor:
+    return per_view(rkd_loss, x.s1, x.s2, x.t1, x.t2)
+
+
+@register_kd("pkt")
+def _pkt(x: KDInputs, cfg) -> torch.Tensor:
+    return per_view(pkt_loss, x.s1, x.s2, x.t1, x.t2)
+
+
+@register_kd("sp")
+def _sp(x: KDInputs, cfg) -> torch.Tensor:
+    return per_view(sp_loss, x.s1, x.s2, x.t1, x.t2)

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from brcd_dist.clustering.bit_masks import bit_agreement, bit_masks_from_stats, cluster_bit_stats
 from brcd_dist.clustering.kmeans import distributed_kmeans
-from brcd_dist.train.context import WorkerContext, all_gather_objects
+from brcd_dist.train.collectives import all_gather_objects
+from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.encoding import encode_local
 from brcd_dist.train.progress import StageBar
 from brcd_dist.train.state import Clustering

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 
 from brcd_dist.data import train_batches
-from brcd_dist.train.context import WorkerContext, sync_buffers
+from brcd_dist.train.collectives import sync_buffers
+from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.progress import EpochProgress
 from brcd_dist.train.state import TrainState
 
@@ -45,9 +46,9 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             if state.global_step % LOG_EVERY == 0:
-                ctx.log_metrics({f"{prefix}/{k}": v for k, v in values.items()}, state.global_step)
+                ctx.step_log.log({f"{prefix}/{k}": v for k, v in values.items()}, state.global_step)
             if state.global_step % cfg.checkpoint_every == 0:
-                ctx.report(state, {f"{prefix}/{k}": v for k, v in values.items()}, engine=engine)
+                ctx.checkpoint.report(state, {f"{prefix}/{k}": v for k, v in values.items()}, engine=engine)
         seconds = time.perf_counter() - t0
         metrics = {f"{prefix}/epoch_{k}": v / max(n_steps, 1) for k, v in sums.items()}
         metrics[f"{prefix}/images_per_s"] = n_images / seconds if seconds > 0 else 0.0
@@ -58,8 +59,8 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
         metrics.update(eval_metrics)
         progress.end_epoch(metrics)
         state.history["train"].append({k: v for k, v in metrics.items()})
-        ctx.log_metrics(metrics, state.global_step)
-        ctx.report(state, metrics, engine=engine)
+        ctx.step_log.log(metrics, state.global_step)
+        ctx.checkpoint.report(state, metrics, engine=engine)
         if stop:
             break
     progress.close()
@@ -67,8 +68,8 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
 
 def two_view_forward(engine, batch: dict, device: torch.device):
     """One forward over both views concatenated (BatchNorm sees both, as in the authors' code); returns fp32
-    logits of view 1 and view 2."""
+    logits of view 1 and view 2. `engine` is a DeepSpeed engine or a plain module."""
     v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
-    dtype = next(engine.module.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
+    dtype = next(getattr(engine, "module", engine).parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     logits = engine(torch.cat([v1, v2]).to(dtype)).float()
     return logits[: len(v1)], logits[len(v1):]

@@ -5,6 +5,7 @@ student at the step it reached. One directory per checkpoint, merged by Ray Trai
   clustering.pt     centroids, bit masks, pseudo-labels by __key__     (rank 0)
   best_student.pt   best student so far by validation mAP              (rank 0)
   student.pt        the final student (after stage D)                  (rank 0)
+  pr_curves.json    precision-recall curves of the test queries       (rank 0)
   engine/           DeepSpeed checkpoint of the model being trained    (every rank)
 """
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from brcd_dist.models import HashModel, save_hash_model
 
 STAGES = ("teacher", "clustering", "student", "done")
 ENGINE_TAG = "state"  # DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file of that name)
@@ -64,3 +68,34 @@ class Clustering:
     @classmethod
     def load(cls, path: Path) -> "Clustering":
         return cls(**torch.load(path, weights_only=False))
+
+
+@dataclass
+class CheckpointFiles:
+    """The finished-stage files rank 0 writes into every checkpoint; a field left None writes no file."""
+    teacher: Optional[HashModel] = None  # teacher.pt, once stage A is done
+    clustering: Optional[Clustering] = None  # clustering.pt, the latest k-means round
+    best_student: Optional[dict] = None  # best_student.pt: state_dict of the best student so far (model selection)
+    student: Optional[HashModel] = None  # student.pt, the final student (stage D)
+    curves: Optional[dict] = None  # pr_curves.json: {route: {"precision": [...], "recall": [...]}} (stage D)
+
+    def write(self, directory: Path) -> list[str]:
+        """Write the files that are set into `directory`; returns their names."""
+        d, written = Path(directory), []
+        if self.teacher is not None:
+            save_hash_model(self.teacher, d / "teacher.pt")
+            written.append("teacher.pt")
+        if self.clustering is not None:
+            self.clustering.save(d / "clustering.pt")
+            written.append("clustering.pt")
+        if self.best_student is not None:
+            torch.save(self.best_student, d / "best_student.pt")
+            written.append("best_student.pt")
+        if self.student is not None:
+            save_hash_model(self.student, d / "student.pt")
+            written.append("student.pt")
+        if self.curves is not None:
+            (d / "pr_curves.json").write_text(json.dumps(
+                {k: {kk: [float(x) for x in vv] for kk, vv in v.items()} for k, v in self.curves.items()}))
+            written.append("pr_curves.json")
+        return written

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -12,14 +13,16 @@ import torch
 
 from brcd_dist.clustering.pseudo_labels import assign_nearest
 from brcd_dist.codes import probs_and_codes
+from brcd_dist.config import Config
 from brcd_dist.losses import KDInputs, kd_loss
 from brcd_dist.losses.cibhash import cibhash_loss
-from brcd_dist.models import HashModel, build_student, save_hash_model
+from brcd_dist.models import HashModel, build_student
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.engine import autocast, make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
 from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.selection import ModelSelection
 from brcd_dist.train.state import ENGINE_TAG, Clustering, TrainState
 
 
@@ -33,6 +36,36 @@ def full_state_dict(engine) -> dict:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
+def student_step(batch: dict, teacher, student, clustering: Clustering, cfg: Config,
+                 device: torch.device) -> dict:
+    """One training step's losses: the frozen teacher's codes of both views (no gradient), the student's two
+    views, each view's nearest centroid, KDInputs, kd_weight × KD + λ_self × CIBHash. `student` is a DeepSpeed
+    engine or a plain module; `clustering`'s centroids and masks are on `device`."""
+    b = cfg.brcd
+    with torch.no_grad(), autocast(device.type == "cuda"):
+        v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
+        t_logits = teacher(torch.cat([v1, v2]).to(next(teacher.parameters()).dtype)).float()
+    q, t = probs_and_codes(t_logits)
+    n = len(v1)
+    l1, l2 = two_view_forward(student, batch, device)
+    p1, s1 = probs_and_codes(l1)
+    p2, s2 = probs_and_codes(l2)
+    labels = torch.tensor([clustering.pseudo_labels[k] for k in batch["key"]], device=device)
+    view_clusters = assign_nearest(t, clustering.centroids, spherical=cfg.kmeans.spherical)
+    inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t[:n], t2=t[n:], q1=q[:n], q2=q[n:], labels=labels,
+                      view_clusters1=view_clusters[:n], view_clusters2=view_clusters[n:], masks=clustering.masks)
+    kd = kd_loss(b.kd, inputs, b)
+    own = cibhash_loss(p1, s1, p2, s2, tau=b.tau)
+    offset = (view_clusters[n:] != labels).float().mean() + (view_clusters[:n] != labels).float().mean()
+    return {"loss": b.kd_weight * kd + b.lambda_self * own, "kd": kd.detach(), "self": own.detach(),
+            "offset_rate": offset.detach() / 2}
+
+
+def on_device(clustering: Clustering, device: torch.device) -> Clustering:
+    """The centroids and masks that every step reads, moved once per clustering round."""
+    return replace(clustering, centroids=clustering.centroids.to(device), masks=clustering.masks.to(device))
+
+
 def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clustering: Clustering,
                   evaluator: Evaluator, resume_dir: Optional[Path], codes_cache: dict) -> HashModel:
     cfg, b = ctx.cfg, ctx.cfg.brcd
@@ -41,70 +74,40 @@ def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clu
     torch.manual_seed(cfg.train.seed)
     model = build_student(ctx.cfg).to(ctx.device)
     engine = make_engine(model, cfg.train, cfg.train.lr, ctx.use_gpu)
-    best: dict = {}
+    selection = ModelSelection(state, cfg.train.early_stop_patience)
     if resume_dir is not None and state.stage == "student":
         if (resume_dir / "engine").is_dir():
             engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
         if (resume_dir / "best_student.pt").is_file():
-            best["state_dict"] = torch.load(resume_dir / "best_student.pt", weights_only=True)
-            restored = best["state_dict"]  # carried into the next checkpoints, or a second restart loses it
-            ctx.artifacts["best_student.pt"] = lambda path: torch.save(restored, path)
-    # Replaced together when k-means is re-run every R epochs.
-    centroids, masks = clustering.centroids.to(ctx.device), clustering.masks.to(ctx.device)
-
-    def step(batch: dict) -> dict:
-        with torch.no_grad(), autocast(ctx.use_gpu):
-            v1, v2 = batch["view1"].to(ctx.device), batch["view2"].to(ctx.device)
-            t_logits = teacher(torch.cat([v1, v2]).to(next(teacher.parameters()).dtype)).float()
-        q, t = probs_and_codes(t_logits)
-        n = len(v1)
-        l1, l2 = two_view_forward(engine, batch, ctx.device)
-        p1, s1 = probs_and_codes(l1)
-        p2, s2 = probs_and_codes(l2)
-        labels = torch.tensor([clustering.pseudo_labels[k] for k in batch["key"]], device=ctx.device)
-        view_clusters = assign_nearest(t, centroids, spherical=cfg.kmeans.spherical)
-        inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t[:n], t2=t[n:], q1=q[:n], q2=q[n:], labels=labels,
-                          view_clusters1=view_clusters[:n], view_clusters2=view_clusters[n:], masks=masks)
-        kd = kd_loss(b.kd, inputs, b)
-        own = cibhash_loss(p1, s1, p2, s2, tau=b.tau)
-        offset = (view_clusters[n:] != labels).float().mean() + (view_clusters[:n] != labels).float().mean()
-        return {"loss": b.kd_weight * kd + b.lambda_self * own, "kd": kd.detach(), "self": own.detach(),
-                "offset_rate": offset.detach() / 2}
+            selection.best_weights = torch.load(resume_dir / "best_student.pt", weights_only=True)
+            # carried into the next checkpoints, or a second restart loses it
+            ctx.checkpoint_files.best_student = selection.best_weights
+    current = on_device(clustering, ctx.device)  # replaced when k-means is re-run every R epochs
 
     def on_epoch_end(epoch: int) -> tuple[dict, bool]:
-        nonlocal clustering, centroids, masks
+        nonlocal current
         metrics: dict = {}
         if b.recluster_every and (epoch + 1) % b.recluster_every == 0 and epoch + 1 < cfg.train.epochs:
             state.cluster_round += 1
-            clustering = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
-            centroids, masks = clustering.centroids.to(ctx.device), clustering.masks.to(ctx.device)
-            ctx.artifacts["clustering.pt"] = clustering.save
-            metrics.update(clustering_metrics(clustering))
+            reclustered = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
+            current = on_device(reclustered, ctx.device)
+            ctx.checkpoint_files.clustering = reclustered
+            metrics.update(clustering_metrics(reclustered))
         stop = False
         last = epoch + 1 == cfg.train.epochs
         if cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last):
             result = evaluator.evaluate(engine.module, "val_query")
             metrics.update(result)
             state.history["eval"].append({"epoch": epoch + 1, **result})
-            score = result["val_query/sshp_map"]
-            if score > state.best_metric:
-                state.best_metric, state.evals_without_improvement = score, 0
-                best["state_dict"] = full_state_dict(engine)
-                snapshot = best["state_dict"]
-                ctx.artifacts["best_student.pt"] = lambda path: torch.save(snapshot, path)
-            else:
-                state.evals_without_improvement += 1
-            patience = cfg.train.early_stop_patience
-            stop = bool(patience and state.evals_without_improvement >= patience)
+            if selection.offer(result["val_query/sshp_map"], lambda: full_state_dict(engine)):
+                ctx.checkpoint_files.best_student = selection.best_weights
+            stop = selection.should_stop
         return metrics, stop
 
     run_epochs(ctx, state, engine, split="train", epochs=cfg.train.epochs, prefix="student",
-               step_fn=step, on_epoch_end=on_epoch_end)
+               step_fn=lambda batch: student_step(batch, teacher, engine, current, cfg, ctx.device),
+               on_epoch_end=on_epoch_end)
     student = copy.deepcopy(engine.module).float().cpu()
-    if "state_dict" in best:  # model selection on validation mAP (DESIGN §3)
-        student.load_state_dict(best["state_dict"])
+    if selection.best_weights is not None:  # model selection on validation mAP (DESIGN §3)
+        student.load_state_dict(selection.best_weights)
     return student.to(ctx.device).eval()
-
-
-def save_student(student: HashModel):
-    return lambda path: save_hash_model(student, path)

@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from brcd_dist.train.context import WorkerContext, broadcast_object
+from brcd_dist.train.collectives import broadcast_object
+from brcd_dist.train.context import WorkerContext
 
 
 def teacher_digest(teacher) -> str:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from brcd_dist.codes import probs_and_codes
 from brcd_dist.losses.cibhash import cibhash_loss
-from brcd_dist.models import HashModel, build_teacher, load_hash_model, save_hash_model
+from brcd_dist.models import HashModel, build_teacher, load_hash_model
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.engine import make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
@@ -21,15 +21,17 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
     cfg = ctx.cfg
     if resume_dir is not None and (resume_dir / "teacher.pt").is_file():
         teacher = load_hash_model(resume_dir / "teacher.pt")  # stage A finished before the restart
+    elif cfg.teacher.uri and Path(cfg.teacher.uri).is_file():
+        teacher = load_hash_model(cfg.teacher.uri)  # a checkpoint file: no MLflow involved
     elif cfg.teacher.uri:
-        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/..., or a checkpoint file
+        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/...
         teacher = load_model(cfg.teacher.uri)
     else:
         teacher = train_teacher(ctx, state, resume_dir)
     teacher = teacher.to(ctx.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    ctx.artifacts["teacher.pt"] = lambda path: save_hash_model(teacher, path)
+    ctx.checkpoint_files.teacher = teacher
     return teacher
 
 

@@ -2,7 +2,6 @@
 checkpoint shows it finished (so a restarted run never redoes the teacher or the clustering)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import ExitStack
@@ -14,12 +13,14 @@ import torch
 from brcd_dist.config import from_dict
 from brcd_dist.data import load_manifest
 from brcd_dist.models import load_hash_model
+from brcd_dist.train.checkpoint import CheckpointWriter
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
 from brcd_dist.train.progress import quiet_worker_logs
-from brcd_dist.train.state import Clustering, TrainState, read_state
-from brcd_dist.train.student_stage import save_student, student_stage
+from brcd_dist.train.state import CheckpointFiles, Clustering, TrainState, read_state
+from brcd_dist.train.step_log import StepLogger
+from brcd_dist.train.student_stage import student_stage
 from brcd_dist.train.teacher_stage import teacher_stage
 
 log = logging.getLogger("brcd_dist.train")
@@ -34,9 +35,11 @@ def make_context(config: dict) -> WorkerContext:
     # Where each rank runs (placement checks, e.g. STRICT_SPREAD over nodes, read it from the job's logs).
     log.info("rank %d of %d: node %s, pid %d", ctx.get_world_rank(), ctx.get_world_size(),
              ray.get_runtime_context().get_node_id(), os.getpid())
-    return WorkerContext(cfg=cfg, manifest=load_manifest(cfg.data.shards_dir), rank=ctx.get_world_rank(),
+    rank, files = ctx.get_world_rank(), CheckpointFiles()
+    return WorkerContext(cfg=cfg, manifest=load_manifest(cfg.data.shards_dir), rank=rank,
                          world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                         run_id=config.get("run_id"))
+                         checkpoint_files=files, checkpoint=CheckpointWriter(is_chief=rank == 0, files=files),
+                         step_log=StepLogger(run_id=config.get("run_id"), is_chief=rank == 0))
 
 
 def begin_attempt(state: TrainState, resumed: bool) -> list:
@@ -49,8 +52,9 @@ def begin_attempt(state: TrainState, resumed: bool) -> list:
     return ran
 
 
-def distill_worker(config: dict) -> None:
-    """config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher"}."""
+def run_stages(config: dict) -> None:
+    """Stages A–D of DESIGN §1 on this worker (`driver.launch` hands it to TorchTrainer).
+    config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher"}."""
     ctx = make_context(config)
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
@@ -67,7 +71,7 @@ def distill_worker(config: dict) -> None:
         teacher = teacher_stage(ctx, state, resume_dir)
         if state.stage == "teacher":
             state.stage, state.epoch, state.step_in_epoch = "clustering", 0, 0
-            ctx.report(state, {"teacher/done": 1})
+            ctx.checkpoint.report(state, {"teacher/done": 1})
         if config.get("stages", "all") == "teacher":
             return
 
@@ -78,10 +82,10 @@ def distill_worker(config: dict) -> None:
         else:
             ran.append("clustering")
             clustering = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
-        ctx.artifacts["clustering.pt"] = clustering.save
+        ctx.checkpoint_files.clustering = clustering
         if state.stage == "clustering":
             state.stage = "student"
-            ctx.report(state, clustering_metrics(clustering))
+            ctx.checkpoint.report(state, clustering_metrics(clustering))
 
         # Stage C: the student.
         evaluator = Evaluator(ctx, teacher)
@@ -97,8 +101,6 @@ def distill_worker(config: dict) -> None:
         curves = test.pop("curves", None)
         state.stage = "done"
         state.history["test"] = {**test, **evaluator.throughput}
-        ctx.artifacts["student.pt"] = save_student(student)
-        if curves is not None:
-            ctx.artifacts["pr_curves.json"] = lambda path: path.write_text(json.dumps(
-                {k: {kk: [float(x) for x in vv] for kk, vv in v.items()} for k, v in curves.items()}))
-        ctx.report(state, {**test, **evaluator.throughput})
+        ctx.checkpoint_files.student = student
+        ctx.checkpoint_files.curves = curves
+        ctx.checkpoint.report(state, {**test, **evaluator.throughput})

@@ -75,10 +75,10 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from brcd_dist.train.worker import distill_worker
+    from brcd_dist.train.worker import run_stages
     t = cfg.train
     trainer = TorchTrainer(
-        distill_worker,
+        run_stages,
         train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
@@ -136,7 +136,8 @@ def result_checkpoint_dir(result) -> Path:
     return Path(ckpt.to_directory())  # remote storage (s3://, gs://): a local copy to read the outputs from
 
 
-def train_teacher(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[Path, Outputs]:
+def launch_teacher_job(cfg: Config, *, run_id: Optional[str] = None,
+                       name: Optional[str] = None) -> tuple[Path, Outputs]:
     """Stage A alone. Returns a stable copy of the teacher's checkpoint file (Ray keeps only the last two
     checkpoints) and the run's outputs."""
     import shutil
