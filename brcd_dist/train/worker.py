@@ -19,6 +19,7 @@ from brcd_dist.redact import apply_credential_env
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.progress import quiet_worker_logs
 from brcd_dist.train.state import CheckpointFiles, Clustering, TrainState, read_state
 from brcd_dist.train.step_log import StepLogger
 from brcd_dist.train.student_stage import student_stage
@@ -28,6 +29,7 @@ log = logging.getLogger("brcd_dist.train")
 
 
 def make_context(config: dict) -> WorkerContext:
+    quiet_worker_logs(root=True)
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
