@@ -2,11 +2,14 @@
 
 Every job resolves its config here, before any Ray worker starts, and every bad
 value raises `ConfigError` with one line naming the key, the value and what is
-allowed (DESIGN §1; dinov2-style defaults/experiment/CLI merge).
+allowed (DESIGN §1; dinov2-style defaults/experiment/CLI merge). Each section's
+rules sit next to its fields (`validate`); `validate_config` adds the rules that
+span sections or look at the disk (paths, the source's classes and images).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,6 +21,9 @@ DATA_SOURCES = ("fashion_mnist", "imagefolder", "shards")
 HEADS = ("linear", "mlp", "classifier_mlp")
 TEACHER_SPLITS = ("train", "database")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+MAX_IMAGE_SIZE = 4096  # data.image_size above this builds tensors of tens of GB (100000 px: 40 GB)
+FASHION_MNIST_PER_CLASS = 6000  # training images of each of its 10 classes
+FASHION_MNIST_NUM_CLASSES = 10
 
 
 def __getattr__(name: str) -> Any:
@@ -32,19 +38,40 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line meant for the user."""
 
 
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, key, value, f"allowed: {', '.join(map(str, allowed))}")
+
+
 @dataclass
 class DataConfig:
     source: str = "fashion_mnist"  # where shards are made from: fashion_mnist | imagefolder | shards (already made)
-    source_path: str = "/usr/share/datasets/fashion-mnist"
+    source_path: str = "/usr/share/datasets/fashion-mnist"  # the IDX files' folder, or the ImageFolder root
     shards_dir: str = "data/fashion_mnist"  # local directory holding manifest.json + shards when shards_url is ""
     shards_url: str = ""  # shards + manifest at s3://, gs:// (no shards_dir needed); http(s)://, pipe:...{shard}: shards only
-    image_size: int = 32
-    in_chans: int = 1
-    train_per_class: int = 500
+    image_size: int = 32  # side of the images the models see, 8..4096
+    in_chans: int = 1  # 1 (gray) or 3 (RGB)
+    train_per_class: int = 500  # labelled training images of each class (the train split); at most what a class holds
     val_fraction: float = 0.5  # share of the test images used as validation queries (rest: test queries)
-    samples_per_shard: int = 1000
-    split_seed: int = 0
-    loader_workers: int = 1
+    samples_per_shard: int = 1000  # images per tar shard
+    split_seed: int = 0  # seed of the train/database/query split
+    loader_workers: int = 1  # data-loading processes per rank (0: in the training process)
+    max_image_pixels: int = 40_000_000  # ImageFolder images above this many pixels are skipped unread (0: no cap)
+
+    def validate(self, s: str = "data") -> None:
+        _choice(f"{s}.source", self.source, DATA_SOURCES)
+        _check(8 <= self.image_size <= MAX_IMAGE_SIZE, f"{s}.image_size", self.image_size,
+               f"must be in 8..{MAX_IMAGE_SIZE}")
+        _choice(f"{s}.in_chans", self.in_chans, (1, 3))
+        _check(self.train_per_class >= 1, f"{s}.train_per_class", self.train_per_class, "must be >= 1")
+        _check(0.0 < self.val_fraction < 1.0, f"{s}.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(self.samples_per_shard >= 1, f"{s}.samples_per_shard", self.samples_per_shard, "must be >= 1")
+        _check(self.loader_workers >= 0, f"{s}.loader_workers", self.loader_workers, "must be >= 0")
+        _check(self.max_image_pixels >= 0, f"{s}.max_image_pixels", self.max_image_pixels, "must be >= 0 (0: no cap)")
 
 
 @dataclass
@@ -56,17 +83,22 @@ class ModelConfig:
     head: str = "linear"  # linear: feat->L ; mlp: feat->1000->1000->L ; classifier_mlp: logits->1000->L (the paper's)
     uri: str = ""  # an existing hash model: models:/NAME@alias, runs:/..., or a checkpoint file
 
+    def validate(self, s: str) -> None:
+        _choice(f"{s}.head", self.head, HEADS)
+        if not self.uri:
+            _check(_is_timm_model(self.name), f"{s}.name", self.name, "not a timm model name (see timm.list_models())")
+
 
 @dataclass
 class BRCDConfig:
-    bits: int = 64
-    alpha: float = 0.8
-    delta: float = 0.5
-    clusters: int = 10
-    tau: float = 0.3
-    lambda_self: float = 1.0
+    bits: int = 64  # code length L, a multiple of 8 in 8..256
+    alpha: float = 0.8  # weight of the structural-semantic term, in [0, 1]
+    delta: float = 0.5  # bit-mask agreement threshold, in [0, 1]
+    clusters: int = 10  # k-means clusters K over the teacher's codes, 2..size of the train split
+    tau: float = 0.3  # contrastive temperature, > 0
+    lambda_self: float = 1.0  # weight of the student's own CIBHash loss, >= 0
     kd: str = "brcd"  # brcd | none (student alone) | a KD baseline
-    kd_weight: float = 1.0
+    kd_weight: float = 1.0  # weight of the KD loss, >= 0
     structural: bool = True  # structural-semantic positive term
     cluster_removal: bool = True  # false-negative removal and offset-positive rule
     bit_mask: bool = True  # per-cluster bit masks
@@ -79,58 +111,116 @@ class BRCDConfig:
     recluster_every: int = 0  # re-run k-means every R student epochs (0: once)
     clustering_cache: str = ""  # directory where k-means results are kept by (teacher, data, K, seed) and reused
 
+    def validate(self, s: str = "brcd") -> None:
+        _check(0.0 <= self.alpha <= 1.0, f"{s}.alpha", self.alpha, "must be in [0, 1]")
+        _check(0.0 <= self.delta <= 1.0, f"{s}.delta", self.delta, "must be in [0, 1]")
+        _check(self.clusters >= 2, f"{s}.clusters", self.clusters, "must be an integer >= 2")
+        _check(8 <= self.bits <= 256 and self.bits % 8 == 0, f"{s}.bits", self.bits,
+               "must be a multiple of 8 in 8..256")
+        _check(self.tau > 0, f"{s}.tau", self.tau, "must be > 0")
+        _check(self.lambda_self >= 0, f"{s}.lambda_self", self.lambda_self, "must be >= 0")
+        _check(self.kd_weight >= 0, f"{s}.kd_weight", self.kd_weight, "must be >= 0")
+        # the KD-loss registry and the BRCD variants (local: importing the losses needs torch)
+        from brcd_dist.losses import kd_names
+        from brcd_dist.losses.brcd import check_variant
+        _choice(f"{s}.kd", self.kd, kd_names())
+        try:
+            check_variant(self.mask_normalization, self.mask_sides, self.cosine, self.negatives,
+                          self.authors_release, self.bit_mask)
+        except ValueError as e:
+            raise ConfigError(f"{s}.{e}") from None
+        _check(self.recluster_every >= 0, f"{s}.recluster_every", self.recluster_every, "must be >= 0")
+
 
 @dataclass
 class KMeansConfig:
-    iters: int = 25
-    tol: float = 1e-4
-    spherical: bool = False
-    seed: int = 0
+    iters: int = 25  # Lloyd iterations, >= 1
+    tol: float = 1e-4  # relative inertia change that stops early, >= 0
+    spherical: bool = False  # cosine k-means (unit-norm centroids)
+    seed: int = 0  # initialisation seed
+
+    def validate(self, s: str = "kmeans") -> None:
+        _check(self.iters >= 1, f"{s}.iters", self.iters, "must be >= 1")
+        _check(self.tol >= 0, f"{s}.tol", self.tol, "must be >= 0")
 
 
 @dataclass
 class TrainConfig:
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    workers: int = 2  # Ray Train workers (ranks), >= 1
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker, > 0
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    teacher_epochs: int = 3
+    teacher_epochs: int = 3  # stage A epochs (0: the teacher as given)
     teacher_split: str = "database"  # unlabelled images the teacher learns from: train subset or all database images
-    teacher_lr: float = 1e-3
+    teacher_lr: float = 1e-3  # > 0
     epochs: int = 10  # student epochs
-    batch_size: int = 64  # per-worker micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    zero_stage: int = 0
-    seed: int = 0
+    batch_size: int = 64  # per-worker micro-batch, >= 2
+    grad_accum: int = 1  # micro-batches per optimiser step, >= 1
+    lr: float = 1e-3  # student learning rate, > 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3
+    seed: int = 0  # model initialisation and data order
     max_steps_per_epoch: int = 0  # 0: the whole split
     checkpoint_every: int = 200  # steps
     eval_every: int = 1  # epochs; validation mAP for model selection
     early_stop_patience: int = 0  # evaluations without improvement (0: off)
-    max_failures: int = 2
-    storage_path: str = "runs"
-    name: str = ""  # run name under storage_path; "" makes one from the time
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    storage_path: str = "runs"  # local directory or s3:// / gs:// URI where Ray keeps checkpoints
+    name: str = ""  # run name under storage_path; "" makes a unique one from the time
+    resume_anyway: bool = False  # resume a run of this name even if it was started with another config
+
+    def validate(self, s: str = "train") -> None:
+        _check(self.workers >= 1, f"{s}.workers", self.workers, "must be >= 1")
+        _check(self.cpus_per_worker > 0, f"{s}.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _choice(f"{s}.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        _check(self.batch_size >= 2, f"{s}.batch_size", self.batch_size,
+               "must be >= 2 (contrastive losses need negatives)")
+        _check(self.grad_accum >= 1, f"{s}.grad_accum", self.grad_accum, "must be >= 1")
+        _choice(f"{s}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _check(self.epochs >= 1, f"{s}.epochs", self.epochs, "must be >= 1")
+        _check(self.teacher_epochs >= 0, f"{s}.teacher_epochs", self.teacher_epochs, "must be >= 0")
+        _choice(f"{s}.teacher_split", self.teacher_split, TEACHER_SPLITS)
+        _check(self.lr > 0, f"{s}.lr", self.lr, "must be > 0")
+        _check(self.teacher_lr > 0, f"{s}.teacher_lr", self.teacher_lr, "must be > 0")
+        _check(self.weight_decay >= 0, f"{s}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.checkpoint_every >= 1, f"{s}.checkpoint_every", self.checkpoint_every, "must be >= 1")
+        _check(self.eval_every >= 0, f"{s}.eval_every", self.eval_every, "must be >= 0")
+        _check(self.early_stop_patience >= 0, f"{s}.early_stop_patience", self.early_stop_patience, "must be >= 0")
+        _check(self.max_steps_per_epoch >= 0, f"{s}.max_steps_per_epoch", self.max_steps_per_epoch, "must be >= 0")
+        _check(self.max_failures >= 0, f"{s}.max_failures", self.max_failures, "must be >= 0")
+        _check("/" not in self.name and self.name not in (".", ".."), f"{s}.name", self.name,
+               "must be a plain name (no '/', not '.' or '..')")
 
 
 @dataclass
 class EvalConfig:
-    topk: int = 1000
-    batch_size: int = 256
+    topk: int = 1000  # mAP@topk, >= 1
+    batch_size: int = 256  # images per encoding batch, >= 1
     max_queries: int = 0  # 0: all
     max_database: int = 0  # 0: all
     pr_curves: bool = True  # precision-recall curves of the test queries (three full distance matrices)
 
+    def validate(self, s: str = "eval") -> None:
+        _check(self.topk >= 1, f"{s}.topk", self.topk, "must be >= 1")
+        _check(self.batch_size >= 1, f"{s}.batch_size", self.batch_size, "must be >= 1")
+        _check(self.max_queries >= 0, f"{s}.max_queries", self.max_queries, "must be >= 0 (0: all)")
+        _check(self.max_database >= 0, f"{s}.max_database", self.max_database, "must be >= 0 (0: all)")
+
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # log to MLflow
     uri: str = ""  # "" : sqlite:///<cwd>/mlflow.db
-    experiment: str = "brcd-dist"
-    register: bool = True
-    student_name: str = "brcd-student"
-    teacher_name: str = "brcd-teacher"
-    alias: str = "candidate"
+    experiment: str = "brcd-dist"  # MLflow experiment name
+    register: bool = True  # register the models in the MLflow registry
+    student_name: str = "brcd-student"  # registered model name of the student
+    teacher_name: str = "brcd-teacher"  # registered model name of the teacher
+    alias: str = "candidate"  # alias given to a new version whose test mAP is at least the holder's
+    force_alias: bool = False  # move the alias to the new version even if its test mAP is below the holder's
+
+    def validate(self, s: str = "tracking") -> None:
+        for key in ("experiment", "student_name", "teacher_name", "alias"):
+            _check(bool(getattr(self, key)), f"{s}.{key}", getattr(self, key), "must not be empty")
 
 
 @dataclass
@@ -143,6 +233,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        """Each section's own rules, in the order of the fields above."""
+        for f in fields(self):
+            getattr(self, f.name).validate(f.name)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -164,16 +259,21 @@ def _coerce(key: str, raw: Any, typ: type) -> Any:
             if isinstance(raw, float) and raw.is_integer():
                 return int(raw)
             return int(str(raw))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ConfigError(f"{key}={raw!r}: expected an integer") from None
     if typ is float:
         if isinstance(raw, bool):
             raise ConfigError(f"{key}={raw!r}: expected a number")
         try:
-            return float(raw)
-        except (TypeError, ValueError):
+            value = float(raw)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}={raw!r}: expected a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={raw!r}: expected a finite number (not inf or nan)")
+        return value
     if typ is str:
+        if isinstance(raw, (list, dict, tuple, set)):
+            raise ConfigError(f"{key}={raw!r}: expected a string, not a {type(raw).__name__} (quote it)")
         return "" if raw is None else str(raw)
     raise ConfigError(f"{key}: unsupported type {typ}")
 
@@ -194,6 +294,14 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, k, _coerce(key, v, hints[k]))
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parser error as one line: 'line L, column C: problem'."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['brcd.alpha=0.7', 'train.workers=2'] -> nested dict (values parsed as YAML scalars)."""
     tree: dict = {}
@@ -207,25 +315,35 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: not valid YAML ({_yaml_problem(err)}); "
+                              "quote the value, e.g. key='a: b'") from None
     return tree
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                validate: bool = True) -> Config:
-    """Defaults, then the YAML file, then overrides; validated unless told otherwise."""
+                validate: bool = True, training: bool = True) -> Config:
+    """Defaults, then the YAML file, then overrides; validated unless told otherwise (training=False: for a job
+    that only makes shards, brcd.clusters is not checked against the train split)."""
     cfg = Config()
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {str(path)!r}: file not found")
-        with open(p) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(p) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {str(path)!r}: not valid YAML ({_yaml_problem(err)})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--config {str(path)!r}: cannot be read ({err.__class__.__name__})") from None
         _apply(cfg, data)
     if overrides:
         _apply(cfg, parse_overrides(overrides))
     if validate:
-        validate_config(cfg)
+        validate_config(cfg, training=training)
     return cfg
 
 
@@ -257,80 +375,103 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------- validation
+# Keys that do not change what a run computes: a run may resume under other values of them.
+DIGEST_IGNORES = ("train.name", "train.storage_path", "train.max_failures", "train.resume_anyway",
+                  "data.loader_workers", "tracking.")
 
-def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}={value!r}: {allowed}")
 
+def config_digest(cfg: Config) -> str:
+    """A short sha256 of the config, without the keys that only name, place or log a run (DIGEST_IGNORES): what
+    state.json records, so that a run name is not silently resumed under another config."""
+    import hashlib
+    import json
+    kept = {k: v for k, v in flatten(cfg).items() if not k.startswith(DIGEST_IGNORES)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- validation across sections and on disk
 
 def _is_timm_model(name: str) -> bool:
     import timm  # local: importing timm costs a second, and only validation needs it here
     return name in timm.list_models() or timm.is_model(name)
 
 
-def validate_config(cfg: Config, check_paths: bool = True) -> Config:
-    b, t, d, e = cfg.brcd, cfg.train, cfg.data, cfg.eval
-    _check(0.0 <= b.alpha <= 1.0, "brcd.alpha", b.alpha, "must be in [0, 1]")
-    _check(0.0 <= b.delta <= 1.0, "brcd.delta", b.delta, "must be in [0, 1]")
-    _check(b.clusters >= 2, "brcd.clusters", b.clusters, "must be an integer >= 2")
-    _check(8 <= b.bits <= 256 and b.bits % 8 == 0, "brcd.bits", b.bits, "must be a multiple of 8 in 8..256")
-    _check(b.tau > 0, "brcd.tau", b.tau, "must be > 0")
-    _check(b.lambda_self >= 0, "brcd.lambda_self", b.lambda_self, "must be >= 0")
-    _check(b.kd_weight >= 0, "brcd.kd_weight", b.kd_weight, "must be >= 0")
-    # the KD-loss registry and the BRCD variants (local: importing the losses needs torch)
-    from brcd_dist.losses import kd_names
-    from brcd_dist.losses.brcd import check_variant
-    _check(b.kd in kd_names(), "brcd.kd", b.kd, f"allowed: {', '.join(kd_names())}")
-    try:
-        check_variant(b.mask_normalization, b.mask_sides, b.cosine, b.negatives, b.authors_release, b.bit_mask)
-    except ValueError as e:
-        raise ConfigError(f"brcd.{e}") from None
-    _check(b.recluster_every >= 0, "brcd.recluster_every", b.recluster_every, "must be >= 0")
-    _check(cfg.kmeans.iters >= 1, "kmeans.iters", cfg.kmeans.iters, "must be >= 1")
-    _check(cfg.kmeans.tol >= 0, "kmeans.tol", cfg.kmeans.tol, "must be >= 0")
-    _check(t.workers >= 1, "train.workers", t.workers, "must be >= 1")
-    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", t.cpus_per_worker, "must be > 0")
-    _check(t.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy", t.placement_strategy,
-           f"allowed: {', '.join(PLACEMENT_STRATEGIES)}")
-    _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (contrastive losses need negatives)")
-    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
-    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "allowed: 0, 1, 2, 3")
-    _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
-    _check(t.teacher_epochs >= 0, "train.teacher_epochs", t.teacher_epochs, "must be >= 0")
-    _check(t.teacher_split in TEACHER_SPLITS, "train.teacher_split", t.teacher_split, f"allowed: {', '.join(TEACHER_SPLITS)}")
-    _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    _check(t.teacher_lr > 0, "train.teacher_lr", t.teacher_lr, "must be > 0")
-    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
-    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0")
-    _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, "must be >= 0")
-    _check(t.max_failures >= 0, "train.max_failures", t.max_failures, "must be >= 0")
-    _check(e.topk >= 1, "eval.topk", e.topk, "must be >= 1")
-    _check(d.source in DATA_SOURCES, "data.source", d.source, f"allowed: {', '.join(DATA_SOURCES)}")
-    _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
-    _check(d.in_chans in (1, 3), "data.in_chans", d.in_chans, "allowed: 1, 3")
-    _check(d.train_per_class >= 1, "data.train_per_class", d.train_per_class, "must be >= 1")
-    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
-    _check(d.samples_per_shard >= 1, "data.samples_per_shard", d.samples_per_shard, "must be >= 1")
-    _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
+def _not_a_file(key: str, path: str) -> None:
+    _check(not path or not Path(path).exists() or Path(path).is_dir(), key, path, "is a file; expected a directory")
+
+
+def _train_split_size(cfg: Config) -> tuple[int, str] | None:
+    """(images in the train split, where that number comes from) before any shard is written, or None when the
+    source cannot tell; refuses a train_per_class above what a class holds and an ImageFolder of one class."""
+    d = cfg.data
+    manifest = Path(d.shards_dir) / "manifest.json"
+    if manifest.is_file():
+        import json
+        try:
+            return int(json.loads(manifest.read_text())["splits"]["train"]["count"]), f"{manifest}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # an unreadable manifest is reported by the shard checks that follow
+    if d.source == "fashion_mnist":
+        _check(d.train_per_class <= FASHION_MNIST_PER_CLASS, "data.train_per_class", d.train_per_class,
+               f"must be <= {FASHION_MNIST_PER_CLASS} (the images of each Fashion-MNIST class)")
+        return FASHION_MNIST_NUM_CLASSES * d.train_per_class, "Fashion-MNIST"
+    if d.source == "imagefolder" and Path(d.source_path).is_dir():
+        import numpy as np
+
+        from brcd_dist.data import imagefolder, splits
+        root = Path(d.source_path)
+        try:
+            if imagefolder.has_train_val(root):
+                classes, images = imagefolder.scan_class_folders(root / "train")
+                labels = images.labels
+            else:
+                classes, images = imagefolder.scan_class_folders(root)
+                from brcd_dist.data.shards import DEFAULT_HOLDOUT
+                kept, _ = splits.holdout_split(images.labels, DEFAULT_HOLDOUT, d.split_seed)
+                labels = images.labels[kept]
+        except ValueError as err:
+            raise ConfigError(f"data.source_path={d.source_path!r}: {err}") from None
+        _check(len(classes) >= 2, "data.source_path", d.source_path,
+               f"holds {len(classes)} class folder(s); retrieval needs >= 2 classes")
+        counts = np.bincount(labels, minlength=len(classes))
+        smallest = int(counts.argmin())
+        _check(d.train_per_class <= counts[smallest], "data.train_per_class", d.train_per_class,
+               f"must be <= {int(counts[smallest])}, the training images of class {classes[smallest]!r}")
+        return len(classes) * d.train_per_class, f"{len(classes)} classes x data.train_per_class"
+    return None
+
+
+def validate_config(cfg: Config, check_paths: bool = True, training: bool = True) -> Config:
+    """Every section's rules, then (check_paths) those that look at the disk: files that must exist, directories
+    that must not be files, and the source's classes and images against train_per_class and brcd.clusters."""
+    cfg.validate()
+    d = cfg.data
+    if not check_paths:
+        return cfg
     for role in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, role)
-        _check(m.head in HEADS, f"{role}.head", m.head, f"allowed: {', '.join(HEADS)}")
-        if not m.uri:
-            _check(_is_timm_model(m.name), f"{role}.name", m.name,
-                   "not a timm model name (see timm.list_models())")
-        if check_paths and m.weights_path:
+        if m.weights_path:
             _check(Path(m.weights_path).is_file(), f"{role}.weights_path", m.weights_path, "file not found")
-        if check_paths and m.uri and not m.uri.startswith(("models:/", "runs:/")) and "://" not in m.uri:
+        if m.uri and not m.uri.startswith(("models:/", "runs:/")) and "://" not in m.uri:
             _check(Path(m.uri).exists(), f"{role}.uri", m.uri,
                    "file not found (allowed: models:/NAME@alias, runs:/..., or a checkpoint path)")
+    _not_a_file("data.shards_dir", d.shards_dir)
+    _not_a_file("brcd.clustering_cache", cfg.brcd.clustering_cache)
+    if "://" not in cfg.train.storage_path:
+        _not_a_file("train.storage_path", cfg.train.storage_path)
     remote_manifest = bool(d.shards_url) and "{shard}" not in d.shards_url and "://" in d.shards_url \
         and not d.shards_url.startswith(("http://", "https://"))  # read with the shards: checked in preflight
-    if check_paths and not remote_manifest:
+    if not remote_manifest:
         has_manifest = (Path(d.shards_dir) / "manifest.json").is_file()
         if d.source == "shards" or (d.shards_url and not has_manifest):
-            _check(has_manifest, "data.shards_dir", d.shards_dir, "no manifest.json there (make shards with jobs/make_shards.py)")
+            _check(has_manifest, "data.shards_dir", d.shards_dir,
+                   "no manifest.json there (make shards with jobs/make_shards.py)")
         elif not has_manifest:
             _check(Path(d.source_path).exists(), "data.source_path", d.source_path,
                    "not found" + (" (apt-get install dataset-fashion-mnist)" if d.source == "fashion_mnist" else ""))
+    split = _train_split_size(cfg)
+    if split is not None and training:
+        n, where = split
+        _check(cfg.brcd.clusters <= n, "brcd.clusters", cfg.brcd.clusters,
+               f"must be <= {n}, the images of the train split ({where})")
     return cfg

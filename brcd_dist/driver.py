@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,9 @@ from typing import Optional
 from brcd_dist import storage
 from brcd_dist.config import Config, to_dict
 from brcd_dist.models import HashModel, load_hash_model
+from brcd_dist.redact import credential_env, redact_env
+from brcd_dist.run_guard import check_resume, unique_run_name
+from brcd_dist.train.progress import PROGRESS_ENV, VERBOSE_ENV, verbose
 from brcd_dist.train.state import Clustering, TrainState, read_state
 
 log = logging.getLogger("brcd_dist")
@@ -47,7 +49,7 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     env_vars = {k: v for k, v in (env or {}).items() if v}
     # where the object store is (not who may use it: credentials come from each node's own chain)
     for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-                "AWS_DEFAULT_REGION"):
+                "AWS_DEFAULT_REGION", VERBOSE_ENV, PROGRESS_ENV):
         if os.environ.get(key):
             env_vars.setdefault(key, os.environ[key])
     # Ray Train gives up on a worker group that has not started in 60 s; a busy 2-core machine (and the first
@@ -61,12 +63,16 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     # it starts: see the README's known limitation).
     if address and address != "auto" and "://" not in address:
         env_vars.setdefault("RAY_ADDRESS", address)
+    env_vars = redact_env(env_vars)  # the dashboard shows runtime_env: credentials travel with credential_env()
+    # Quiet by default (progress bars and stage lines say where the job is); BRCD_VERBOSE=1 (-v) for Ray's lines.
+    level = logging.INFO if verbose() else logging.WARNING
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
-             log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
+             log_to_driver=True, configure_logging=True, logging_level=level,
+             logging_config=ray.LoggingConfig(log_level=logging.getLevelName(level)))
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.train.name or time.strftime("distill-%Y%m%d-%H%M%S")
+    return cfg.train.name or unique_run_name("distill")
 
 
 def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", name: Optional[str] = None,
@@ -80,10 +86,12 @@ def launch(cfg: Config, *, run_id: Optional[str] = None, stages: str = "all", na
     from brcd_dist.train.worker import run_stages
     t = cfg.train
     name = name or run_name(cfg)
+    check_resume(cfg, name)  # the jobs check it before Ray starts; this guards every other caller
     trainer = TorchTrainer(
         run_stages,
         train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "stages": stages,
-                           "run_dir": storage.join(t.storage_path, name)},
+                           "run_dir": storage.join(t.storage_path, name),
+                           "env": credential_env(tracking_uri=cfg.tracking.uri)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from brcd_dist.config import HEADS, Config, ModelConfig
+from brcd_dist.config import HEADS, MAX_IMAGE_SIZE, Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +224,43 @@ def save_hash_model(model: HashModel, path: str | Path) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, "spec": model.spec, "state_dict": state}, f)
 
 
+SPEC_BACKBONE_KWARGS = ("img_size", "patch_size")  # the only timm kwargs a checkpoint may carry (backbone_kwargs)
+
+
+def check_spec(spec, path: str | Path = "checkpoint") -> dict:
+    """A checkpoint's model spec, checked before timm sees any of it (a file from a shared store is input): known
+    keys, a timm model name, plain values in range, and no timm kwargs beyond img_size and patch_size."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: model spec {what}; not a checkpoint written by save_hash_model")
+    keys = {"arch", "bits", "in_chans", "img_size", "head", "frozen_backbone", "backbone_kwargs"}
+    if not isinstance(spec, dict) or set(spec) != keys:
+        raise bad(f"keys {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}, expected {sorted(keys)}")
+    ints = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(spec["arch"], str) or not timm.is_model(spec["arch"]):
+        raise bad(f"arch={spec['arch']!r} is not a timm model name")
+    if not (ints(spec["bits"]) and 8 <= spec["bits"] <= 256 and spec["bits"] % 8 == 0):
+        raise bad(f"bits={spec['bits']!r} is not a multiple of 8 in 8..256")
+    if spec["in_chans"] not in (1, 3) or not ints(spec["in_chans"]):
+        raise bad(f"in_chans={spec['in_chans']!r} is not 1 or 3")
+    if not (ints(spec["img_size"]) and 8 <= spec["img_size"] <= MAX_IMAGE_SIZE):
+        raise bad(f"img_size={spec['img_size']!r} is not in 8..{MAX_IMAGE_SIZE}")
+    if spec["head"] not in HEADS or not isinstance(spec["frozen_backbone"], bool):
+        raise bad(f"head={spec['head']!r} / frozen_backbone={spec['frozen_backbone']!r}")
+    kw = spec["backbone_kwargs"]
+    if (not isinstance(kw, dict) or not set(kw) <= set(SPEC_BACKBONE_KWARGS)
+            or not all(ints(v) and 1 <= v <= MAX_IMAGE_SIZE for v in kw.values())
+            or kw.get("img_size", spec["img_size"]) != spec["img_size"]):
+        raise bad(f"backbone_kwargs={kw!r} (allowed: {', '.join(SPEC_BACKBONE_KWARGS)} as integers, img_size as above)")
+    return spec
+
+
 def load_hash_model(path: str | Path, map_location: str | torch.device = "cpu") -> HashModel:
     from brcd_dist import storage
     src = path if storage.is_local(str(path)) else io.BytesIO(storage.read_bytes(str(path)))
     ckpt = torch.load(src, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a hash-model checkpoint (written by save_hash_model)")
-    s = ckpt["spec"]
+    s = check_spec(ckpt.get("spec"), path)
     model = HashModel(s["arch"], s["bits"], s["in_chans"], s["img_size"], head=s["head"],
                       frozen_backbone=s["frozen_backbone"], backbone_kwargs=s["backbone_kwargs"])
     model.load_state_dict(ckpt["state_dict"])

@@ -12,6 +12,12 @@ from brcd_dist import plots, tracking
 from brcd_dist.config import Config, to_yaml
 from brcd_dist.models import count_flops
 from brcd_dist.driver import Outputs, launch, read_outputs, result_checkpoint_dir
+from brcd_dist.redact import redact
+
+
+def log_config(run_id: str, cfg: Config) -> None:
+    """The resolved config as the run's config.yaml artifact, credentials redacted."""
+    tracking.log_text(run_id, redact(to_yaml(cfg)), "config.yaml")
 
 
 def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "student")) -> dict:
@@ -19,7 +25,7 @@ def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "
     close the run. Returns the registered versions {"student": v, "teacher": v} (empty when tracking.register is
     off)."""
     test, hist = out.test, out.state.history
-    tracking.log_text(run_id, to_yaml(cfg), "config.yaml")
+    log_config(run_id, cfg)
     tracking.log_metrics(run_id, {k: float(v) for k, v in test.items()}, out.state.global_step)
     figures = {}
     train_rows = hist.get("train", [])
@@ -62,7 +68,7 @@ def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "
         if t.register:
             tags = {"run_id": run_id, "bits": model.bits, "arch": model.arch,
                     **{k.replace("/", "."): round(float(v), 5) for k, v in test.items()}}
-            versions[role] = tracking.register_model(model_uri, name, t.alias, tags, role)
+            versions[role] = tracking.register_model(model_uri, name, t.alias, tags, role, force_alias=t.force_alias)
     tracking.end_run(run_id)
     return versions
 

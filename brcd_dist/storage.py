@@ -63,8 +63,9 @@ class UnreadableError(OSError):
     """An object stayed unreadable after READ_RETRIES attempts; the message is one line naming it."""
 
 
-def scheme(uri: str) -> str:
+def scheme(uri: str | os.PathLike) -> str:
     """'s3', 'gs', 'http', 'https', 'pipe', or '' for a local path."""
+    uri = os.fspath(uri)
     if uri.startswith("pipe:"):
         return "pipe"
     head, sep, _ = uri.partition("://")
@@ -88,7 +89,8 @@ def parent(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[0]
 
 
-def _local_path(uri: str) -> str:
+def _local_path(uri: str | os.PathLike) -> str:
+    uri = os.fspath(uri)
     return uri[len("file://"):] if uri.startswith("file://") else os.path.expanduser(uri)
 
 

@@ -2,13 +2,16 @@
 # A local multi-node Ray cluster on this host for development and tests: a head node and one more worker node,
 # the dashboard (job submission API) on 127.0.0.1:8265; optionally an MLflow server on 127.0.0.1.
 #
-#   cluster/local_cluster.sh start [--cpus-head N] [--cpus-worker N]   # head + 1 worker node
+#   cluster/local_cluster.sh start [--cpus-head N] [--cpus-worker N] [--insecure]   # head + 1 worker node
+#   eval "$(cluster/local_cluster.sh env)"   # RAY_ADDRESS and the token variables for `ray job submit`
 #   cluster/local_cluster.sh mlflow [PORT]                            # MLflow server, SQLite + artifact dir
 #   cluster/local_cluster.sh status | stop
 #
-# Auth: `ray start` turns on token auth in Ray 2.60, which the `ray job` CLI then needs; on a trusted dev host we
-# start the cluster with RAY_AUTH_MODE=disabled so that plain `ray job submit` works (export the same in the
-# shell that submits).
+# Auth: on by default. Ray 2.60's `ray start` turns token auth on only when a token already exists (else it warns
+# and runs open), so this script makes one: a random 256-bit token in $STATE/auth_token (mode 600, kept across
+# restarts), and starts every node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH pointing at it. Clients
+# (`ray job submit`, the state API) need the same two variables: `env` prints them. Anyone on the host without
+# read access to the token file gets 401 from the job API. `--insecure` starts without auth (a single-user box).
 #
 # The host may be shared (other people's Ray instances, tests): this cluster keeps its own Ray temp dir
 # ($STATE/ray, or BRCD_RAY_TEMP_DIR), its ports can be moved by environment (RAY_PORT, RAY_DASHBOARD_PORT,
@@ -35,22 +38,43 @@ WORKER_CWD="$STATE/worker-node"
 # the cache) and the default tracking store (mlflow.db) resolve against BRCD_HOME (storage.output_root()); here
 # that is the repository, as for a job run from it directly.
 export BRCD_HOME="${BRCD_HOME:-$REPO}"
-export RAY_AUTH_MODE=disabled
+TOKEN_FILE="$STATE/auth_token"
+if [ -f "$STATE/insecure" ]; then
+  export RAY_AUTH_MODE=disabled
+  unset RAY_AUTH_TOKEN RAY_AUTH_TOKEN_PATH
+else
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
+  unset RAY_AUTH_TOKEN
+fi
 # `ray job submit ... -- python jobs/distill.py`: the job's `python` is looked up on the PATH that the nodes
 # inherit from this script, so the venv must come first (else a system python without Ray runs the job).
 export PATH="$VENV_BIN:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.venv/torch_extensions}"
 
 start() {
-  local head_cpus=1 worker_cpus=1
+  local head_cpus=1 worker_cpus=1 insecure=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --cpus-head) head_cpus="$2"; shift 2 ;;
       --cpus-worker) worker_cpus="$2"; shift 2 ;;
-      *) echo "unknown option $1 (allowed: --cpus-head N, --cpus-worker N)" >&2; exit 2 ;;
+      --insecure) insecure=1; shift ;;
+      *) echo "unknown option $1 (allowed: --cpus-head N, --cpus-worker N, --insecure)" >&2; exit 2 ;;
     esac
   done
   mkdir -p "$STATE" "$RAY_TMP" "$RAY_TMP_WORKER" "$WORKER_CWD"
+  chmod 700 "$STATE"
+  if [ "$insecure" = 1 ]; then
+    touch "$STATE/insecure"
+    export RAY_AUTH_MODE=disabled
+    unset RAY_AUTH_TOKEN_PATH
+    echo "WARNING: token auth off (--insecure): anyone who can reach 127.0.0.1:$DASH_PORT can run code as $(id -un)" >&2
+  else
+    rm -f "$STATE/insecure"
+    if [ ! -s "$TOKEN_FILE" ]; then
+      (umask 077 && "$VENV_BIN/python" -c "import secrets; print(secrets.token_hex(32), end='')" >"$TOKEN_FILE")
+    fi
+    chmod 600 "$TOKEN_FILE"
+  fi
   "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus="$head_cpus" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
     --dashboard-agent-listen-port="$AGENT_PORT_HEAD" --temp-dir="$RAY_TMP" \
@@ -61,10 +85,15 @@ start() {
     --disable-usage-stats >"$STATE/worker.log" 2>&1)
   for _ in $(seq 60); do
     if "$VENV_BIN/python" - "$DASH_PORT" <<'PY' 2>/dev/null; then
-import sys, urllib.request
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=2)
+import os, sys, urllib.request
+headers = {}
+if os.environ.get("RAY_AUTH_MODE") == "token":  # with auth on, the dashboard answers 401 to a request without it
+    headers["Authorization"] = "Bearer " + open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/api/version", headers=headers)
+urllib.request.urlopen(req, timeout=2)
 PY
-      echo "ray cluster up: 2 nodes, dashboard http://127.0.0.1:$DASH_PORT (RAY_ADDRESS=http://127.0.0.1:$DASH_PORT)"
+      echo "ray cluster up: 2 nodes, dashboard http://127.0.0.1:$DASH_PORT, auth $RAY_AUTH_MODE" \
+           "(submit after: eval \"\$($0 env)\")"
       return 0
     fi
     sleep 1
@@ -133,10 +162,21 @@ stop() {
   echo "stopped"
 }
 
+env_lines() {
+  # What a client shell needs to submit to this cluster: its address and, unless --insecure, the token's file.
+  echo "export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT RAY_AUTH_MODE=$RAY_AUTH_MODE"
+  if [ "$RAY_AUTH_MODE" = token ]; then
+    echo "export RAY_AUTH_TOKEN_PATH=$TOKEN_FILE"
+  else
+    echo "unset RAY_AUTH_TOKEN_PATH"
+  fi
+}
+
 case "${1:-}" in
   start) shift; start "$@" ;;
+  env) env_lines ;;
   mlflow) shift; mlflow_server "$@" ;;
   stop) stop ;;
   status) "$RAY" status --address="127.0.0.1:$PORT" ;;
-  *) echo "usage: $0 start [--cpus-head N] [--cpus-worker N] | mlflow [PORT] | status | stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--cpus-head N] [--cpus-worker N] [--insecure] | env | mlflow [PORT] | status | stop" >&2; exit 2 ;;
 esac

@@ -19,18 +19,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="YAML config (default: the embedded Fashion-MNIST config)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume a run of the same train.name even if it was started with another config")
+    p.add_argument("--force-alias", action="store_true",
+                   help="move the registry alias to the new version even if its test mAP is below the holder's")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. brcd.alpha=0.7 train.workers=2")
     return p
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    from brcd_dist.redact import redact  # a tracking URI or shard URL in the message may carry credentials
+    print(f"error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
-def config_from_args(args):
+def config_from_args(args, training: bool = True):
+    flags = [f"train.resume_anyway={getattr(args, 'resume_anyway', False)}",
+             f"tracking.force_alias={getattr(args, 'force_alias', False)}"]
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, [*args.overrides, *flags], training=training)
     except ConfigError as err:
         fail(str(err))
 
@@ -39,13 +46,19 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def preflight(cfg, address=None):
+def preflight(cfg, address=None, name=None):
     """What can be wrong with the input, checked before any worker starts, then the attachment to Ray:
-    the tracking store and registry names, then the shards (made when missing). Returns (tracking uri or None,
-    manifest); a problem ends the job with one line."""
+    the run name (not resumed under another config), the tracking store and registry names, then the shards
+    (made when missing). Returns (tracking uri or None, manifest); a problem ends the job with one line."""
     from brcd_dist import tracking
     from brcd_dist.data import ensure_shards
     from brcd_dist.driver import connect_ray
+    from brcd_dist.run_guard import RunReuseError, check_resume
+    if name:
+        try:
+            check_resume(cfg, name)
+        except RunReuseError as err:
+            fail(str(err))
     uri = None
     if cfg.tracking.enabled:
         try:

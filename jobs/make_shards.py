@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="processes encoding ImageFolder images (default: all cores)")
     args = p.parse_args()
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, training=False)  # brcd.clusters does not concern the shards
     d = cfg.data
     if d.source == "shards":
         fail("data.source=shards means the shards exist already; set data.source to fashion_mnist or imagefolder")
@@ -37,7 +37,8 @@ def main() -> None:
         manifest = write_shards(where, d.source, d.source_path, seed=d.split_seed,
                                 train_per_class=d.train_per_class, val_fraction=d.val_fraction,
                                 samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
-                                image_size=d.image_size, max_images=args.max_images, num_procs=args.procs)
+                                image_size=d.image_size, max_images=args.max_images, num_procs=args.procs,
+                                max_image_pixels=d.max_image_pixels)
     except (ShardsMismatchError, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
     seconds = time.perf_counter() - t0

@@ -16,8 +16,8 @@ def main(argv=None):
     args = parser(__doc__.splitlines()[0]).parse_intermixed_args(argv)
     setup_logging()
     cfg = absolute_paths(config_from_args(args))
-    uri, manifest = preflight(cfg, args.address)
     name = run_name(cfg) + "-teacher"
+    uri, manifest = preflight(cfg, args.address, name)
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest(),
                                 tags={"brcd.job": "train_teacher"}) if uri else None
     with tracking.failing_run(run_id):

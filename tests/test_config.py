@@ -1,10 +1,21 @@
 """Config: defaults <- YAML <- key=value overrides, and one-line errors for every bad value (issue #2 item 4)."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from brcd_dist.config import (Config, ConfigError, flatten, from_dict, load_config, parse_overrides, to_dict,
-                              to_yaml, validate_config)
+import brcd_dist.config as config_module
+from brcd_dist.config import (
+    Config,
+    ConfigError,
+    flatten,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+    to_yaml,
+    validate_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = REPO / "configs" / "fashion_mnist.yaml"
@@ -86,3 +97,101 @@ def test_missing_config_file_is_one_line():
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["brcd.alpha"])
+
+
+# ----------------------------------------------------------------------------- bad input at the door (issue 13.5)
+
+@pytest.mark.parametrize("override, message", [
+    ("brcd.tau=.inf", "brcd.tau=inf: expected a finite number"),
+    ("brcd.tau=.nan", "brcd.tau=nan: expected a finite number"),
+    ("train.lr=.inf", "train.lr=inf: expected a finite number"),
+    ("train.cpus_per_worker=.inf", "train.cpus_per_worker=inf: expected a finite number"),
+    ("data.image_size=100000", "data.image_size=100000: must be in 8..4096"),
+    ("eval.batch_size=0", "eval.batch_size=0: must be >= 1"),
+    ("eval.batch_size=-5", "eval.batch_size=-5: must be >= 1"),
+    ("eval.max_queries=-1", "eval.max_queries=-1: must be >= 0"),
+    ("student.name=[resnet18]", "student.name=['resnet18']: expected a string, not a list"),
+    ("tracking.uri={a: 1}", "tracking.uri={'a': 1}: expected a string, not a dict"),
+    ("brcd.clusters=1000000", "brcd.clusters=1000000: must be <= 5000, the images of the train split"),
+    ("data.train_per_class=7000", "data.train_per_class=7000: must be <= 6000"),
+    ("brcd.alpha=[0.5", "override 'brcd.alpha=[0.5': not valid YAML"),
+])
+def test_bad_input_at_the_door_is_one_line(override, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(FMNIST, [f"data.shards_dir={tmp_path / 'shards'}", override])
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unparseable_yaml_file_is_one_line_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("brcd:\n  alpha: 0.5\n  tau: [0.3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value).startswith(f"--config '{bad}': not valid YAML (line ")
+    assert "\n" not in str(err.value)
+
+
+def test_python_tag_in_yaml_is_refused_without_running(tmp_path):
+    bad = tmp_path / "tag.yaml"
+    marker = tmp_path / "PWNED"
+    bad.write_text(f"brcd: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("key", ["data.shards_dir", "brcd.clustering_cache", "train.storage_path"])
+def test_directory_key_naming_a_file_is_refused(key, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=f"{key}='{a_file}': is a file; expected a directory"):
+        load_config(FMNIST, [f"data.shards_dir={tmp_path / 'shards'}", f"{key}={a_file}"])
+
+
+def test_clusters_are_checked_against_an_existing_manifest(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"splits": {"train": {"count": 80}}}')
+    load_config(FMNIST, ["data.source=shards", f"data.shards_dir={shards}", "brcd.clusters=80"])
+    with pytest.raises(ConfigError, match=r"brcd.clusters=81: must be <= 80, the images of the train split"):
+        load_config(FMNIST, ["data.source=shards", f"data.shards_dir={shards}", "brcd.clusters=81"])
+
+
+def _image_folder(root, per_class: dict):
+    from PIL import Image
+    for cls, n in per_class.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (8, 8), color=i * 10).save(root / cls / f"{i}.png")
+    return root
+
+
+def _folder_overrides(root, tmp_path, *extra):
+    return ["data.source=imagefolder", f"data.source_path={root}", f"data.shards_dir={tmp_path / 'shards'}",
+            "data.in_chans=1", *extra]
+
+
+def test_image_folder_with_one_class_is_refused(tmp_path):
+    root = _image_folder(tmp_path / "folder", {"only": 6})
+    with pytest.raises(ConfigError, match=r"data.source_path=.*holds 1 class folder\(s\); retrieval needs >= 2"):
+        load_config(FMNIST, _folder_overrides(root, tmp_path, "data.train_per_class=2", "brcd.clusters=2"))
+
+
+def test_train_per_class_above_what_a_class_holds_is_refused(tmp_path):
+    # 10 images of 'a' and 5 of 'b'; 10% of each class (at least 1) is held out as queries: 'b' keeps 4
+    root = _image_folder(tmp_path / "folder", {"a": 10, "b": 5})
+    load_config(FMNIST, _folder_overrides(root, tmp_path, "data.train_per_class=4", "brcd.clusters=2"))
+    with pytest.raises(ConfigError, match=r"data.train_per_class=5: must be <= 4, the training images of class 'b'"):
+        load_config(FMNIST, _folder_overrides(root, tmp_path, "data.train_per_class=5", "brcd.clusters=2"))
+
+
+def test_every_field_has_a_one_line_doc():
+    import inspect
+    for section in (f.type for f in dataclasses.fields(Config)):
+        cls = getattr(config_module, section) if isinstance(section, str) else section
+        src = inspect.getsource(cls)
+        for f in dataclasses.fields(cls):
+            line = next(x for x in src.splitlines() if x.strip().startswith(f"{f.name}:"))
+            assert "#" in line, f"{cls.__name__}.{f.name} has no doc comment"

@@ -12,22 +12,26 @@ on with its default store: it succeeds, with checkpoints on the bucket and the s
 $BRCD_HOME/mlflow.db, where the README says. The worker node has its own Ray temp dir and directory."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, VENV_BIN, free_port, read_json, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SCRIPT = REPO / "cluster" / "local_cluster.sh"
+WORKER_NODES = ("[w.node_id for w in list_actors(address=address, filters=[('class_name', '=', 'RayTrainWorker')], "
+                "raise_on_missing_output=False)]")
 
 
 @dataclass
@@ -44,51 +48,110 @@ class Job:
     storage: Path
 
 
+def readme_cluster_commands() -> list[str]:
+    """The README's "Running on a Ray cluster" bash block, one command a line (continuations joined)."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("## Running on a Ray cluster", 1)[1].split("```bash\n")[1:]]
+    block = next(b for b in blocks if "cluster/local_cluster.sh start" in b)  # the local cluster's block
+    lines = [ln.split("  #", 1)[0].rstrip() for ln in block.replace("\\\n", " ").splitlines()]
+    return [" ".join(ln.split()) if not ln.startswith("eval") else ln for ln in lines
+            if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+README = readme_cluster_commands()
+START, ENV, SUBMIT, STOP = README[0], README[1], README[2], README[3]
+SUBMIT_PREFIX = SUBMIT.split(" -- ", 1)[0]
+
+
+def test_readme_cluster_block_is_the_one_this_module_runs():
+    assert START == "cluster/local_cluster.sh start"
+    assert ENV == 'eval "$(cluster/local_cluster.sh env)"'
+    assert SUBMIT_PREFIX == ".venv/bin/ray job submit --working-dir ."
+    assert STOP == "cluster/local_cluster.sh stop" and len(README) == 4
+
+
+def _bash(command: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def cluster(object_store):
     state_dir = tempfile.mkdtemp(prefix="brcd-cl-")  # short: Ray's socket paths under it must stay < 108 chars
     dash = free_port()
     # the nodes reach the session's object store by the standard AWS variables (os.environ, object_store fixture);
     # relative outputs and the default tracking store of a submitted job go under BRCD_HOME, not into the repo
-    env = {**os.environ, "BRCD_CLUSTER_STATE": state_dir, "RAY_AUTH_MODE": "disabled",
-           "BRCD_HOME": str(Path(state_dir) / "home"),
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env = {**base, "BRCD_CLUSTER_STATE": state_dir, "BRCD_HOME": str(Path(state_dir) / "home"),
            "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dash),
            "RAY_AGENT_PORT_HEAD": str(free_port()), "RAY_AGENT_PORT_WORKER": str(free_port()),
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        started = subprocess.run([str(SCRIPT), "start", "--cpus-head", "2", "--cpus-worker", "2"], env=env,
-                                 capture_output=True, text=True, timeout=240)
+        started = _bash(f"{START} --cpus-head 2 --cpus-worker 2", env, 240)
         if started.returncode != 0:
             logs = "".join(p.read_text() for p in Path(state_dir).glob("*.log"))
             pytest.fail(f"local_cluster.sh start failed:\n{started.stdout}{started.stderr}{logs[-4000:]}")
-        yield Cluster(address=f"http://127.0.0.1:{dash}", env=env)
+        exported = _bash(f"{ENV} && env -0", env, 30).stdout  # the client shell's environment, as the README's
+        client_env = dict(item.split("=", 1) for item in exported.split("\0") if "=" in item)
+        assert client_env["RAY_AUTH_MODE"] == "token" and Path(client_env["RAY_AUTH_TOKEN_PATH"]).is_file()
+        yield Cluster(address=f"http://127.0.0.1:{dash}", env=client_env)
     finally:
-        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+        _bash(STOP, env, 120)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def ray_state(cluster: Cluster, expr: str):
+    """A Ray state-API / job-client expression evaluated in a client process with the cluster's token (the test
+    process itself holds no token, and may be attached to another, unauthenticated Ray)."""
+    code = ("import json, sys\nfrom ray.util.state import list_actors, list_nodes\n"
+            "from ray.job_submission import JobSubmissionClient\n"
+            f"address = {cluster.address!r}\nprint(json.dumps({expr}))")
+    done = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=cluster.env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def job(cluster, tiny_shards, tmp_path_factory) -> Job:
     storage = tmp_path_factory.mktemp("job_runs")
     submission_id = f"brcd-test-{uuid.uuid4().hex[:8]}"
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
-           "--submission-id", submission_id, "--", "python", "jobs/distill.py",
-           *tiny_overrides(tiny_shards, storage, "submitted"), "train.placement_strategy=STRICT_SPREAD"]
-    done = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600)
+    args = [*tiny_overrides(tiny_shards, storage, "submitted"), "train.placement_strategy=STRICT_SPREAD"]
+    cmd = (f"{SUBMIT_PREFIX} --submission-id {submission_id} -- python jobs/distill.py "
+           + " ".join(shlex.quote(a) for a in args))
+    done = _bash(cmd, cluster.env, 600)
     return Job(submission_id, done.returncode, done.stdout + done.stderr, storage / "submitted")
 
 
+def test_job_submitted_without_the_token_is_refused(cluster, tmp_path):
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    done = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--no-wait",
+                           "--", "touch", str(tmp_path / "PWNED")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert "401" in out or "nauthorized" in out or "uthentication" in out, out[-3000:]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=10)
+    assert err.value.code == 401
+    wrong = urllib.request.Request(f"{cluster.address}/api/jobs/", headers={"Authorization": "Bearer " + "0" * 64})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert err.value.code in (401, 403)
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_cluster_has_two_nodes_each_with_room_for_both_workers(cluster):
-    from ray.util.state import list_nodes
-    alive = [n for n in list_nodes(address=cluster.address, detail=True) if n.state == "ALIVE"]
+    alive = ray_state(cluster, "[n.resources_total['CPU'] for n in list_nodes(address=address, detail=True) "
+                               "if n.state == 'ALIVE']")
     assert len(alive) == 2
-    assert all(n.resources_total["CPU"] >= 2 for n in alive)
+    assert all(cpus >= 2 for cpus in alive)
 
 
 def test_submitted_job_succeeds(cluster, job):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    status = JobSubmissionClient(cluster.address).get_job_status(job.submission_id)
-    assert status == JobStatus.SUCCEEDED, job.log[-6000:]
+    status = ray_state(cluster, f"str(JobSubmissionClient(address).get_job_status({job.submission_id!r}))")
+    assert status == "SUCCEEDED", job.log[-6000:]
     assert job.returncode == 0
 
 
@@ -102,21 +165,16 @@ def test_job_prints_the_result_table_and_leaves_a_finished_checkpoint(job):
 
 
 def test_strict_spread_puts_the_two_train_workers_on_different_nodes(cluster, job):
-    from ray.util.state import list_actors, list_nodes
-    nodes = {n.node_id for n in list_nodes(address=cluster.address)}
-    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")],
-                          raise_on_missing_output=False)
+    nodes = set(ray_state(cluster, "[n.node_id for n in list_nodes(address=address)]"))
+    workers = ray_state(cluster, WORKER_NODES)
     assert len(workers) == 2  # one worker group, never restarted (train.max_failures=0)
-    assert {w.node_id for w in workers} == nodes
+    assert set(workers) == nodes
 
 
 def test_each_rank_logs_the_node_it_ran_on(cluster, job):
-    from ray.util.state import list_actors
     logged = dict(re.findall(r"rank (\d) of 2: node ([0-9a-f]+), pid", job.log))
     assert sorted(logged) == ["0", "1"] and logged["0"] != logged["1"]
-    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")],
-                          raise_on_missing_output=False)
-    assert set(logged.values()) == {w.node_id for w in workers}
+    assert set(logged.values()) == set(ray_state(cluster, WORKER_NODES))
 
 
 README_JOB = ["ray", "job", "submit", "--address", "ADDRESS", "--working-dir", ".", "--",
@@ -153,15 +211,12 @@ def readme_job(cluster, object_store, s3_shards, tiny_shards) -> Job:
 
 
 def test_readme_object_store_recipe_succeeds_on_the_cluster(cluster, readme_job):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    status = JobSubmissionClient(cluster.address).get_job_status(readme_job.submission_id)
-    assert status == JobStatus.SUCCEEDED, readme_job.log[-6000:]
+    status = ray_state(cluster, f"str(JobSubmissionClient(address).get_job_status({readme_job.submission_id!r}))")
+    assert status == "SUCCEEDED", readme_job.log[-6000:]
     assert readme_job.returncode == 0
 
 
 def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job):
-    import json
-
     from brcd_dist import storage
     run_dir = object_store.url("runs", "fmnist-1")
     snapshot = json.loads(storage.read_bytes(storage.join(run_dir, "checkpoint_manager_snapshot.json")))

@@ -38,7 +38,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from brcd_dist import storage
 from brcd_dist.data.augment import TwoViews, eval_batch
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
+from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, check_pixels
 from brcd_dist.data.manifest import Manifest, shard_url
+from brcd_dist.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"{key}: missing {'png' if 'png' not in sample else 'cls'}")
         label = int(sample["cls"])
         image = Image.open(io.BytesIO(sample["png"]))
+        check_pixels(image, DEFAULT_MAX_IMAGE_PIXELS, f"{key}")  # a decompression bomb in a shard: refused unread
         image.load()
         return key, label, image.convert("L" if self.in_chans == 1 else "RGB")
 
@@ -234,7 +237,7 @@ class ShardBatches:
     def _absorb(self, chunk: dict[str, Any]) -> None:
         self.stats.bad_samples += chunk["bad_samples"]
         self.stats.missing_samples += chunk["missing_samples"]
-        for msg in chunk["errors"]:
+        for msg in map(redact, chunk["errors"]):  # URLs of signed or pipe: shards may carry credentials
             if len(self.stats.errors) < MAX_LOGGED_ERRORS:
                 log.warning("split %s, rank %d: skipped: %s", self.split, self.dataset.rank, msg)
                 self.stats.errors.append(msg)  # the first ones; the counts hold the rest

@@ -93,9 +93,12 @@ def _fashion_mnist(path: str, max_images: int) -> _Source:
 
 
 def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.ndarray, in_chans: int,
-                 shorter_side: int, num_procs: int) -> _ImageSet:
+                 shorter_side: int, num_procs: int,
+                 max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _ImageSet:
     paths = [str(images.root / images.files[p]) for p in positions]
-    encode = partial(imagefolder.encode_png, in_chans=in_chans, shorter_side=shorter_side)
+    # bytes, or the reason (str) why an image is skipped: corrupt, empty or above the pixel cap
+    encode = partial(imagefolder.encode_png_or_reason, in_chans=in_chans, shorter_side=shorter_side,
+                     max_pixels=max_pixels)
 
     def encode_many(indices: np.ndarray) -> Iterator[bytes]:
         todo = [paths[int(i)] for i in indices]
@@ -111,7 +114,7 @@ def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.n
 
 
 def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction: float, seed: int,
-                  max_images: int, num_procs: int) -> _Source:
+                  max_images: int, num_procs: int, max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _Source:
     """train/ + val/ when both exist (keys 'train-N', 'val-N'); else one folder, split by the seed ('img-N')."""
     size = imagefolder.stored_size(image_size)
     root = Path(path)
@@ -121,15 +124,15 @@ def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction
         n_tr, n_te = _limit(len(train.files), max_images), _limit(len(val.files), max_images)
         tr_keys, te_keys = _keys("train", range(len(train.files)), len(train.files)), _keys("val", range(len(val.files)), len(val.files))
         return _Source(classes, size, in_chans,
-                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs),
-                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs))
+                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs, max_pixels),
+                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs, max_pixels))
     classes, allimg = imagefolder.scan_class_folders(root)
     keys = _keys("img", range(len(allimg.files)), len(allimg.files))
     kept, held = splits.holdout_split(allimg.labels, holdout_fraction, seed)
     kept, held = kept[:_limit(len(kept), max_images)], held[:_limit(len(held), max_images)]
     return _Source(classes, size, in_chans,
-                   _folder_side(allimg, keys, kept, in_chans, size, num_procs),
-                   _folder_side(allimg, keys, held, in_chans, size, num_procs))
+                   _folder_side(allimg, keys, kept, in_chans, size, num_procs, max_pixels),
+                   _folder_side(allimg, keys, held, in_chans, size, num_procs, max_pixels))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -137,28 +140,56 @@ def _image_folder(path: str, *, image_size: int, in_chans: int, holdout_fraction
 PROGRESS_NAME = "shards.progress.json"  # written shards' hashes while a run of write_shards is unfinished
 
 
+def _shard_keys(uri: str) -> list[str]:
+    """The sample keys of a written shard, in order (a resumed run re-lists a kept shard: some of its images may
+    have been skipped when it was written)."""
+    import tarfile
+    keys: list[str] = []
+    with storage.open_read(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            key = os.path.basename(member.name).split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
 def _write_split(out: str, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
                  bar: tqdm, done: dict[str, str], on_shard: Callable[[str, str], None]) -> tuple[SplitInfo, dict[str, str]]:
     """Write the split's shards to `out` (local or object store), each uploaded as soon as it is complete.
-    `done`: shards an earlier, unfinished run wrote and that are there with that sha256: kept, not re-encoded."""
+    `done`: shards an earlier, unfinished run wrote and that are there with that sha256: kept, not re-encoded.
+    An image that cannot be encoded (corrupt, empty, above the pixel cap) is skipped, counted and named."""
     parts = [order[i:i + samples_per_shard] for i in range(0, len(order), samples_per_shard)]
     names = [f"{name}-{i:06d}.tar" for i in range(len(parts))]
     todo = [i for i, fname in enumerate(names) if fname not in done]
     pngs = iter(images.encode_many(np.concatenate([parts[i] for i in todo]) if todo else np.zeros(0, np.int64)))
-    hashes = {}
+    hashes, counts, written, skipped = {}, [], [], []
     local = storage.is_local(out)
     with tempfile.TemporaryDirectory(prefix="brcd-shard-") as scratch:
         for i, (part, fname) in enumerate(zip(parts, names)):
             if fname in done:
                 hashes[fname] = done[fname]
+                index = {images.keys[int(j)]: int(j) for j in part}
+                kept = [index[k] for k in _shard_keys(storage.join(out, fname))]
+                written += kept
+                counts.append(len(kept))
                 bar.update(len(part))
                 continue
             tmp = os.path.join(out if local else scratch, fname + ".tmp")
+            n = 0
             with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
                 for j in part:
-                    sink.write({"__key__": images.keys[int(j)], "png": next(pngs),
-                                "cls": str(int(images.labels[int(j)])).encode()})
+                    png = next(pngs)
                     bar.update(1)
+                    if isinstance(png, str):  # the reason an image is skipped (corrupt, empty, above the pixel cap)
+                        if len(skipped) < 20:
+                            log.warning("split %s: image skipped: %s", name, png)
+                        skipped.append(png)
+                        continue
+                    sink.write({"__key__": images.keys[int(j)], "png": png,
+                                "cls": str(int(images.labels[int(j)])).encode()})
+                    written.append(int(j))
+                    n += 1
+            counts.append(n)
             hashes[fname] = file_sha256(tmp)
             if local:
                 os.replace(tmp, os.path.join(out, fname))
@@ -166,8 +197,11 @@ def _write_split(out: str, name: str, images: _ImageSet, order: np.ndarray, samp
                 storage.upload(tmp, storage.join(out, fname))
                 os.remove(tmp)
             on_shard(fname, hashes[fname])
-    info = SplitInfo(count=len(order), shards=names, shard_counts=[len(p) for p in parts],
-                     keys=[images.keys[int(i)] for i in order], labels=[int(images.labels[int(i)]) for i in order])
+    if skipped:
+        log.warning("split %s: %d image(s) skipped (unreadable, empty or above data.max_image_pixels), first: %s",
+                    name, len(skipped), skipped[0])
+    info = SplitInfo(count=len(written), shards=names, shard_counts=counts,
+                     keys=[images.keys[i] for i in written], labels=[int(images.labels[i]) for i in written])
     return info, hashes
 
 
@@ -226,7 +260,8 @@ def _dir_lock(directory: str):
 def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *, seed: int = 0,
                  train_per_class: int = 500, val_fraction: float = 0.5, samples_per_shard: int = 1000,
                  in_chans: int = 1, image_size: int = 32, holdout_fraction: float = DEFAULT_HOLDOUT, max_images: int = 0,
-                 num_procs: int = 1, progress: bool = True) -> Manifest:
+                 num_procs: int = 1, progress: bool = True,
+                 max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> Manifest:
     """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir: a local directory or
     an object store location (s3://bucket/prefix, gs://...), each shard uploaded as soon as it is written.
 
@@ -266,7 +301,7 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
         else:
             src = _image_folder(source_path, image_size=image_size, in_chans=in_chans,
                                 holdout_fraction=holdout_fraction, seed=seed, max_images=max_images,
-                                num_procs=num_procs)
+                                num_procs=num_procs, max_pixels=max_image_pixels)
         orders = splits.make_splits(src.train.labels, len(src.test.labels), train_per_class=train_per_class,
                                     val_fraction=val_fraction, seed=seed)
         sides = {"train": src.train, "database": src.train, "val_query": src.test, "test_query": src.test}
@@ -310,7 +345,7 @@ def ensure_shards(cfg) -> Manifest:
     return write_shards(where, d.source, d.source_path, seed=d.split_seed,
                         train_per_class=d.train_per_class, val_fraction=d.val_fraction,
                         samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, image_size=d.image_size,
-                        num_procs=os.cpu_count() or 1, progress=True)
+                        num_procs=os.cpu_count() or 1, progress=True, max_image_pixels=d.max_image_pixels)
 
 
 __all__ = ["write_shards", "ensure_shards", "verify_shards", "ShardsMismatchError", "SOURCES"]

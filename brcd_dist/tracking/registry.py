@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from brcd_dist import __version__
+from brcd_dist.run_guard import alias_may_move, alias_scores
 from brcd_dist.tracking.client import MAX_TAG_VALUE, TrackingError, _client, _one_line, set_tracking_uri
 
 if TYPE_CHECKING:
@@ -99,8 +101,10 @@ def log_hash_model(run_id: str, model: torch.nn.Module, artifact_path: str, inpu
 
 
 def register_model(model_uri: str, name: str, alias: str, tags: dict[str, Any], role: str, *,
-                   tracking_uri: str | None = None) -> str:
-    """Register model_uri as a new version of `name`, point `alias` at it, tag it; returns the version.
+                   tracking_uri: str | None = None, force_alias: bool = False) -> str:
+    """Register model_uri as a new version of `name`, tag it, and point `alias` at it when its test mAP (tag
+    SCORE_TAGS[role]) is at least the current holder's, or force_alias (run_guard.alias_may_move); returns the
+    version.
 
     The registered model carries tag brcd.role = role; registering a student under a teacher's name (or under a
     model made by something else) raises TrackingError instead of mixing the two.
@@ -118,7 +122,13 @@ def register_model(model_uri: str, name: str, alias: str, tags: dict[str, Any], 
             raise
     version_tags = {ROLE_TAG: role, **{k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()}}
     mv = mlflow.register_model(model_uri, name, tags=version_tags)  # resolves models:/m-... and runs:/ sources
-    client.set_registered_model_alias(name, alias, mv.version)
+    holder, new = alias_scores(client, name, alias, role, version_tags)
+    if alias_may_move(holder, new, force_alias):
+        client.set_registered_model_alias(name, alias, mv.version)
+    else:
+        logging.getLogger("brcd_dist").warning(
+            "models:/%s@%s stays on the version with test mAP %.4f: version %s has %s (force with --force-alias)",
+            name, alias, holder, mv.version, "no score" if new is None else f"{new:.4f}")
     return str(mv.version)
 
 

@@ -14,6 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from brcd_dist import __version__
 from brcd_dist.config import Config, flatten
+from brcd_dist.redact import redact
 from brcd_dist.tracking.client import (MAX_PARAMS_PER_BATCH, MAX_TAG_VALUE, TrackingError, _client, _one_line,
                                        _param_value, _sqlite_path, set_tracking_uri)
 from brcd_dist.tracking.log import flush
@@ -85,7 +86,7 @@ def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | 
     except MlflowException as e:
         raise TrackingError(f"cannot open a run in {uri}: {_one_line(e.message)}") from None
     run_id = run.info.run_id
-    params = [Param(k, _param_value(v)) for k, v in flatten(cfg).items()]
+    params = [Param(k, _param_value(redact(v))) for k, v in flatten(cfg).items()]
     try:
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
@@ -113,7 +114,7 @@ def fail_run(run_id: str, error: BaseException | str, *, tracking_uri: str | Non
     """
     flush()
     client = _client(tracking_uri)
-    reason = _one_line(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error, 1000)
+    reason = redact(_one_line(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error, 1000))
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     client.set_tag(run_id, ERROR_TAG, reason)
     client.set_terminated(run_id, status)

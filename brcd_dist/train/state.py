@@ -34,6 +34,7 @@ class TrainState:
     evals_without_improvement: int = 0
     teacher_uri: str = ""  # the run's finished teacher, written once beside its checkpoints (not into each)
     history: dict = field(default_factory=lambda: {"train": [], "eval": [], "test": {}})
+    config_digest: str = ""  # config.config_digest of the run that wrote it (a resume under another is refused)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -68,7 +69,8 @@ class Clustering:
 
     @classmethod
     def load(cls, path: Path) -> "Clustering":
-        return cls(**torch.load(path, weights_only=False))
+        """Tensors, dicts, lists and scalars only (weights_only): a crafted file in a shared store runs no code."""
+        return cls(**torch.load(path, weights_only=True))
 
 
 @dataclass

@@ -10,6 +10,7 @@ import hashlib
 import io
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from brcd_dist.train.collectives import broadcast_object
@@ -35,15 +36,35 @@ def cache_file(ctx: WorkerContext, digest: str, stem: str) -> Optional[str]:
     return storage.join(cache, f"{stem}-t{digest}-d{ctx.manifest.digest()[:16]}.pt")
 
 
+NUMPY_KEYS = "_numpy_keys"  # a cached dict's entries that were numpy arrays, stored as tensors
+
+
+def to_stored(obj: Any) -> Any:
+    """A dict's numpy arrays as tensors, so that the file loads with weights_only=True (no pickled numpy)."""
+    if not isinstance(obj, dict):
+        return obj
+    arrays = [k for k, v in obj.items() if isinstance(v, np.ndarray)]
+    out = {k: torch.from_numpy(v) if k in arrays else v for k, v in obj.items()}
+    return {**out, NUMPY_KEYS: arrays} if arrays else out
+
+
+def from_stored(obj: Any) -> Any:
+    if not isinstance(obj, dict) or NUMPY_KEYS not in obj:
+        return obj
+    arrays = obj.pop(NUMPY_KEYS)
+    return {k: v.numpy() if k in arrays else v for k, v in obj.items()}
+
+
 def load_cached(ctx: WorkerContext, path: Optional[str]) -> Any:
-    """The cached object on every rank, or None on every rank (every rank reads it: a shared location)."""
+    """The cached object on every rank, or None on every rank (every rank reads it: a shared location). Loaded
+    with weights_only=True: the cache is shared across runs and trials, and a crafted file must not run code."""
     if path is None or not broadcast_object(storage.is_file(path) if ctx.is_chief else None):
         return None
-    return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)
+    return from_stored(torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=True))
 
 
 def save_cached(ctx: WorkerContext, obj: Any, path: Optional[str]) -> None:
     if path is None or not ctx.is_chief:
         return
     with storage.open_write(path) as f:  # atomic: concurrent runs never read half a file
-        torch.save(obj, f)
+        torch.save(to_stored(obj), f)

@@ -10,14 +10,16 @@ from pathlib import Path
 import ray.train
 import torch
 
-from brcd_dist.config import from_dict
+from brcd_dist.config import config_digest, from_dict
 from brcd_dist.data import load_manifest
 from brcd_dist.data.manifest import manifest_location
 from brcd_dist.models import load_hash_model
 from brcd_dist.train.checkpoint import CheckpointWriter
+from brcd_dist.redact import apply_credential_env
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.progress import quiet_worker_logs
 from brcd_dist.train.state import CheckpointFiles, Clustering, TrainState, read_state
 from brcd_dist.train.step_log import StepLogger
 from brcd_dist.train.student_stage import student_stage
@@ -27,6 +29,7 @@ log = logging.getLogger("brcd_dist.train")
 
 
 def make_context(config: dict) -> WorkerContext:
+    quiet_worker_logs(root=True)
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -55,12 +58,14 @@ def begin_attempt(state: TrainState, resumed: bool) -> list:
 
 def run_stages(config: dict) -> None:
     """Stages A–D of DESIGN §1 on this worker (`driver.launch` hands it to TorchTrainer).
-    config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher"}."""
+    config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher", "run_dir": where
+    the run's teacher is written once, "env": the driver's credential variables (redact.credential_env)}."""
+    apply_credential_env(config.get("env"))
     ctx = make_context(config)
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         resume_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
-        state = read_state(resume_dir) if resume_dir else TrainState()
+        state = read_state(resume_dir) if resume_dir else TrainState(config_digest=config_digest(ctx.cfg))
         if resume_dir:
             log.info("rank %d resumes at stage %s, epoch %d, step %d", ctx.rank, state.stage, state.epoch,
                      state.step_in_epoch)

@@ -1,0 +1,75 @@
+"""Bad input ends a job at the door (issue 13 point 5): one line on stderr naming the key, value or path and what
+is allowed, exit code 2, within seconds, before Ray starts and with nothing written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_job(job: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(cwd / "ray_tmp"), "RAY_ADDRESS": "",
+           "MLFLOW_TRACKING_URI": ""}
+    return subprocess.run([sys.executable, str(REPO / "jobs" / job), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _bad_yaml(tmp: Path) -> list[str]:
+    (tmp / "bad.yaml").write_text("brcd:\n  tau: [0.3\n")
+    return ["--config", str(tmp / "bad.yaml")]
+
+
+def _shards_dir_is_a_file(tmp: Path) -> list[str]:
+    (tmp / "a_file").write_text("x")
+    return [f"data.shards_dir={tmp / 'a_file'}"]
+
+
+def _one_class_folder(tmp: Path) -> list[str]:
+    from PIL import Image
+    (tmp / "folder" / "only").mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (8, 8)).save(tmp / "folder" / "only" / f"{i}.png")
+    return ["data.source=imagefolder", f"data.source_path={tmp / 'folder'}", "brcd.clusters=2",
+            "data.train_per_class=2"]
+
+
+# One case per kind of check (parsing, a value, the disk, the source); tests/test_config.py has every rule.
+CASES = {
+    "yaml_file": (_bad_yaml, "not valid YAML (line 3"),
+    "clusters_above_split": (lambda t: ["brcd.clusters=1000000"], "brcd.clusters=1000000: must be <= 5000"),
+    "shards_dir_file": (_shards_dir_is_a_file, "is a file; expected a directory"),
+    "one_class": (_one_class_folder, "holds 1 class folder(s)"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_distill_refuses_bad_input_with_one_line_exit_2_before_ray(case, tmp_path):
+    make_args, message = CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    args = make_args(tmp_path)
+    before = sorted(work.iterdir())
+    t0 = time.monotonic()
+    done = run_job("distill.py", args + ["data.shards_dir=shards"] * (not any("shards_dir" in a for a in args)),
+                   work)
+    seconds = time.monotonic() - t0
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert seconds < 60
+    assert sorted(work.iterdir()) == before  # no mlflow.db, no runs/, no shards, no Ray temp dir
+
+
+def test_make_shards_refuses_train_per_class_above_a_class(tmp_path):
+    done = run_job("make_shards.py", ["data.train_per_class=7000", f"data.shards_dir={tmp_path / 's'}"], tmp_path)
+    assert done.returncode == 2
+    expected = "error: data.train_per_class=7000: must be <= 6000 (the images of each Fashion-MNIST class)"
+    assert done.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "s").exists()
