@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from brcd_dist import storage
 from brcd_dist.codes import pack_codes
 from brcd_dist.data.augment import eval_batch
 from brcd_dist.data.imagefolder import has_train_val, scan_class_folders
@@ -53,7 +54,7 @@ class Encoded:
 def image_source(location: str, split: str = "database", shards_url: str = "") -> ImageSource:
     """A shard directory (it has manifest.json: the split's shards) or an ImageFolder root (CLASS/IMAGE, or
     train/ and val/ above them: `split` 'train' or 'val' picks one, else both)."""
-    if manifest_path(location).is_file():
+    if storage.is_file(manifest_path(location)):
         manifest = load_manifest(location)
         if split not in manifest.splits:
             raise ValueError(f"split {split!r}: {location} has {', '.join(manifest.splits)}")
@@ -77,15 +78,33 @@ def image_source(location: str, split: str = "database", shards_url: str = "") -
 
 # ----------------------------------------------------------------------------- the actor
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what shards may hold (data/reading.py decodes the same)
+
+
 def _shard_samples(url: str):
-    """(key, label, image bytes) of one shard, in stored order; errors propagate (this pass must be whole)."""
-    import webdataset as wds
-    for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
-                                 workersplitter=None):
-        key = sample["__key__"]
-        if "png" not in sample or "cls" not in sample:
-            raise ValueError(f"{url}: sample {key} has no {'png' if 'png' not in sample else 'cls'}")
-        yield key, int(sample["cls"]), sample["png"]
+    """(key, label, image bytes) of one shard, in stored order, read through the storage layer (retries, byte-range
+    re-open); errors propagate (this pass must be whole)."""
+    import tarfile
+
+    def sample(key: str, parts: dict):
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if image is None or "cls" not in parts:
+            raise ValueError(f"{url}: sample {key} has no {'image' if image is None else 'cls'}")
+        return key, int(parts["cls"]), image
+
+    key, parts = None, {}
+    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+            if k != key and key is not None:
+                yield sample(key, parts)
+                parts = {}
+            key = k
+            parts[ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+        yield sample(key, parts)
 
 
 class Encoder:
