@@ -2,6 +2,7 @@
 copy of --working-dir (under the node's runtime_resources/, removed when the job ends), so its relative
 train.storage_path, k-means cache and default sqlite tracking store must resolve elsewhere: $BRCD_HOME if set,
 else ~/brcd-dist; a job started from a directory keeps using that directory. Inputs (shards) stay relative to it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +45,7 @@ def test_a_submitted_job_puts_outputs_under_brcd_home_not_its_working_dir(job_wo
     assert cfg.tracking.uri == f"sqlite:///{home}/mlflow.db"
 
 
-def test_a_submitted_job_without_brcd_home_uses_brcd_dist_in_the_home_directory(job_working_dir, tmp_path,
-                                                                               monkeypatch):
+def test_a_submitted_job_without_brcd_home_uses_brcd_dist_in_the_home_directory(job_working_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
     assert storage.output_root() == Path.home() / "brcd-dist"
     assert _resolved().train.storage_path == str(Path.home() / "brcd-dist" / "runs")
