@@ -29,7 +29,6 @@ log = logging.getLogger("brcd_dist.train")
 
 
 def make_context(config: dict) -> WorkerContext:
-    quiet_worker_logs(root=True)
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -37,6 +36,7 @@ def make_context(config: dict) -> WorkerContext:
     # Where each rank runs (placement checks, e.g. STRICT_SPREAD over nodes, read it from the job's logs).
     log.info("rank %d of %d: node %s, pid %d", ctx.get_world_rank(), ctx.get_world_size(),
              ray.get_runtime_context().get_node_id(), os.getpid())
+    quiet_worker_logs(root=True)  # after the placement line, which the job's log must keep
     rank, files = ctx.get_world_rank(), CheckpointFiles()
     manifest = load_manifest(manifest_location(cfg.data.shards_dir, cfg.data.shards_url))
     return WorkerContext(cfg=cfg, manifest=manifest, rank=rank,
