@@ -11,23 +11,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from brcd_dist import storage
 from brcd_dist.config import Config, to_dict
 from brcd_dist.models import HashModel, load_hash_model
 from brcd_dist.redact import credential_env, redact_env
 from brcd_dist.run_guard import check_resume, unique_run_name
+from brcd_dist.train.progress import PROGRESS_ENV, VERBOSE_ENV, verbose
 from brcd_dist.train.state import Clustering, TrainState, read_state
 
 log = logging.getLogger("brcd_dist")
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Workers run in other directories (and on other nodes): hand them absolute paths."""
-    def ab(p: str) -> str:
-        return str(Path(p).expanduser().resolve()) if p and "://" not in p else p
+    """Workers run in other directories (and on other nodes): hand them absolute paths. Inputs resolve against
+    the current directory; outputs (checkpoints, the k-means cache) against storage.output_root(), which is not
+    the temporary working dir of a submitted job."""
+    def ab(p: str, root: Path | None = None) -> str:
+        return str(((root or Path.cwd()) / Path(p).expanduser()).resolve()) if p and "://" not in p else p
+    out = storage.output_root()
     cfg.data = replace(cfg.data, shards_dir=ab(cfg.data.shards_dir), source_path=ab(cfg.data.source_path))
-    cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path) if "://" not in cfg.train.storage_path
-                        else cfg.train.storage_path)
-    cfg.brcd = replace(cfg.brcd, clustering_cache=ab(cfg.brcd.clustering_cache))
+    cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path, out))
+    cfg.brcd = replace(cfg.brcd, clustering_cache=ab(cfg.brcd.clustering_cache, out))
     from brcd_dist.tracking import resolve_tracking_uri  # "" means ./mlflow.db of the driver, not of a worker
     cfg.tracking = replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri))
     for role in ("teacher", "student"):
@@ -45,7 +49,7 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     env_vars = {k: v for k, v in (env or {}).items() if v}
     # where the object store is (not who may use it: credentials come from each node's own chain)
     for key in ("TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-                "AWS_DEFAULT_REGION"):
+                "AWS_DEFAULT_REGION", VERBOSE_ENV, PROGRESS_ENV):
         if os.environ.get(key):
             env_vars.setdefault(key, os.environ[key])
     # Ray Train gives up on a worker group that has not started in 60 s; a busy 2-core machine (and the first
@@ -60,8 +64,11 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     if address and address != "auto" and "://" not in address:
         env_vars.setdefault("RAY_ADDRESS", address)
     env_vars = redact_env(env_vars)  # the dashboard shows runtime_env: credentials travel with credential_env()
+    # Quiet by default (progress bars and stage lines say where the job is); BRCD_VERBOSE=1 (-v) for Ray's lines.
+    level = logging.INFO if verbose() else logging.WARNING
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
-             log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
+             log_to_driver=True, configure_logging=True, logging_level=level,
+             logging_config=ray.LoggingConfig(log_level=logging.getLevelName(level)))
 
 
 def run_name(cfg: Config) -> str:

@@ -30,6 +30,21 @@ from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
+
+def output_root():
+    """Where relative output locations (train.storage_path, brcd.clustering_cache, the default sqlite tracking
+    store) resolve: $BRCD_HOME if set; else the current directory, unless that is the working dir that Ray
+    uploaded for a submitted job (under the node's `runtime_resources/`, removed when the job's runtime env is
+    released), then ~/brcd-dist on the node that runs the driver. Either is created if missing."""
+    from pathlib import Path
+    home = os.environ.get("BRCD_HOME")
+    cwd = Path.cwd()
+    if not home and "runtime_resources" not in cwd.parts:
+        return cwd
+    root = Path(home).expanduser().resolve() if home else Path.home() / "brcd-dist"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
 OBJECT_SCHEMES = ("s3", "gs", "gcs")
 READ_ONLY_SCHEMES = ("http", "https", "pipe")
 READ_RETRIES = 8  # failed reads of one stream in a row before it is given up (each after a backoff)

@@ -30,6 +30,14 @@ DASH_PORT="${RAY_DASHBOARD_PORT:-8265}"
 AGENT_PORT_HEAD="${RAY_AGENT_PORT_HEAD:-52365}"
 AGENT_PORT_WORKER="${RAY_AGENT_PORT_WORKER:-52366}"
 RAY_TMP="${BRCD_RAY_TEMP_DIR:-$STATE/ray}"  # keep it short: Ray's socket paths under it must stay < 108 chars
+# The worker node keeps its own temp dir and runs from its own directory, as a node of a real cluster would: on a
+# shared temp dir its runtime-env agent deletes the job's uploaded working dir from under the driver on the head.
+RAY_TMP_WORKER="${RAY_TMP}w"
+WORKER_CWD="$STATE/worker-node"
+# A submitted job runs in a temporary copy of --working-dir: its relative output paths (train.storage_path=runs,
+# the cache) and the default tracking store (mlflow.db) resolve against BRCD_HOME (storage.output_root()); here
+# that is the repository, as for a job run from it directly.
+export BRCD_HOME="${BRCD_HOME:-$REPO}"
 TOKEN_FILE="$STATE/auth_token"
 if [ -f "$STATE/insecure" ]; then
   export RAY_AUTH_MODE=disabled
@@ -53,7 +61,7 @@ start() {
       *) echo "unknown option $1 (allowed: --cpus-head N, --cpus-worker N, --insecure)" >&2; exit 2 ;;
     esac
   done
-  mkdir -p "$STATE" "$RAY_TMP"
+  mkdir -p "$STATE" "$RAY_TMP" "$RAY_TMP_WORKER" "$WORKER_CWD"
   chmod 700 "$STATE"
   if [ "$insecure" = 1 ]; then
     touch "$STATE/insecure"
@@ -72,9 +80,9 @@ start() {
     --dashboard-agent-listen-port="$AGENT_PORT_HEAD" --temp-dir="$RAY_TMP" \
     --disable-usage-stats >"$STATE/head.log" 2>&1
   # A second raylet on the same host: a real second node as far as Ray's scheduler is concerned.
-  "$RAY" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$worker_cpus" \
-    --dashboard-agent-listen-port="$AGENT_PORT_WORKER" --temp-dir="$RAY_TMP" \
-    --disable-usage-stats >"$STATE/worker.log" 2>&1
+  (cd "$WORKER_CWD" && "$RAY" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+    --num-cpus="$worker_cpus" --dashboard-agent-listen-port="$AGENT_PORT_WORKER" --temp-dir="$RAY_TMP_WORKER" \
+    --disable-usage-stats >"$STATE/worker.log" 2>&1)
   for _ in $(seq 60); do
     if "$VENV_BIN/python" - "$DASH_PORT" <<'PY' 2>/dev/null; then
 import os, sys, urllib.request
@@ -116,14 +124,14 @@ stop_ray() {
   # This cluster's processes only: those whose command line names its temp dir (GCS, raylets, dashboard,
   # monitors), with their children (agents and workers, which rename themselves ray::...). SIGTERM, then
   # SIGKILL after a grace period.
-  "$VENV_BIN/python" - "$RAY_TMP" <<'PY'
+  "$VENV_BIN/python" - "$RAY_TMP" "$RAY_TMP_WORKER" <<'PY'
 import os
 import sys
 import psutil
-root = sys.argv[1].rstrip("/") + "/"
+roots = [r.rstrip("/") + "/" for r in sys.argv[1:]]
 procs = {}
 for p in psutil.process_iter(["cmdline"]):
-    if p.pid != os.getpid() and any(root in arg for arg in (p.info["cmdline"] or [])):
+    if p.pid != os.getpid() and any(r in arg for arg in (p.info["cmdline"] or []) for r in roots):
         procs[p.pid] = p
         try:
             procs.update({c.pid: c for c in p.children(recursive=True)})
@@ -141,7 +149,7 @@ for p in alive:
     except psutil.NoSuchProcess:
         pass
 psutil.wait_procs(alive, timeout=5)
-print(f"ended {len(procs)} processes of the cluster under {root}")
+print(f"ended {len(procs)} processes of the cluster under {' and '.join(roots)}")
 PY
 }
 

@@ -1,5 +1,6 @@
 """Stage D for any teacher/student pair, by checkpoint path or MLflow URI: mAP@K in SSHP and ASHP (and the
-teacher alone) on a query split against the database, in one process.
+teacher alone) on a query split against the database, encoded with Ray Data on the cluster (brcd_dist/
+batch_encoding.py: one encoder actor a GPU or CPU; a local Ray instance when no --address or RAY_ADDRESS).
 
     python jobs/evaluate.py models:/brcd-student@candidate
     python jobs/evaluate.py runs/x/student.pt --teacher runs/x/teacher.pt --split val_query eval.topk=100
@@ -10,15 +11,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import torch
-
 from _cli import config_from_args, fail, parser, setup_logging
 
 from brcd_dist import tracking
-from brcd_dist.data import ensure_shards, eval_batches
-from brcd_dist.driver import absolute_paths
-from brcd_dist.retrieval import encode_batches, evaluate_paradigms
+from brcd_dist.batch_encoding import encode_images, image_source
+from brcd_dist.codes import unpack_codes
+from brcd_dist.data import ensure_shards
+from brcd_dist.driver import absolute_paths, connect_ray
+from brcd_dist.retrieval import evaluate_paradigms
 
 
 def teacher_of(student_uri: str) -> str | None:
@@ -58,15 +58,13 @@ def main(argv=None) -> dict:
     manifest = ensure_shards(cfg)
     if student.bits != (teacher.bits if teacher is not None else student.bits):
         fail(f"student has {student.bits} bits but teacher has {teacher.bits}: ASHP needs equal code lengths")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    connect_ray(args.address)
 
     def encode(model, split):
-        batches = eval_batches(manifest, split, rank=0, world_size=1, batch_size=cfg.eval.batch_size,
-                               num_workers=cfg.data.loader_workers, image_size=cfg.data.image_size,
-                               in_chans=cfg.data.in_chans, shards_url=cfg.data.shards_url)
-        codes, keys, labels = encode_batches(model.eval(), batches, "cpu")
-        order = np.argsort(np.array(keys, dtype=object), kind="stable")  # the pipeline's order: ties break alike
-        return codes[order], labels[order]
+        """(±1 codes, labels) sorted by key: the pipeline's order, so ties break alike."""
+        source = image_source(manifest.shards_dir, split, cfg.data.shards_url)
+        encoded = encode_images(model, source, batch_size=cfg.eval.batch_size)
+        return unpack_codes(encoded.codes, model.bits), encoded.labels
 
     codes = {}
     for role, model in (("student", student), ("teacher", teacher)):

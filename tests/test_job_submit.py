@@ -5,7 +5,11 @@ so that the spread comes from the strategy, not from a lack of room (PACK would 
 
 The cluster gets its own state dir, Ray temp dir and free ports (the host is shared with other Ray instances), is
 started by the module's fixture and stopped at its end, also when a test fails. The working dir is uploaded
-(.gitignore respected: no .venv); shards and storage are passed as absolute paths."""
+(.gitignore respected: no .venv); shards and storage are passed as absolute paths.
+
+The README's object-store recipe runs on the same cluster as a user types it (only the sizes made tiny), tracking
+on with its default store: it succeeds, with checkpoints on the bucket and the student registered in
+$BRCD_HOME/mlflow.db, where the README says. The worker node has its own Ray temp dir and directory."""
 from __future__ import annotations
 
 import json
@@ -47,7 +51,8 @@ class Job:
 def readme_cluster_commands() -> list[str]:
     """The README's "Running on a Ray cluster" bash block, one command a line (continuations joined)."""
     text = (REPO / "README.md").read_text()
-    block = text.split("## Running on a Ray cluster", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in text.split("## Running on a Ray cluster", 1)[1].split("```bash\n")[1:]]
+    block = next(b for b in blocks if "cluster/local_cluster.sh start" in b)  # the local cluster's block
     lines = [ln.split("  #", 1)[0].rstrip() for ln in block.replace("\\\n", " ").splitlines()]
     return [" ".join(ln.split()) if not ln.startswith("eval") else ln for ln in lines
             if ln.strip() and not ln.lstrip().startswith("#")]
@@ -71,11 +76,13 @@ def _bash(command: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(object_store):
     state_dir = tempfile.mkdtemp(prefix="brcd-cl-")  # short: Ray's socket paths under it must stay < 108 chars
     dash = free_port()
+    # the nodes reach the session's object store by the standard AWS variables (os.environ, object_store fixture);
+    # relative outputs and the default tracking store of a submitted job go under BRCD_HOME, not into the repo
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env = {**base, "BRCD_CLUSTER_STATE": state_dir,
+    env = {**base, "BRCD_CLUSTER_STATE": state_dir, "BRCD_HOME": str(Path(state_dir) / "home"),
            "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dash),
            "RAY_AGENT_PORT_HEAD": str(free_port()), "RAY_AGENT_PORT_WORKER": str(free_port()),
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -168,3 +175,60 @@ def test_each_rank_logs_the_node_it_ran_on(cluster, job):
     logged = dict(re.findall(r"rank (\d) of 2: node ([0-9a-f]+), pid", job.log))
     assert sorted(logged) == ["0", "1"] and logged["0"] != logged["1"]
     assert set(logged.values()) == set(ray_state(cluster, WORKER_NODES))
+
+
+README_JOB = ["ray", "job", "submit", "--address", "ADDRESS", "--working-dir", ".", "--",
+              "python", "jobs/distill.py", "--config", "configs/fashion_mnist.yaml", "data.source=shards",
+              "data.shards_url=s3://BUCKET/fashion_mnist", "train.storage_path=s3://BUCKET/runs",
+              "train.name=fmnist-1", "brcd.clustering_cache=s3://BUCKET/cache"]
+
+
+def _readme_command() -> list[str]:
+    """The README's object-store `ray job submit`, word for word, as it reads now (a changed README fails here)."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"ray job submit --address http://HEAD:8265 --working-dir \. -- \\\n(.*?)\n```", text, re.DOTALL)
+    assert block, "README: the object-store recipe's `ray job submit` is gone"
+    words = ["ray", "job", "submit", "--address", "ADDRESS", "--working-dir", ".", "--",
+             *block.group(1).replace("\\\n", " ").split()]
+    assert words == README_JOB, words
+    return words
+
+
+@pytest.fixture(scope="module")
+def readme_job(cluster, object_store, s3_shards, tiny_shards) -> Job:
+    """The README's object-store recipe on the loopback bucket (BUCKET/fashion_mnist: the session's s3 shards),
+    tracking on (default sqlite store), no local shards directory; only the tiny sizes appended."""
+    submission_id = f"brcd-readme-{uuid.uuid4().hex[:8]}"
+    words = [w.replace("ADDRESS", cluster.address).replace("s3://BUCKET/fashion_mnist", s3_shards)
+             .replace("s3://BUCKET", object_store.url().rstrip("/")) for w in _readme_command()]
+    words[0] = str(VENV_BIN / "ray")
+    tiny = [o for o in tiny_overrides(tiny_shards, Path("unused"), "unused")
+            if not o.startswith(("data.shards_dir=", "train.storage_path=", "train.name=", "tracking.enabled="))]
+    words[5:5] = ["--submission-id", submission_id]
+    done = subprocess.run([*words, *tiny], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    return Job(submission_id, done.returncode, done.stdout + done.stderr, Path(cluster.env["BRCD_HOME"]))
+
+
+def test_readme_object_store_recipe_succeeds_on_the_cluster(cluster, readme_job):
+    status = ray_state(cluster, f"str(JobSubmissionClient(address).get_job_status({readme_job.submission_id!r}))")
+    assert status == "SUCCEEDED", readme_job.log[-6000:]
+    assert readme_job.returncode == 0
+
+
+def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job):
+    from brcd_dist import storage
+    run_dir = object_store.url("runs", "fmnist-1")
+    snapshot = json.loads(storage.read_bytes(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
+    latest = snapshot["latest_checkpoint_result"]
+    assert latest["metrics"]["stage"] == "done"
+    assert "student.pt" in storage.listdir(storage.join(run_dir, latest["checkpoint_dir_name"]))
+    assert "teacher.pt" in storage.listdir(run_dir)
+
+
+def test_readme_recipe_registers_the_student_in_brcd_home_mlflow_db(readme_job):
+    from mlflow import MlflowClient
+    db = readme_job.storage / "mlflow.db"  # the README: "$BRCD_HOME/mlflow.db" of the head node
+    assert db.is_file(), readme_job.log[-3000:]
+    version = MlflowClient(tracking_uri=f"sqlite:///{db}").get_model_version_by_alias("brcd-student", "candidate")
+    assert version.status == "READY"

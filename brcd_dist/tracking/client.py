@@ -34,8 +34,10 @@ def _param_value(value: Any) -> str:
 # ----------------------------------------------------------------------------- URIs and clients
 
 def resolve_tracking_uri(uri: str) -> str:
-    """'' -> sqlite:///<cwd>/mlflow.db (MLflow 3's own default, made absolute so workers share one file)."""
-    return uri if uri else f"sqlite:///{Path.cwd()}/mlflow.db"
+    """'' -> sqlite:///<root>/mlflow.db (MLflow 3's own default, made absolute so workers share one file; the root
+    is storage.output_root(): the cwd, but not the temporary working dir of a submitted Ray job)."""
+    from brcd_dist.storage import output_root
+    return uri if uri else f"sqlite:///{output_root()}/mlflow.db"
 
 
 def set_tracking_uri(uri: str) -> str:

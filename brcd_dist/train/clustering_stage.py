@@ -16,6 +16,7 @@ from brcd_dist.clustering.kmeans import distributed_kmeans
 from brcd_dist.train.collectives import all_gather_objects
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.encoding import encode_local
+from brcd_dist.train.progress import StageBar
 from brcd_dist.train.state import Clustering
 from brcd_dist.train.teacher_cache import cache_file, load_cached, save_cached, teacher_digest
 
@@ -43,8 +44,11 @@ def kmeans_on_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, cluster_r
     """Distributed k-means + all-reduced bit sums; every rank returns the same global result."""
     cfg = ctx.cfg
     k = cfg.brcd.clusters
+    bar = StageBar(f"k-means K={k}", cfg.kmeans.iters, "iteration", chief=ctx.is_chief)
     result = distributed_kmeans(codes.astype(np.float32), k, iters=cfg.kmeans.iters, tol=cfg.kmeans.tol,
-                                seed=cfg.kmeans.seed + cluster_round, spherical=cfg.kmeans.spherical)
+                                seed=cfg.kmeans.seed + cluster_round, spherical=cfg.kmeans.spherical,
+                                on_iteration=lambda s: bar.update(1, inertia=float(s.inertia[-1])))
+    bar.close()
     assignments = torch.as_tensor(result.assignments, dtype=torch.long)
     sums, counts = cluster_bit_stats(torch.as_tensor(codes), assignments, k)
     if dist.is_available() and dist.is_initialized():

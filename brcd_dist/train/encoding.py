@@ -13,6 +13,7 @@ from brcd_dist.data import eval_batches
 from brcd_dist.train.collectives import all_gather_objects
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.engine import autocast
+from brcd_dist.train.progress import StageBar
 
 
 @torch.no_grad()
@@ -25,6 +26,7 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
     for m in models.values():
         m.eval()
     batches = eval_batches(ctx.manifest, split, batch_size=ctx.cfg.eval.batch_size, **ctx.loader_kwargs())
+    bar = StageBar(f"encode {split} ({', '.join(models)})", len(batches), "batch", chief=ctx.is_chief)
     for batch in batches:
         x = batch["image"].to(ctx.device)
         for name, model in models.items():
@@ -38,6 +40,8 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
             codes[name].append(c)
         keys.extend(batch["key"])
         labels.append(batch["label"])
+        bar.update(1)
+    bar.close(line=False)  # evaluation encodes every epoch: a bar, not a line each
     batches.raise_if_incomplete()  # k-means and mAP need every key: fail before a cache or checkpoint holds less
     out = {n: (torch.cat(c).numpy() if c else np.zeros((0, models[n].bits), np.float32)) for n, c in codes.items()}
     lab = torch.cat(labels).numpy() if labels else np.zeros((0,), np.int64)

@@ -10,6 +10,7 @@ import torch
 from brcd_dist.data import train_batches
 from brcd_dist.train.collectives import sync_buffers
 from brcd_dist.train.context import WorkerContext
+from brcd_dist.train.progress import EpochProgress
 from brcd_dist.train.state import TrainState
 
 LOG_EVERY = 10  # steps between MLflow step-metric writes
@@ -21,6 +22,7 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
     among them; `on_epoch_end(epoch)` returns (metrics, stop). Every rank runs the same number of steps, since
     train_batches has the same length on every rank."""
     cfg = ctx.cfg.train
+    progress = EpochProgress(prefix, epochs, chief=ctx.is_chief)
     for epoch in range(state.epoch, epochs):
         loader = train_batches(ctx.manifest, split, batch_size=cfg.batch_size, epoch=epoch,
                                seed=cfg.seed, max_steps=cfg.max_steps_per_epoch, **ctx.loader_kwargs())
@@ -28,6 +30,7 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
         sums: dict[str, float] = {}
         n_steps, n_images, t0 = 0, 0, time.perf_counter()
         skip = state.step_in_epoch  # batches this epoch already trained before a restart
+        progress.start_epoch(epoch, len(loader), skip)
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # replays the loader (and its seeded augmentations) up to the resume point
@@ -39,6 +42,7 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
             n_steps += 1
             n_images += len(batch["key"])
             values = {k: float(v.detach()) for k, v in losses.items()}
+            progress.step(values["loss"])
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             if state.global_step % LOG_EVERY == 0:
@@ -53,11 +57,13 @@ def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epo
         sync_buffers(engine.module)  # evaluation and the saved model use rank 0's BN statistics everywhere
         eval_metrics, stop = on_epoch_end(epoch)
         metrics.update(eval_metrics)
+        progress.end_epoch(metrics)
         state.history["train"].append({k: v for k, v in metrics.items()})
         ctx.step_log.log(metrics, state.global_step)
         ctx.checkpoint.report(state, metrics, engine=engine)
         if stop:
             break
+    progress.close()
 
 
 def two_view_forward(engine, batch: dict, device: torch.device):

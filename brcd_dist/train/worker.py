@@ -19,6 +19,7 @@ from brcd_dist.redact import apply_credential_env
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.progress import quiet_worker_logs
 from brcd_dist.train.state import CheckpointFiles, Clustering, TrainState, read_state
 from brcd_dist.train.step_log import StepLogger
 from brcd_dist.train.student_stage import student_stage
@@ -35,6 +36,7 @@ def make_context(config: dict) -> WorkerContext:
     # Where each rank runs (placement checks, e.g. STRICT_SPREAD over nodes, read it from the job's logs).
     log.info("rank %d of %d: node %s, pid %d", ctx.get_world_rank(), ctx.get_world_size(),
              ray.get_runtime_context().get_node_id(), os.getpid())
+    quiet_worker_logs(root=True)  # after the placement line, which the job's log must keep
     rank, files = ctx.get_world_rank(), CheckpointFiles()
     manifest = load_manifest(manifest_location(cfg.data.shards_dir, cfg.data.shards_url))
     return WorkerContext(cfg=cfg, manifest=manifest, rank=rank,
