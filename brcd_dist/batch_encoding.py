@@ -27,7 +27,7 @@ from PIL import Image
 from brcd_dist import storage
 from brcd_dist.codes import pack_codes
 from brcd_dist.data.augment import eval_batch
-from brcd_dist.data.imagefolder import has_train_val, scan_class_folders
+from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, has_train_val, scan_class_folders
 from brcd_dist.data.manifest import load_manifest, manifest_path, shard_url
 from brcd_dist.models import HashModel
 
@@ -125,6 +125,7 @@ class Encoder:
         for key, blob in zip(keys, blobs):
             try:
                 with Image.open(io.BytesIO(blob)) as im:
+                    check_pixels(im, DEFAULT_MAX_IMAGE_PIXELS, str(key))  # a decompression bomb: refused unread
                     images.append(im.convert(self.mode))
             except Exception as exn:  # noqa: BLE001 - any decoder error: name the sample, fail the pass
                 raise ValueError(f"{where}: cannot decode {key}: {type(exn).__name__}: {exn}") from None
