@@ -179,6 +179,9 @@ def ray_writer(address: str):
     def write(shards_dir, source, source_path, *, num_procs: int = 1, **kw) -> Manifest:
         if source != "imagefolder":
             raise ValueError(f"data.source={source!r}: --ray writes ImageFolder shards (IDX sources are small)")
+        if not storage.is_local(str(shards_dir)):
+            raise ValueError(f"{shards_dir}: --ray writes shards to a local or shared directory only; "
+                             "for an object store run jobs/make_shards.py without --ray")
         import ray
         if not ray.is_initialized():
             ray.init(address=address)
