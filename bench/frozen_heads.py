@@ -20,6 +20,7 @@ each query split, `views` fixed views instead of fresh ones each epoch. One proc
 
     flock /work/ray.lock nice .venv/bin/python bench/frozen_heads.py --seed 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,13 @@ METHODS = {
     "brcd": {"kd": "brcd"},
     "brcd_no_mask": {"kd": "brcd", "bit_mask": False},
     "brcd_authors_code_masked": {"kd": "brcd", "mask_sides": "both", "cosine": "normalised", "negatives": "authors"},
-    "brcd_authors_release": {"kd": "brcd", "mask_sides": "both", "cosine": "normalised", "negatives": "authors",
-                             "authors_release": True},
+    "brcd_authors_release": {
+        "kd": "brcd",
+        "mask_sides": "both",
+        "cosine": "normalised",
+        "negatives": "authors",
+        "authors_release": True,
+    },
     "kl_bits": {"kd": "kl_bits"},
     "kl_codes": {"kd": "kl_codes"},
     "distill_kl": {"kd": "distill_kl"},
@@ -68,13 +74,17 @@ TOPK = 1000  # mAP@1000, or the database size if smaller
 
 # ----------------------------------------------------------------------------- 1. the feature cache
 
+
 def build_cache(args) -> dict:
     data = load_fashion_mnist(args.source)
-    splits = make_splits(data["train_labels"], len(data["test_labels"]), train_per_class=500, val_fraction=0.5,
-                         seed=0)
-    train = splits["train"][:args.train] if args.train else splits["train"]
-    idx = {"train": train, "database": splits["database"][:args.database],
-           "val_query": splits["val_query"][:args.queries], "test_query": splits["test_query"][:args.queries]}
+    splits = make_splits(data["train_labels"], len(data["test_labels"]), train_per_class=500, val_fraction=0.5, seed=0)
+    train = splits["train"][: args.train] if args.train else splits["train"]
+    idx = {
+        "train": train,
+        "database": splits["database"][: args.database],
+        "val_query": splits["val_query"][: args.queries],
+        "test_query": splits["test_query"][: args.queries],
+    }
     backbone, _ = create_backbone(TIMM_ARCH, in_chans=1, img_size=32)
     state = efficientnet_lite0_state_dict()
     state["conv_stem.weight"] = state["conv_stem.weight"].sum(dim=1, keepdim=True)  # 1 channel: sum of RGB filters
@@ -89,7 +99,7 @@ def build_cache(args) -> dict:
     def encode(images: np.ndarray, make_batch) -> tuple[torch.Tensor, torch.Tensor]:
         s, t = [], []
         for start in range(0, len(images), FEATURE_BATCH):
-            chunk = [Image.fromarray(im, mode="L") for im in images[start:start + FEATURE_BATCH]]
+            chunk = [Image.fromarray(im, mode="L") for im in images[start : start + FEATURE_BATCH]]
             fs, ft = features(make_batch(chunk, start))
             s.append(fs)
             t.append(ft)
@@ -107,7 +117,7 @@ def build_cache(args) -> dict:
     for epoch in range(args.views // 2):
         augment = TwoViews(32, 1, seed=0, epoch=epoch)
         for v in (0, 1):
-            fs, ft = encode(images, lambda c, start, v=v, aug=augment: aug(c, keys[start:start + len(c)])[v])
+            fs, ft = encode(images, lambda c, start, v=v, aug=augment: aug(c, keys[start : start + len(c)])[v])
             views_s.append(fs)
             views_t.append(ft)
     cache["student"]["views"], cache["teacher"]["views"] = torch.stack(views_s, 1), torch.stack(views_t, 1)
@@ -122,6 +132,7 @@ def cache_key(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- 2-3. heads
+
 
 def view_pairs(n: int, views: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two distinct cached view indices per image, drawn anew each epoch."""
@@ -146,7 +157,7 @@ def train_teacher(cache: dict, args) -> torch.nn.Module:
         a, b = view_pairs(n, v, epoch, 1000 + args.seed)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for start in range(0, n - args.batch + 1, args.batch):
-            i = order[start:start + args.batch]
+            i = order[start : start + args.batch]
             p1, s1 = probs_and_codes(head(views[i, a[i]].float()))
             p2, s2 = probs_and_codes(head(views[i, b[i]].float()))
             loss = cibhash_loss(p1, s1, p2, s2, tau=0.3)
@@ -176,14 +187,25 @@ def train_student(cache: dict, teacher_out: dict, cfg: BRCDConfig, args) -> dict
         a, b = view_pairs(n, v, epoch, args.seed)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
         for start in range(0, n - args.batch + 1, args.batch):
-            i = order[start:start + args.batch]
+            i = order[start : start + args.batch]
             p1, s1 = probs_and_codes(head(s_views[i, a[i]].float()))
             p2, s2 = probs_and_codes(head(s_views[i, b[i]].float()))
             q1, q2 = teacher_out["q"][i, a[i]], teacher_out["q"][i, b[i]]
             t1, t2 = torch.where(q1 >= 0.5, 1.0, -1.0), torch.where(q2 >= 0.5, 1.0, -1.0)
-            x = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t1, t2=t2, q1=q1, q2=q2, labels=teacher_out["pseudo"][i],
-                         view_clusters1=teacher_out["view_clusters"][i, a[i]],
-                         view_clusters2=teacher_out["view_clusters"][i, b[i]], masks=teacher_out["masks"])
+            x = KDInputs(
+                s1=s1,
+                s2=s2,
+                p1=p1,
+                p2=p2,
+                t1=t1,
+                t2=t2,
+                q1=q1,
+                q2=q2,
+                labels=teacher_out["pseudo"][i],
+                view_clusters1=teacher_out["view_clusters"][i, a[i]],
+                view_clusters2=teacher_out["view_clusters"][i, b[i]],
+                masks=teacher_out["masks"],
+            )
             loss = cfg.kd_weight * kd_loss(cfg.kd, x, cfg) + cfg.lambda_self * cibhash_loss(p1, s1, p2, s2, tau=cfg.tau)
             opt.zero_grad()
             loss.backward()
@@ -191,9 +213,13 @@ def train_student(cache: dict, teacher_out: dict, cfg: BRCDConfig, args) -> dict
         last = epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last:
             head.eval()
-            val = mean_average_precision(codes_of(head, cache["student"]["val_query"]),
-                                         codes_of(head, cache["student"]["database"]),
-                                         cache["labels"]["val_query"], labels_db, TOPK)
+            val = mean_average_precision(
+                codes_of(head, cache["student"]["val_query"]),
+                codes_of(head, cache["student"]["database"]),
+                cache["labels"]["val_query"],
+                labels_db,
+                TOPK,
+            )
             history.append((epoch + 1, round(val, 4)))
             if val > best:
                 best, best_state, bad = val, copy.deepcopy(head.state_dict()), 0
@@ -205,17 +231,22 @@ def train_student(cache: dict, teacher_out: dict, cfg: BRCDConfig, args) -> dict
     head.eval()
     q = codes_of(head, cache["student"]["test_query"])
     labels_q = cache["labels"]["test_query"]
-    return {"val_sshp_best": round(best, 4), "epochs_run": history[-1][0], "val_history": history,
-            "test_sshp": round(mean_average_precision(q, codes_of(head, cache["student"]["database"]), labels_q,
-                                                      labels_db, TOPK), 4),
-            "test_ashp": round(mean_average_precision(q, teacher_out["db_codes"], labels_q, labels_db, TOPK), 4)}
+    return {
+        "val_sshp_best": round(best, 4),
+        "epochs_run": history[-1][0],
+        "val_history": history,
+        "test_sshp": round(
+            mean_average_precision(q, codes_of(head, cache["student"]["database"]), labels_q, labels_db, TOPK), 4
+        ),
+        "test_ashp": round(mean_average_precision(q, teacher_out["db_codes"], labels_q, labels_db, TOPK), 4),
+    }
 
 
 def teacher_outputs(cache: dict, teacher: torch.nn.Module, args) -> tuple[dict, dict]:
     from sklearn.metrics import normalized_mutual_info_score
 
     with torch.no_grad():
-        q = torch.sigmoid(teacher(cache["teacher"]["views"].float()))             # (N, V, L)
+        q = torch.sigmoid(teacher(cache["teacher"]["views"].float()))  # (N, V, L)
     train_codes = codes_of(teacher, cache["teacher"]["train"])
     km = distributed_kmeans(train_codes.numpy(), args.clusters, iters=25, seed=0)
     centroids = torch.as_tensor(km.centroids)
@@ -227,12 +258,29 @@ def teacher_outputs(cache: dict, teacher: torch.nn.Module, args) -> tuple[dict, 
     db_codes = codes_of(teacher, cache["teacher"]["database"])
     labels_db = cache["labels"]["database"]
     report = {
-        "teacher_val_map": round(mean_average_precision(codes_of(teacher, cache["teacher"]["val_query"]), db_codes,
-                                                        cache["labels"]["val_query"], labels_db, TOPK), 4),
-        "teacher_test_map": round(mean_average_precision(codes_of(teacher, cache["teacher"]["test_query"]), db_codes,
-                                                         cache["labels"]["test_query"], labels_db, TOPK), 4),
+        "teacher_val_map": round(
+            mean_average_precision(
+                codes_of(teacher, cache["teacher"]["val_query"]),
+                db_codes,
+                cache["labels"]["val_query"],
+                labels_db,
+                TOPK,
+            ),
+            4,
+        ),
+        "teacher_test_map": round(
+            mean_average_precision(
+                codes_of(teacher, cache["teacher"]["test_query"]),
+                db_codes,
+                cache["labels"]["test_query"],
+                labels_db,
+                TOPK,
+            ),
+            4,
+        ),
         "cluster_nmi": round(float(normalized_mutual_info_score(cache["labels"]["train"], pseudo)), 4),
-        "mask_bits_kept": [int(x) for x in masks.sum(dim=1).tolist()], "empty_masks": int(empty),
+        "mask_bits_kept": [int(x) for x in masks.sum(dim=1).tolist()],
+        "empty_masks": int(empty),
         "view_offset_rate": round(float((view_clusters != pseudo.unsqueeze(1)).float().mean()), 4),
     }
     return {"q": q, "pseudo": pseudo, "masks": masks, "view_clusters": view_clusters, "db_codes": db_codes}, report
@@ -288,10 +336,28 @@ def main() -> None:
     for name in args.methods.split(","):
         cfg = BRCDConfig(**METHODS[name], delta=args.delta, clusters=args.clusters)
         started = time.time()
-        row = {"method": name, "seed": args.seed, **train_student(cache, teacher_out, cfg, args),
-               "seconds": round(time.time() - started, 1), "teacher": report,
-               "setup": {k: getattr(args, k) for k in ("train", "views", "database", "queries", "teacher_epochs",
-                                                       "epochs", "eval_every", "patience", "batch", "head")}}
+        row = {
+            "method": name,
+            "seed": args.seed,
+            **train_student(cache, teacher_out, cfg, args),
+            "seconds": round(time.time() - started, 1),
+            "teacher": report,
+            "setup": {
+                k: getattr(args, k)
+                for k in (
+                    "train",
+                    "views",
+                    "database",
+                    "queries",
+                    "teacher_epochs",
+                    "epochs",
+                    "eval_every",
+                    "patience",
+                    "batch",
+                    "head",
+                )
+            },
+        }
         print(json.dumps({k: v for k, v in row.items() if k != "teacher"}), flush=True)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")

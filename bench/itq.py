@@ -8,12 +8,12 @@ there, its keys are checked against the indices used here.
     python bench/itq.py                       # 16, 32, 64 bits
     python bench/itq.py --bits 64 --iters 50
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
-
 
 from brcd_dist.config import load_config
 from brcd_dist.data import load_manifest
@@ -28,8 +28,13 @@ REFERENCE_ITQ = {16: 0.624, 32: 0.661, 64: 0.692}  # STACK.md (64 bits measured 
 def split_pixels(cfg):
     d = cfg.data
     arrays = load_fashion_mnist(d.source_path)
-    s = make_splits(arrays["train_labels"], len(arrays["test_labels"]), train_per_class=d.train_per_class,
-                    val_fraction=d.val_fraction, seed=d.split_seed)
+    s = make_splits(
+        arrays["train_labels"],
+        len(arrays["test_labels"]),
+        train_per_class=d.train_per_class,
+        val_fraction=d.val_fraction,
+        seed=d.split_seed,
+    )
     manifest_file = Path(d.shards_dir) / "manifest.json"
     if manifest_file.is_file():  # the same images as the shards the deep models train and are evaluated on
         m = load_manifest(d.shards_dir)
@@ -38,9 +43,11 @@ def split_pixels(cfg):
             assert sorted(keys) == sorted(m.splits[split].keys), f"split {split} differs from the manifest's"
         print(f"splits checked against {manifest_file}")
     pixels = lambda part, idx: arrays[f"{part}_images"][idx].reshape(len(idx), -1) / 255.0  # noqa: E731
-    return {"train": pixels("train", s["train"]),
-            "database": (pixels("train", s["database"]), arrays["train_labels"][s["database"]]),
-            "test_query": (pixels("test", s["test_query"]), arrays["test_labels"][s["test_query"]])}
+    return {
+        "train": pixels("train", s["train"]),
+        "database": (pixels("train", s["database"]), arrays["train_labels"][s["database"]]),
+        "test_query": (pixels("test", s["test_query"]), arrays["test_labels"][s["test_query"]]),
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -53,11 +60,14 @@ def main(argv=None) -> list[dict]:
     cfg = load_config(args.config, validate=False)
     data = split_pixels(cfg)
     (db_x, db_y), (q_x, q_y) = data["database"], data["test_query"]
-    print(f"fit on {len(data['train'])} training images; {len(q_x)} queries x {len(db_x)} database; "
-          f"mAP@{cfg.eval.topk}")
-    methods = {"ITQ": lambda b: fit_itq(data["train"], b, iters=args.iters, seed=args.seed),
-               "PCA-sign": lambda b: fit_pca_sign(data["train"], b),
-               "LSH": lambda b: fit_lsh(data["train"], b, seed=args.seed)}
+    print(
+        f"fit on {len(data['train'])} training images; {len(q_x)} queries x {len(db_x)} database; mAP@{cfg.eval.topk}"
+    )
+    methods = {
+        "ITQ": lambda b: fit_itq(data["train"], b, iters=args.iters, seed=args.seed),
+        "PCA-sign": lambda b: fit_pca_sign(data["train"], b),
+        "LSH": lambda b: fit_lsh(data["train"], b, seed=args.seed),
+    }
     rows = []
     for name, fit in methods.items():
         for bits in args.bits:
@@ -72,8 +82,11 @@ def main(argv=None) -> list[dict]:
     for name in methods:
         cells = [f"{r['map']:.3f}" for b in args.bits for r in rows if r["method"] == name and r["bits"] == b]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("| ITQ, reference (STACK.md) | " + " | ".join(f"{REFERENCE_ITQ.get(b, float('nan')):.3f}"
-                                                       for b in args.bits) + " |")
+    print(
+        "| ITQ, reference (STACK.md) | "
+        + " | ".join(f"{REFERENCE_ITQ.get(b, float('nan')):.3f}" for b in args.bits)
+        + " |"
+    )
     return rows
 
 

@@ -9,6 +9,7 @@ process), masks at the config's delta (bit_masks), nearest-centroid view cluster
 
     python bench/kd_scale.py --teacher data/teachers/gpu-teacher64.pt [--batches 4] [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,20 @@ def main(argv=None) -> dict:
     arrays = load_fashion_mnist(cfg.data.source_path)
     idx = train_subset(arrays["train_labels"], cfg.data.train_per_class, cfg.data.split_seed)
     with torch.no_grad():
-        codes = torch.cat([probs_and_codes(teacher(eval_batch(
-            [Image.fromarray(arrays["train_images"][i], mode="L") for i in idx[s:s + 500]],
-            cfg.data.image_size, cfg.data.in_chans)))[1] for s in range(0, len(idx), 500)])
+        codes = torch.cat(
+            [
+                probs_and_codes(
+                    teacher(
+                        eval_batch(
+                            [Image.fromarray(arrays["train_images"][i], mode="L") for i in idx[s : s + 500]],
+                            cfg.data.image_size,
+                            cfg.data.in_chans,
+                        )
+                    )
+                )[1]
+                for s in range(0, len(idx), 500)
+            ]
+        )
     km = distributed_kmeans(codes.numpy(), k, iters=cfg.kmeans.iters, tol=cfg.kmeans.tol, seed=cfg.kmeans.seed)
     pseudo = dict(zip((f"train-{i:05d}" for i in idx), km.assignments.tolist()))
     masks, _ = bit_masks(codes, torch.as_tensor(km.assignments), k, cfg.brcd.delta)
@@ -80,8 +92,20 @@ def main(argv=None) -> dict:
             if term == SELF:
                 loss = cibhash_loss(p[:b], s[:b], p[b:], s[b:], tau=cfg.brcd.tau)
             else:
-                x = KDInputs(s1=s[:b], s2=s[b:], p1=p[:b], p2=p[b:], t1=t[:b], t2=t[b:], q1=q[:b], q2=q[b:],
-                             labels=labels, view_clusters1=vc[:b], view_clusters2=vc[b:], masks=masks)
+                x = KDInputs(
+                    s1=s[:b],
+                    s2=s[b:],
+                    p1=p[:b],
+                    p2=p[b:],
+                    t1=t[:b],
+                    t2=t[b:],
+                    q1=q[:b],
+                    q2=q[b:],
+                    labels=labels,
+                    view_clusters1=vc[:b],
+                    view_clusters2=vc[b:],
+                    masks=masks,
+                )
                 loss = kd_loss(term, x, cfg.brcd)
             student.zero_grad(set_to_none=True)
             loss.backward()

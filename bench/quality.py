@@ -10,10 +10,12 @@ Order: seed 0 at every bit length (largest first), then the extra seeds at --see
 still has one full column per bit length. Per bit length: one teacher (trained once, or given), ITQ on pixels
 (bench/itq.py, same queries, database and mAP code), then one student per method with the same architecture,
 data, seed and steps (no validation: the last epoch's student is tested; no PR curves); k-means results and
-the teacher's database codes are computed once per teacher and reused (brcd.clustering_cache). Every finished run is appended to --results (JSON lines); rerunning with the same file
+the teacher's database codes are computed once per teacher and reused (brcd.clustering_cache). Every finished run is
+appended to --results (JSON lines); rerunning with the same file
 skips what is there (resume) and logs to the same MLflow sweep run. Each run's Ray checkpoints are deleted once its
 outputs are logged (they hold a copy of the teacher); the MLflow run keeps the student.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +33,8 @@ from _cli import preflight, setup_logging  # noqa: E402
 
 from brcd_dist import tracking  # noqa: E402
 from brcd_dist.config import load_config  # noqa: E402
-from brcd_dist.models import load_hash_model  # noqa: E402
 from brcd_dist.driver import absolute_paths, launch_teacher_job  # noqa: E402
+from brcd_dist.models import load_hash_model  # noqa: E402
 from brcd_dist.reporting import launch_and_publish  # noqa: E402
 from brcd_dist.sweep import input_example  # noqa: E402
 
@@ -55,8 +57,13 @@ METHODS = {
     "BRCD, no bit mask": ["brcd.kd=brcd", "brcd.bit_mask=false"],
     "BRCD, masks over L": ["brcd.kd=brcd", "brcd.mask_normalization=length"],
     "BRCD, authors' code": ["brcd.kd=brcd", "brcd.mask_sides=both", "brcd.cosine=normalised", "brcd.negatives=authors"],
-    "BRCD, authors' release (zero masks)": ["brcd.kd=brcd", "brcd.mask_sides=both", "brcd.cosine=normalised",
-                                            "brcd.negatives=authors", "brcd.authors_release=true"],
+    "BRCD, authors' release (zero masks)": [
+        "brcd.kd=brcd",
+        "brcd.mask_sides=both",
+        "brcd.cosine=normalised",
+        "brcd.negatives=authors",
+        "brcd.authors_release=true",
+    ],
 }
 ITQ_ROW, TEACHER_ROW = "ITQ on pixels", "teacher (its own codes)"
 
@@ -115,6 +122,7 @@ def itq_row(cfg, bits: int, seed: int) -> dict:
 
     from brcd_dist.itq import fit_itq, itq_encode
     from brcd_dist.retrieval import mean_average_precision
+
     data = split_pixels(cfg)
     (db_x, db_y), (q_x, q_y) = data["database"], data["test_query"]
     model = fit_itq(data["train"], bits, iters=50, seed=seed)
@@ -123,9 +131,18 @@ def itq_row(cfg, bits: int, seed: int) -> dict:
 
 
 def run_config(args, bits: int, seed: int, extra: list[str], name: str, cache: Path, teacher: str):
-    overrides = [*args.overrides, f"brcd.bits={bits}", f"train.seed={seed}", f"train.name={name}",
-                 f"brcd.clustering_cache={cache}", f"tracking.experiment={args.experiment}",
-                 "tracking.register=false", "train.eval_every=0", "eval.pr_curves=false", *extra]
+    overrides = [
+        *args.overrides,
+        f"brcd.bits={bits}",
+        f"train.seed={seed}",
+        f"train.name={name}",
+        f"brcd.clustering_cache={cache}",
+        f"tracking.experiment={args.experiment}",
+        "tracking.register=false",
+        "train.eval_every=0",
+        "eval.pr_curves=false",
+        *extra,
+    ]
     if args.student_epochs:
         overrides.append(f"train.epochs={args.student_epochs}")
     if teacher:
@@ -144,10 +161,16 @@ def student_run(args, cfg, parent: str | None, name: str, tags: dict) -> dict:
         if not args.keep_checkpoints:
             shutil.rmtree(Path(cfg.train.storage_path) / name, ignore_errors=True)
     t = out.test
-    return {"sshp": t["test_query/sshp_map"], "ashp": t["test_query/ashp_map"],
-            "teacher": t["test_query/teacher_map"], "wall_s": time.perf_counter() - t0, "run_id": run_id,
-            "images_per_s": [r["student/images_per_s"] for r in out.state.history.get("train", [])
-                             if "student/images_per_s" in r]}
+    return {
+        "sshp": t["test_query/sshp_map"],
+        "ashp": t["test_query/ashp_map"],
+        "teacher": t["test_query/teacher_map"],
+        "wall_s": time.perf_counter() - t0,
+        "run_id": run_id,
+        "images_per_s": [
+            r["student/images_per_s"] for r in out.state.history.get("train", []) if "student/images_per_s" in r
+        ],
+    }
 
 
 def get_teacher(args, cfg_base, bits: int, given: dict, sweep: str, parent: str | None, results: Results) -> str:
@@ -157,11 +180,17 @@ def get_teacher(args, cfg_base, bits: int, given: dict, sweep: str, parent: str 
     else:
         path = str(Path(cfg_base.train.storage_path) / f"{sweep}-teacher{bits}" / "teacher.pt")
     if not results.has(bits, -1, TEACHER_ROW):
-        cfg = absolute_paths(load_config(args.config, [*args.overrides, f"brcd.bits={bits}",
-                                                       f"tracking.experiment={args.experiment}"]))
+        cfg = absolute_paths(
+            load_config(args.config, [*args.overrides, f"brcd.bits={bits}", f"tracking.experiment={args.experiment}"])
+        )
         name = f"{sweep}-teacher{bits}"
-        run_id = tracking.start_run(cfg, run_name=name, parent_run_id=parent,
-                                    tags={"bench.row": TEACHER_ROW, "bench.bits": bits}) if parent else None
+        run_id = (
+            tracking.start_run(
+                cfg, run_name=name, parent_run_id=parent, tags={"bench.row": TEACHER_ROW, "bench.bits": bits}
+            )
+            if parent
+            else None
+        )
         t0 = time.perf_counter()
         if bits in given:
             model = load_hash_model(path)
@@ -173,8 +202,17 @@ def get_teacher(args, cfg_base, bits: int, given: dict, sweep: str, parent: str 
             tracking.set_tags(run_id, {"bench.teacher_source": source})
             tracking.log_hash_model(run_id, model, "teacher", input_example(cfg))
             tracking.end_run(run_id)
-        results.add({"bits": bits, "seed": -1, "method": TEACHER_ROW, "path": path, "source": source,
-                     "wall_s": time.perf_counter() - t0, "run_id": run_id})
+        results.add(
+            {
+                "bits": bits,
+                "seed": -1,
+                "method": TEACHER_ROW,
+                "path": path,
+                "source": source,
+                "wall_s": time.perf_counter() - t0,
+                "run_id": run_id,
+            }
+        )
     return next(r["path"] for r in results.rows if (r["bits"], r["method"]) == (bits, TEACHER_ROW))
 
 
@@ -191,8 +229,10 @@ def table(rows: list[dict], bits: list[int]) -> str:
     teacher's row is its own codes on both sides (its test mAP, the same in every run of that bit length); ITQ
     has one encoder, so one figure."""
     done = [r for r in rows if "error" not in r and "sshp" in r]
-    lines = ["| method | " + " | ".join(f"{b} bits SSHP | {b} bits ASHP" for b in sorted(bits)) + " |",
-             "|---" * (1 + 2 * len(bits)) + "|"]
+    lines = [
+        "| method | " + " | ".join(f"{b} bits SSHP | {b} bits ASHP" for b in sorted(bits)) + " |",
+        "|---" * (1 + 2 * len(bits)) + "|",
+    ]
     teacher = []
     for b in sorted(bits):
         maps = [r["teacher"] for r in done if r["bits"] == b and "teacher" in r]
@@ -232,8 +272,13 @@ def main(argv=None) -> list[dict]:
         print(f"resuming sweep {sweep}: {len(results.rows)} runs already in {args.results}")
     else:
         sweep = args.name or time.strftime("quality-%Y%m%d-%H%M%S")
-        parent = tracking.start_run(cfg, run_name=sweep, manifest_digest=manifest.digest(),
-                                    tags={"brcd.job": "bench-quality"}) if uri else None
+        parent = (
+            tracking.start_run(
+                cfg, run_name=sweep, manifest_digest=manifest.digest(), tags={"brcd.job": "bench-quality"}
+            )
+            if uri
+            else None
+        )
         results.start({"sweep": sweep, "parent_run_id": parent, "argv": sys.argv[1:]})
     cache = Path(cfg.train.storage_path) / sweep / "cache"
     t_start = time.perf_counter()
@@ -247,13 +292,24 @@ def main(argv=None) -> list[dict]:
                     continue
                 name = f"{sweep}-{bits}b-s{seed}-{slug(method)}"
                 run_cfg = run_config(args, bits, seed, METHODS[method], name, cache, teacher)
-                row = {"bits": bits, "seed": seed, "method": method,
-                       **student_run(args, run_cfg, parent, name,
-                                     {"bench.row": method, "bench.bits": bits, "bench.seed": seed})}
+                row = {
+                    "bits": bits,
+                    "seed": seed,
+                    "method": method,
+                    **student_run(
+                        args, run_cfg, parent, name, {"bench.row": method, "bench.bits": bits, "bench.seed": seed}
+                    ),
+                }
                 results.add(row)
-                print(f"[{(time.perf_counter() - t_start) / 60:.1f} min] {bits} bits seed {seed} {method}: "
-                      + (row.get("error") or f"SSHP {row['sshp']:.4f} ASHP {row['ashp']:.4f} "
-                         f"teacher {row['teacher']:.4f} ({row['wall_s']:.0f} s)"), flush=True)
+                print(
+                    f"[{(time.perf_counter() - t_start) / 60:.1f} min] {bits} bits seed {seed} {method}: "
+                    + (
+                        row.get("error")
+                        or f"SSHP {row['sshp']:.4f} ASHP {row['ashp']:.4f} "
+                        f"teacher {row['teacher']:.4f} ({row['wall_s']:.0f} s)"
+                    ),
+                    flush=True,
+                )
         text = table(results.rows, args.bits)
         print(text)
         if parent:

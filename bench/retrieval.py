@@ -8,6 +8,7 @@ used on other devices (method="matmul"). Every implementation must give the same
     python bench/retrieval.py                      # 5k x 60k x 64 bits, then 1k x 1M x 64 bits
     python bench/retrieval.py --big-queries 5000   # the 1M database with 5k queries
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,11 @@ def numpy_map(q, db, ql, dl, topk: int, radix: bool = False) -> float:
     ranks = np.arange(1, topk + 1)
     aps = []
     for s in range(0, len(q), step):
-        dist = 0.5 * (bits - q[s:s + step] @ db.T)
+        dist = 0.5 * (bits - q[s : s + step] @ db.T)
         if radix:
             dist = dist.astype(np.uint8 if bits < 256 else np.uint16)
         order = np.argsort(dist, axis=1, kind="stable")[:, :topk]
-        rel = dl[order] == ql[s:s + step, None]
+        rel = dl[order] == ql[s : s + step, None]
         hits = rel.cumsum(1)
         n_hit = rel.sum(1)
         aps.append(np.where(n_hit > 0, (hits / ranks * rel).sum(1) / np.maximum(n_hit, 1), 0.0))
@@ -65,12 +66,18 @@ def timed(fn, repeats: int):
 
 def run_case(n_query, n_db, bits, topk, repeats, rows):
     q, db, ql, dl = make_data(n_query, n_db, bits)
-    impls = [("brcd_dist.retrieval, CPU path: popcount + counting sort in threads",
-              lambda: mean_average_precision(q, db, ql, dl, topk)),
-             ("brcd_dist.retrieval, GPU path run on the CPU: matmul + torch.topk of distance*N+index",
-              lambda: mean_average_precision(q, db, ql, dl, topk, method="matmul")),
-             ("numpy: float distances + argsort(stable)", lambda: numpy_map(q, db, ql, dl, topk)),
-             ("numpy: uint8 distances + argsort(stable) (radix)", lambda: numpy_map(q, db, ql, dl, topk, radix=True))]
+    impls = [
+        (
+            "brcd_dist.retrieval, CPU path: popcount + counting sort in threads",
+            lambda: mean_average_precision(q, db, ql, dl, topk),
+        ),
+        (
+            "brcd_dist.retrieval, GPU path run on the CPU: matmul + torch.topk of distance*N+index",
+            lambda: mean_average_precision(q, db, ql, dl, topk, method="matmul"),
+        ),
+        ("numpy: float distances + argsort(stable)", lambda: numpy_map(q, db, ql, dl, topk)),
+        ("numpy: uint8 distances + argsort(stable) (radix)", lambda: numpy_map(q, db, ql, dl, topk, radix=True)),
+    ]
     case = f"{n_query:,} x {n_db:,} x {bits} bits, mAP@{topk}"
     results = [(name, *timed(fn, repeats)) for name, fn in impls]
     ours = results[0]
@@ -95,9 +102,11 @@ def main():
     run_case(args.queries, args.db, args.bits, args.topk, args.repeats, rows)
     if args.big_db:
         run_case(args.big_queries, args.big_db, args.bits, args.topk, args.big_repeats, rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
-          f"median of {args.repeats} runs ({args.big_repeats} for the big database)\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
+        f"median of {args.repeats} runs ({args.big_repeats} for the big database)\n"
+    )
     print("| case | implementation | wall s | wall / ours | CPU s | CPU / ours | mAP |")
     print("|---|---|---|---|---|---|---|")
     for case, impl, wall, wall_ratio, cpu, cpu_ratio, m in rows:

@@ -14,6 +14,7 @@ splitting, the manifest, shard I/O, epoch plans, k-means, codes and evaluation. 
 (size, stage) to --out and prints a table with each quantity's growth exponent between sizes
 (log ratio / log N ratio: 1 = linear).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,12 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     thread.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": sum(cpu.values()),
-            "peak_rss_mb": {r: v / 2**20 for r, v in sorted(rss.items())}, "processes": len(cpu)}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": sum(cpu.values()),
+        "peak_rss_mb": {r: v / 2**20 for r, v in sorted(rss.items())},
+        "processes": len(cpu),
+    }
 
 
 def du(path: Path) -> int:
@@ -92,26 +97,52 @@ def du(path: Path) -> int:
 
 def rehearse(n: int, work: Path, args) -> list[dict]:
     from synthetic_imagefolder import make_image_folder
+
     per_class = max(2, n // 1000)
     folder = work / f"folder_{n}"
     t0 = time.perf_counter()
     make_image_folder(folder, classes=1000, per_class=per_class, size=(64, 48), seed=0)
     rows = [{"n": n, "stage": "source", "wall_s": time.perf_counter() - t0, "bytes": du(folder)}]
     shards = work / f"shards_{n}"
-    data = ["data.source=imagefolder", f"data.source_path={folder}", f"data.shards_dir={shards}",
-            "data.image_size=32", "data.in_chans=3", "data.train_per_class=10", "data.samples_per_shard=1000",
-            "data.shard_shorter_side=0", "data.shard_readers=4", "data.loader_workers=1"]
+    data = [
+        "data.source=imagefolder",
+        f"data.source_path={folder}",
+        f"data.shards_dir={shards}",
+        "data.image_size=32",
+        "data.in_chans=3",
+        "data.train_per_class=10",
+        "data.samples_per_shard=1000",
+        "data.shard_shorter_side=0",
+        "data.shard_readers=4",
+        "data.loader_workers=1",
+    ]
     r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"])
     rows.append({"n": n, "stage": "make_shards", **r, "bytes": du(shards)})
     if "pipeline" in args.stages:
         runs = work / f"runs_{n}"
-        overrides = ["data.source=shards", f"data.shards_dir={shards}", "data.image_size=32", "data.in_chans=3",
-                     "data.loader_workers=1", "teacher.name=resnet10t", "student.name=mobilenetv3_small_050",
-                     "train.teacher_epochs=1", "train.teacher_split=train", "train.epochs=1",
-                     "train.batch_size=32", f"train.max_steps_per_epoch={args.steps}", "train.checkpoint_every=1000",
-                     "train.eval_every=1", "eval.topk=100", "eval.batch_size=256", "brcd.clusters=100",
-                     "tracking.enabled=false", "train.workers=2", f"train.storage_path={runs}",
-                     f"train.name=rehearsal_{n}"]
+        overrides = [
+            "data.source=shards",
+            f"data.shards_dir={shards}",
+            "data.image_size=32",
+            "data.in_chans=3",
+            "data.loader_workers=1",
+            "teacher.name=resnet10t",
+            "student.name=mobilenetv3_small_050",
+            "train.teacher_epochs=1",
+            "train.teacher_split=train",
+            "train.epochs=1",
+            "train.batch_size=32",
+            f"train.max_steps_per_epoch={args.steps}",
+            "train.checkpoint_every=1000",
+            "train.eval_every=1",
+            "eval.topk=100",
+            "eval.batch_size=256",
+            "brcd.clusters=100",
+            "tracking.enabled=false",
+            "train.workers=2",
+            f"train.storage_path={runs}",
+            f"train.name=rehearsal_{n}",
+        ]
         r = measured([PY, "jobs/distill.py", *overrides])
         rows.append({"n": n, "stage": "pipeline", **r, "bytes": du(runs)})
     return rows
@@ -144,12 +175,16 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
     print(f"{'stage':<12} {'N':>8} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12} {'MB on disk':>11}")
     for r in rows:
-        print(f"{r['stage']:<12} {r['n']:>8} {r['wall_s']:>8.1f} {r.get('cpu_s', 0):>8.1f} "
-              f"{r.get('peak_rss_max_mb', 0):>12.0f} {r['bytes'] / 2**20:>11.1f}")
+        print(
+            f"{r['stage']:<12} {r['n']:>8} {r['wall_s']:>8.1f} {r.get('cpu_s', 0):>8.1f} "
+            f"{r.get('peak_rss_max_mb', 0):>12.0f} {r['bytes'] / 2**20:>11.1f}"
+        )
     print("growth exponents between consecutive sizes (1 = linear):")
     for stage in ("make_shards", "pipeline"):
-        print(f"  {stage}: wall {growth(rows, stage, 'wall_s')}, CPU {growth(rows, stage, 'cpu_s')}, "
-              f"peak RSS {growth(rows, stage, 'peak_rss_max_mb')}, disk {growth(rows, stage, 'bytes')}")
+        print(
+            f"  {stage}: wall {growth(rows, stage, 'wall_s')}, CPU {growth(rows, stage, 'cpu_s')}, "
+            f"peak RSS {growth(rows, stage, 'peak_rss_max_mb')}, disk {growth(rows, stage, 'bytes')}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ latency p50/p99, queries/s, build time and bytes, at the real database size and 
     python bench/serving.py --shards data/fashion_mnist            # (a) and (b), 2 threads
     python bench/serving.py --shards data/fashion_mnist --skip-encode --sizes 1000000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,20 @@ KINDS = ("flat", "ivf", "hnsw")
 def centred_student(arch: str, manifest, bits: int = 64) -> HashModel:
     torch.manual_seed(0)
     model = HashModel(arch, bits, in_chans=manifest.in_chans, img_size=32).eval()
-    batch = next(iter(eval_batches(manifest, "train", rank=0, world_size=1, batch_size=256, num_workers=0,
-                                   image_size=32, in_chans=manifest.in_chans)))
+    batch = next(
+        iter(
+            eval_batches(
+                manifest,
+                "train",
+                rank=0,
+                world_size=1,
+                batch_size=256,
+                num_workers=0,
+                image_size=32,
+                in_chans=manifest.in_chans,
+            )
+        )
+    )
     with torch.no_grad():
         model.head.bias -= model.head(model.backbone(batch["image"])).mean(0)
     return model
@@ -56,8 +69,16 @@ def centred_student(arch: str, manifest, bits: int = 64) -> HashModel:
 def bare_encode(model, manifest, split: str, threads: int, batch_size: int):
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    batches = eval_batches(manifest, split, rank=0, world_size=1, batch_size=batch_size, num_workers=0,
-                           image_size=model.img_size, in_chans=model.in_chans)
+    batches = eval_batches(
+        manifest,
+        split,
+        rank=0,
+        world_size=1,
+        batch_size=batch_size,
+        num_workers=0,
+        image_size=model.img_size,
+        in_chans=model.in_chans,
+    )
     codes, keys, _ = encode_batches(model, batches, "cpu")
     seconds = time.perf_counter() - t0
     order = np.argsort(np.array(keys), kind="stable")
@@ -68,6 +89,7 @@ def ray_encode(model, shards: str, split: str, threads: int, batch_size: int):
     import ray
 
     from brcd_dist.batch_encoding import encode_images, image_source
+
     tmp = tempfile.mkdtemp(prefix="brcd-b-")
     ray.init(num_cpus=threads, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     try:
@@ -88,12 +110,13 @@ def synthetic_codes(n: int, seed: int, centres: int = 10_000, flip: float = 0.12
     for start in range(0, n, 100_000):  # in slices: 1M x 64 unpacked bits would be 64 MB of uint8 at once
         m = min(100_000, n - start)
         b = c[rng.integers(0, centres, m)] ^ (rng.random((m, bits)) < flip).astype(np.uint8)
-        out[start:start + m] = np.packbits(b, axis=1)
+        out[start : start + m] = np.packbits(b, axis=1)
     return out
 
 
 def index_rows(name: str, db: np.ndarray, queries: np.ndarray, latency_queries: int, k: int = 10) -> list[dict]:
     import faiss
+
     rows, exact = [], None
     for kind in KINDS:
         t0 = time.perf_counter()
@@ -101,24 +124,31 @@ def index_rows(name: str, db: np.ndarray, queries: np.ndarray, latency_queries: 
         build_s = time.perf_counter() - t0
         nbytes = len(faiss.serialize_index_binary(index))
         # IVF: the default nprobe (nlist/16) and 4x it, on the same index
-        for nprobe in ([index.nprobe, min(index.nlist, 4 * index.nprobe)] if kind == "ivf" else [None]):
+        for nprobe in [index.nprobe, min(index.nlist, 4 * index.nprobe)] if kind == "ivf" else [None]:
             if nprobe is not None:
                 index.nprobe = nprobe
             search_faiss(index, queries[:10], k)  # warm-up
             lat = []
             for i in range(latency_queries):
                 t = time.perf_counter()
-                search_faiss(index, queries[i:i + 1], k)
+                search_faiss(index, queries[i : i + 1], k)
                 lat.append(time.perf_counter() - t)
             t = time.perf_counter()
             dist, _ = search_faiss(index, queries, k)
             qps = len(queries) / (time.perf_counter() - t)
             if kind == "flat":
                 exact = dist
-            row = {"codes": name, "n": len(db), "kind": kind, "build_s": round(build_s, 3), "bytes": nbytes,
-                   "recall@10": round(recall_at_k(dist, exact), 4),
-                   "p50_ms": round(1e3 * np.percentile(lat, 50), 3),
-                   "p99_ms": round(1e3 * np.percentile(lat, 99), 3), "qps": round(qps, 1)}
+            row = {
+                "codes": name,
+                "n": len(db),
+                "kind": kind,
+                "build_s": round(build_s, 3),
+                "bytes": nbytes,
+                "recall@10": round(recall_at_k(dist, exact), 4),
+                "p50_ms": round(1e3 * np.percentile(lat, 50), 3),
+                "p99_ms": round(1e3 * np.percentile(lat, 99), 3),
+                "qps": round(qps, 1),
+            }
             if kind == "ivf":
                 row.update(nlist=int(index.nlist), nprobe=int(index.nprobe))
             rows.append(row)
@@ -140,6 +170,7 @@ def main() -> None:
     p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
     args = p.parse_args()
     import faiss
+
     faiss.omp_set_num_threads(args.threads)
     manifest = load_manifest(args.shards)
     model = centred_student(args.model, manifest)
@@ -150,17 +181,25 @@ def main() -> None:
         ray_codes, ray_keys, ray_s = ray_encode(model, args.shards, args.split, args.threads, args.batch_size)
         assert np.array_equal(ray_keys, bare_keys) and np.array_equal(ray_codes, bare_codes), "codes differ"
         _, _, bare2_s = bare_encode(model, manifest, args.split, args.threads, args.batch_size)
-        row = {"part": "encode", "model": args.model, "images": n, "threads": args.threads,
-               "bare_img_s": round(n / bare_s, 1), "ray_data_img_s": round(n / ray_s, 1),
-               "bare_after_img_s": round(n / bare2_s, 1), "ratio_ray_over_best_bare": round(min(bare_s, bare2_s) / ray_s, 3)}
+        row = {
+            "part": "encode",
+            "model": args.model,
+            "images": n,
+            "threads": args.threads,
+            "bare_img_s": round(n / bare_s, 1),
+            "ray_data_img_s": round(n / ray_s, 1),
+            "bare_after_img_s": round(n / bare2_s, 1),
+            "ratio_ray_over_best_bare": round(min(bare_s, bare2_s) / ray_s, 3),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     q_codes, _, _ = bare_encode(model, manifest, "test_query", args.threads, args.batch_size)
-    q_codes = q_codes[:args.queries]
+    q_codes = q_codes[: args.queries]
     rows += index_rows(f"student {args.split}", bare_codes, q_codes, args.latency_queries)
     for size in args.sizes:
-        rows += index_rows("synthetic", synthetic_codes(size, seed=1), synthetic_codes(args.queries, seed=2),
-                           args.latency_queries)
+        rows += index_rows(
+            "synthetic", synthetic_codes(size, seed=1), synthetic_codes(args.queries, seed=2), args.latency_queries
+        )
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -9,6 +9,7 @@ process (one encoding process, num_procs=1, so process_time is the whole cost) a
 - copy: this tree, shorter_side=0 (the source's JPEG bytes copied).
 Prints one JSON row per run and a median summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ def child(folder: str, mode: str) -> dict:
     import inspect
 
     from brcd_dist.data import write_shards
+
     kw = dict(SHARD_KW)
     if "shorter_side" in inspect.signature(write_shards).parameters:
         kw["shorter_side"] = 256 if mode == "jpeg256" else 0
@@ -40,8 +42,13 @@ def child(folder: str, mode: str) -> dict:
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         n = sum(s.count for s in m.splits.values())
         size = sum(f.stat().st_size for f in Path(out).glob("*.tar"))
-    return dict(mode=mode, samples=n, cpu_ms_per_sample=1000 * cpu / n, wall_ms_per_sample=1000 * wall / n,
-                kb_per_sample=size / n / 1024)
+    return dict(
+        mode=mode,
+        samples=n,
+        cpu_ms_per_sample=1000 * cpu / n,
+        wall_ms_per_sample=1000 * wall / n,
+        kb_per_sample=size / n / 1024,
+    )
 
 
 def main() -> None:
@@ -58,21 +65,33 @@ def main() -> None:
         return
     sys.path.insert(0, str(REPO / "bench"))
     from synthetic_imagefolder import make_image_folder
+
     make_image_folder(args.folder, classes=args.classes, per_class=args.per_class)
     src_kb = sum(f.stat().st_size for f in Path(args.folder).rglob("*.JPEG")) / 1024 / (args.classes * args.per_class)
     rows = []
     for _ in range(args.repeats):
         for mode, code in (("before", args.baseline), ("jpeg256", str(REPO)), ("copy", str(REPO))):
             env = {**os.environ, "PYTHONPATH": code}
-            out = subprocess.run([sys.executable, __file__, "--child", args.folder, mode], env=env, check=True,
-                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(
+                    [sys.executable, __file__, "--child", args.folder, mode],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             rows.append(json.loads(out))
             print(out, flush=True)
     print(f"source JPEG: {src_kb:.1f} KB/image")
     for mode in ("before", "jpeg256", "copy"):
         mine = [r for r in rows if r["mode"] == mode]
-        print(f"{mode:8s} median CPU {statistics.median(r['cpu_ms_per_sample'] for r in mine):6.2f} ms/sample, "
-              f"{statistics.median(r['kb_per_sample'] for r in mine):6.1f} KB/sample ({len(mine)} runs)")
+        print(
+            f"{mode:8s} median CPU {statistics.median(r['cpu_ms_per_sample'] for r in mine):6.2f} ms/sample, "
+            f"{statistics.median(r['kb_per_sample'] for r in mine):6.1f} KB/sample ({len(mine)} runs)"
+        )
 
 
 if __name__ == "__main__":

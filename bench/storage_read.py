@@ -9,6 +9,7 @@ readers do), (2) every sample of the database split through eval_batches (tar pa
 process, no loader workers), from the local copy and from s3://. Medians; the ratio is s3 / local throughput.
 The store runs as a separate process on the same machine, so both sides share its cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the test suite's SeaweedFS launcher
 
-from object_store import start_seaweedfs
+from object_store import start_seaweedfs  # noqa: E402 (after the sys.path line)
 
-from brcd_dist import storage
-from brcd_dist.data import eval_batches, load_manifest, write_shards
+from brcd_dist import storage  # noqa: E402 (after the sys.path line)
+from brcd_dist.data import eval_batches, load_manifest, write_shards  # noqa: E402 (after the sys.path line)
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -44,8 +45,12 @@ def read_bytes_all(manifest, base: str) -> tuple[int, float]:
 
 def read_samples(manifest) -> tuple[int, float]:
     t0 = time.perf_counter()
-    n = sum(len(b["key"]) for b in eval_batches(manifest, "database", rank=0, world_size=1, batch_size=256,
-                                                  num_workers=0, image_size=32, in_chans=1))
+    n = sum(
+        len(b["key"])
+        for b in eval_batches(
+            manifest, "database", rank=0, world_size=1, batch_size=256, num_workers=0, image_size=32, in_chans=1
+        )
+    )
     return n, time.perf_counter() - t0
 
 
@@ -59,9 +64,15 @@ def main() -> None:
     os.environ.update(store.env)
     try:
         with tempfile.TemporaryDirectory(prefix="brcd-bench-") as local:
-            write_shards(local, "fashion_mnist", FASHION_MNIST, max_images=args.max_images,
-                         train_per_class=args.max_images // 20, samples_per_shard=args.samples_per_shard,
-                         progress=False)
+            write_shards(
+                local,
+                "fashion_mnist",
+                FASHION_MNIST,
+                max_images=args.max_images,
+                train_per_class=args.max_images // 20,
+                samples_per_shard=args.samples_per_shard,
+                progress=False,
+            )
             remote = store.url("bench")
             storage.copy_tree(local, remote)
             m_local, m_s3 = load_manifest(local), load_manifest(remote)
@@ -79,12 +90,18 @@ def main() -> None:
     finally:
         store.stop()
     med = {k: statistics.median(v) for k, v in rows.items()}
-    result = {"shards": len(m_local.shard_files()), "bytes": total, "database_samples": n_samples,
-              "raw_MBps_local": med["bytes_local"] / 1e6, "raw_MBps_s3": med["bytes_s3"] / 1e6,
-              "raw_ratio_s3_over_local": med["bytes_s3"] / med["bytes_local"],
-              "samples_per_s_local": med["samples_local"], "samples_per_s_s3": med["samples_s3"],
-              "samples_ratio_s3_over_local": med["samples_s3"] / med["samples_local"],
-              "raw_rows": rows}
+    result = {
+        "shards": len(m_local.shard_files()),
+        "bytes": total,
+        "database_samples": n_samples,
+        "raw_MBps_local": med["bytes_local"] / 1e6,
+        "raw_MBps_s3": med["bytes_s3"] / 1e6,
+        "raw_ratio_s3_over_local": med["bytes_s3"] / med["bytes_local"],
+        "samples_per_s_local": med["samples_local"],
+        "samples_per_s_s3": med["samples_s3"],
+        "samples_ratio_s3_over_local": med["samples_s3"] / med["samples_local"],
+        "raw_rows": rows,
+    }
     print(json.dumps(result, indent=1))
 
 

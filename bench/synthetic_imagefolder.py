@@ -3,6 +3,7 @@
 Images are crops of scikit-learn's two bundled photos (real JPEG statistics: edges, texture, smooth sky), tinted
 per class, at ImageNet's typical size (about 500x375, aspect 4:3 or 3:4), saved as JPEG quality 90 with PIL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,11 +15,19 @@ from PIL import Image
 
 def _photos() -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
+
     return list(load_sample_images().images)
 
 
-def make_image_folder(root: str | Path, *, classes: int, per_class: int, size: tuple[int, int] = (500, 375),
-                      seed: int = 0, val_per_class: int = 0) -> Path:
+def make_image_folder(
+    root: str | Path,
+    *,
+    classes: int,
+    per_class: int,
+    size: tuple[int, int] = (500, 375),
+    seed: int = 0,
+    val_per_class: int = 0,
+) -> Path:
     """ROOT/[train|val/]CLASS/NAME.jpg; size is (width, height) of a landscape image (portrait: swapped)."""
     root = Path(root)
     photos = _photos()
@@ -37,7 +46,7 @@ def make_image_folder(root: str | Path, *, classes: int, per_class: int, size: t
                 w, h = size if rng.random() < 0.7 else size[::-1]
                 ch, cw = int(rng.integers(200, 427)), int(rng.integers(300, 640))
                 top, left = int(rng.integers(0, 427 - ch + 1)), int(rng.integers(0, 640 - cw + 1))
-                crop = photo[top:top + ch, left:left + cw].astype(np.float32) * tint
+                crop = photo[top : top + ch, left : left + cw].astype(np.float32) * tint
                 im = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
                 im.save(path, format="JPEG", quality=90)
     return root

@@ -22,6 +22,7 @@
     python bench/throughput.py --skip-pipeline          # (b) and the bare loop only
     python bench/throughput.py --device cuda            # GPU variant (not run on these machines)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,21 @@ def sync(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- (b) encode
 
-def encode_rates(teacher: str, students: list[str], img_size: int, in_chans: int, *, batch: int, batches: int,
-                 repeats: int, threads: int, device: torch.device, bits: int = 64,
-                 amp: torch.dtype | None = None) -> dict[str, float]:
+
+def encode_rates(
+    teacher: str,
+    students: list[str],
+    img_size: int,
+    in_chans: int,
+    *,
+    batch: int,
+    batches: int,
+    repeats: int,
+    threads: int,
+    device: torch.device,
+    bits: int = 64,
+    amp: torch.dtype | None = None,
+) -> dict[str, float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     models = {name: HashModel(name, bits, in_chans, img_size).to(device).eval() for name in [teacher, *students]}
@@ -75,18 +88,40 @@ def run_encode(args, device) -> list[dict]:
     cases = [FASHION_PAIRS + (args.batch_32, args.batches_32), IMAGENET_PAIRS + (args.batch_224, args.batches_224)]
     for teacher, students, size, chans, batch, batches in cases:
         for threads in args.threads:
-            rates = encode_rates(teacher, students, size, chans, batch=batch, batches=batches,
-                                 repeats=args.repeats, threads=threads, device=device)
+            rates = encode_rates(
+                teacher,
+                students,
+                size,
+                chans,
+                batch=batch,
+                batches=batches,
+                repeats=args.repeats,
+                threads=threads,
+                device=device,
+            )
             for s in students:
-                rows.append({"size": f"{size}x{size}x{chans}", "threads": threads, "batch": batch,
-                             "teacher": teacher, "teacher_rate": rates[teacher], "student": s,
-                             "student_rate": rates[s], "speedup": rates[s] / rates[teacher]})
-                print(f"encode {size}px {threads} thr: {teacher} {rates[teacher]:.1f} img/s, {s} "
-                      f"{rates[s]:.1f} img/s, x{rates[s] / rates[teacher]:.2f}", flush=True)
+                rows.append(
+                    {
+                        "size": f"{size}x{size}x{chans}",
+                        "threads": threads,
+                        "batch": batch,
+                        "teacher": teacher,
+                        "teacher_rate": rates[teacher],
+                        "student": s,
+                        "student_rate": rates[s],
+                        "speedup": rates[s] / rates[teacher],
+                    }
+                )
+                print(
+                    f"encode {size}px {threads} thr: {teacher} {rates[teacher]:.1f} img/s, {s} "
+                    f"{rates[s]:.1f} img/s, x{rates[s] / rates[teacher]:.2f}",
+                    flush=True,
+                )
     return rows
 
 
 # ----------------------------------------------------------------------------- (a) bare training loop
+
 
 def in_memory_views(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """n training-subset images as the loader would give them (paper augmentations, epoch 0), made once."""
@@ -95,6 +130,7 @@ def in_memory_views(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]
     from brcd_dist.data.augment import TwoViews
     from brcd_dist.data.idx import load_fashion_mnist
     from brcd_dist.data.splits import train_subset
+
     arrays = load_fashion_mnist(cfg.data.source_path)
     idx = train_subset(arrays["train_labels"], cfg.data.train_per_class, cfg.data.split_seed)
     idx = np.resize(idx, n)
@@ -104,9 +140,16 @@ def in_memory_views(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]
     return v1, v2, keys
 
 
-def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.device,
-              views: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None,
-              amp: torch.dtype | None = None) -> float:
+def bare_rate(
+    cfg,
+    *,
+    steps: int,
+    warmup: int,
+    threads: int,
+    device: torch.device,
+    views: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None,
+    amp: torch.dtype | None = None,
+) -> float:
     """Images/s of the stage-C step (student_stage.step + backward + AdamW) in a plain loop, in-memory views.
 
     views: (v1, v2, keys) of at least batch x (steps + warmup) images; default: Fashion-MNIST's, augmented once.
@@ -116,13 +159,15 @@ def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.devic
     from brcd_dist.losses import KDInputs, kd_loss
     from brcd_dist.losses.cibhash import cibhash_loss
     from brcd_dist.models import build_student, build_teacher
+
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     b, B, L, K = cfg.brcd, cfg.train.batch_size, cfg.brcd.bits, cfg.brcd.clusters
     teacher = build_teacher(cfg).to(device).eval().requires_grad_(False)
     student = build_student(cfg).to(device).train()
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     v1_all, v2_all, keys = views or in_memory_views(cfg, B * (steps + warmup))
     gen = torch.Generator().manual_seed(0)
     pseudo = {k: int(torch.randint(K, (1,), generator=gen)) for k in keys}
@@ -142,8 +187,20 @@ def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.devic
         p2, s2 = probs_and_codes(logits[B:])
         labels = torch.tensor([pseudo[k] for k in keys[sl]], device=device)
         vc = assign_nearest(t, centroids, spherical=cfg.kmeans.spherical)
-        inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t[:B], t2=t[B:], q1=q[:B], q2=q[B:], labels=labels,
-                          view_clusters1=vc[:B], view_clusters2=vc[B:], masks=masks)
+        inputs = KDInputs(
+            s1=s1,
+            s2=s2,
+            p1=p1,
+            p2=p2,
+            t1=t[:B],
+            t2=t[B:],
+            q1=q[:B],
+            q2=q[B:],
+            labels=labels,
+            view_clusters1=vc[:B],
+            view_clusters2=vc[B:],
+            masks=masks,
+        )
         loss = b.kd_weight * kd_loss(b.kd, inputs, b) + b.lambda_self * cibhash_loss(p1, s1, p2, s2, tau=b.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,6 +218,7 @@ def bare_rate(cfg, *, steps: int, warmup: int, threads: int, device: torch.devic
 
 # ----------------------------------------------------------------------------- (a) the pipeline
 
+
 def pipeline_rates(cfg, *, steps: int) -> list[float]:
     """Run stages A (init teacher) to D under Ray Train; return the student's images/s of each epoch."""
     from dataclasses import replace
@@ -169,17 +227,33 @@ def pipeline_rates(cfg, *, steps: int) -> list[float]:
 
     from brcd_dist.data import ensure_shards
     from brcd_dist.driver import absolute_paths, launch, read_outputs, result_checkpoint_dir
+
     storage = tempfile.mkdtemp(prefix="brcd-throughput-")
-    cfg.train = replace(cfg.train, workers=1, cpus_per_worker=1, teacher_epochs=0, epochs=2,
-                        max_steps_per_epoch=steps, eval_every=0, checkpoint_every=1 << 30, storage_path=storage,
-                        name="throughput", max_failures=0)
+    cfg.train = replace(
+        cfg.train,
+        workers=1,
+        cpus_per_worker=1,
+        teacher_epochs=0,
+        epochs=2,
+        max_steps_per_epoch=steps,
+        eval_every=0,
+        checkpoint_every=1 << 30,
+        storage_path=storage,
+        name="throughput",
+        max_failures=0,
+    )
     cfg.eval = replace(cfg.eval, max_queries=200, max_database=1000)
     cfg.tracking = replace(cfg.tracking, enabled=False)
     cfg = absolute_paths(cfg)
     ensure_shards(cfg)
     temp_dir = tempfile.mkdtemp(prefix="brcd-ray-")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}},
+    )
     try:
         out = read_outputs(result_checkpoint_dir(launch(cfg)))
     finally:
@@ -247,8 +321,10 @@ def main(argv=None) -> dict:
         print("\n(b) | input | threads | batch | teacher img/s | student | student img/s | student / teacher |")
         print("|---|---|---|---|---|---|---|")
         for r in out["encode"]:
-            print(f"| {r['size']} | {r['threads']} | {r['batch']} | {r['teacher']} {r['teacher_rate']:.1f} | "
-                  f"{r['student']} | {r['student_rate']:.1f} | {r['speedup']:.2f}x |")
+            print(
+                f"| {r['size']} | {r['threads']} | {r['batch']} | {r['teacher']} {r['teacher_rate']:.1f} | "
+                f"{r['student']} | {r['student_rate']:.1f} | {r['speedup']:.2f}x |"
+            )
     return out
 
 

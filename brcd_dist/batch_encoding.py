@@ -13,6 +13,7 @@ manifest says fails the pass with the shard's name, and the driver checks the co
 
 Used by jobs/index.py and jobs/evaluate.py (and bench/serving.py). Ray lives here and in jobs/, not in the cores.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,6 +39,7 @@ FOLDER_FILES_PER_ROW_BATCH = 256
 @dataclass
 class ImageSource:
     """What to encode: `rows` are units of reading (a shard {"url", "count"} or a file {"path", "key", "label"})."""
+
     kind: str  # "shards" or "folder"
     rows: list[dict]
     count: int  # images expected
@@ -59,8 +61,10 @@ def image_source(location: str, split: str = "database", shards_url: str = "") -
         if split not in manifest.splits:
             raise ValueError(f"split {split!r}: {location} has {', '.join(manifest.splits)}")
         info = manifest.splits[split]
-        rows = [{"url": shard_url(name, manifest.shards_dir, shards_url), "count": int(n)}
-                for name, n in zip(info.shards, info.shard_counts)]
+        rows = [
+            {"url": shard_url(name, manifest.shards_dir, shards_url), "count": int(n)}
+            for name, n in zip(info.shards, info.shard_counts)
+        ]
         return ImageSource("shards", rows, info.count, f"{location} split {split} ({len(rows)} shards)")
     root = Path(location)
     if not root.is_dir():
@@ -71,8 +75,10 @@ def image_source(location: str, split: str = "database", shards_url: str = "") -
     classes, rows = None, []
     for r in roots:
         classes, images = scan_class_folders(r, classes)
-        rows += [{"path": str((r / f).resolve()), "key": str((r / f).relative_to(root)), "label": int(y)}
-                 for f, y in zip(images.files, images.labels)]
+        rows += [
+            {"path": str((r / f).resolve()), "key": str((r / f).relative_to(root)), "label": int(y)}
+            for f, y in zip(images.files, images.labels)
+        ]
     return ImageSource("folder", rows, len(rows), f"ImageFolder {location} ({len(classes)} classes)")
 
 
@@ -112,6 +118,7 @@ class Encoder:
 
     def __init__(self, model_ref, batch_size: int, threads: int):
         import ray
+
         model = model_ref[0] if isinstance(model_ref[0], HashModel) else ray.get(model_ref[0])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
@@ -130,8 +137,11 @@ class Encoder:
             except Exception as exn:  # noqa: BLE001 - any decoder error: name the sample, fail the pass
                 raise ValueError(f"{where}: cannot decode {key}: {type(exn).__name__}: {exn}") from None
         x = eval_batch(images, self.model.img_size, self.model.in_chans).to(self.device)
-        return {"key": np.asarray(keys, dtype=object), "label": np.asarray(labels, dtype=np.int64),
-                "code": pack_codes(self.model.encode(x))}
+        return {
+            "key": np.asarray(keys, dtype=object),
+            "label": np.asarray(labels, dtype=np.int64),
+            "code": pack_codes(self.model.encode(x)),
+        }
 
     def __call__(self, rows: dict):
         if "url" in rows:  # one shard a call: stream it in batches
@@ -147,8 +157,10 @@ class Encoder:
                     seen += len(keys)
                     yield self._encode(keys, labels, blobs, str(url))
                 if seen != int(count):
-                    raise RuntimeError(f"{url}: {seen} samples read, the manifest says {int(count)} "
-                                       "(truncated or damaged shard): this pass must see every key")
+                    raise RuntimeError(
+                        f"{url}: {seen} samples read, the manifest says {int(count)} "
+                        "(truncated or damaged shard): this pass must see every key"
+                    )
         else:  # image files
             blobs = [Path(p).read_bytes() for p in rows["path"]]
             yield self._encode(list(rows["key"]), list(rows["label"]), blobs, "ImageFolder")
@@ -156,9 +168,11 @@ class Encoder:
 
 # ----------------------------------------------------------------------------- the driver
 
+
 def actor_pool(resources: dict | None = None) -> tuple[int, float, float]:
     """(actors, CPUs an actor, GPUs an actor): one actor a GPU when the cluster has GPUs, else one a CPU."""
     import ray
+
     res = resources if resources is not None else ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
     if gpus:
@@ -166,11 +180,18 @@ def actor_pool(resources: dict | None = None) -> tuple[int, float, float]:
     return max(1, cpus), 1.0, 0.0
 
 
-def encode_images(model: HashModel, source: ImageSource, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                  actors: int | None = None, progress: bool = False) -> Encoded:
+def encode_images(
+    model: HashModel,
+    source: ImageSource,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    actors: int | None = None,
+    progress: bool = False,
+) -> Encoded:
     """Encode every image of `source` on the attached Ray cluster (ray.init first); codes sorted by key."""
     import ray
     import ray.data
+
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     if not source.rows:
@@ -187,11 +208,15 @@ def encode_images(model: HashModel, source: ImageSource, *, batch_size: int = DE
     rows_per_call = 1 if source.kind == "shards" else FOLDER_FILES_PER_ROW_BATCH
     ds = ray.data.from_items(source.rows, override_num_blocks=min(len(source.rows), 4 * n_actors * 8))
     model_ref = [ray.put(model.cpu().eval())]  # once into the object store, not once an actor
-    ds = ds.map_batches(Encoder, batch_size=rows_per_call, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=n_actors),
-                        fn_constructor_kwargs={"model_ref": model_ref, "batch_size": batch_size,
-                                               "threads": int(cpus)},
-                        num_cpus=cpus, num_gpus=gpus)
+    ds = ds.map_batches(
+        Encoder,
+        batch_size=rows_per_call,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        fn_constructor_kwargs={"model_ref": model_ref, "batch_size": batch_size, "threads": int(cpus)},
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
     codes, keys, labels = [], [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         codes.append(batch["code"])
@@ -201,8 +226,10 @@ def encode_images(model: HashModel, source: ImageSource, *, batch_size: int = DE
     keys = np.concatenate(keys).astype(str) if keys else np.zeros((0,), str)
     labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros((0,), np.int64)
     if len(keys) != source.count or len(np.unique(keys)) != len(keys):
-        raise RuntimeError(f"{source.description}: encoded {len(keys)} images ({len(np.unique(keys))} distinct "
-                           f"keys), expected {source.count}: this pass must see every key exactly once")
+        raise RuntimeError(
+            f"{source.description}: encoded {len(keys)} images ({len(np.unique(keys))} distinct "
+            f"keys), expected {source.count}: this pass must see every key exactly once"
+        )
     order = np.argsort(keys, kind="stable")
     return Encoded(codes[order], keys[order], labels[order])
 

@@ -2,6 +2,7 @@
 
 For ±1 codes of L bits, cos(a, b) = a·b / L = 1 − 2·hamming(a, b) / L, so cosine similarity is Hamming similarity.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ allowed (DESIGN §1; dinov2-style defaults/experiment/CLI merge). Each section's
 rules sit next to its fields (`validate`); `validate_config` adds the rules that
 span sections or look at the disk (paths, the source's classes and images).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ def __getattr__(name: str) -> Any:
     """KD_METHODS: the names in brcd_dist.losses' registry (read on first use: importing the losses needs torch)."""
     if name == "KD_METHODS":
         from brcd_dist.losses import kd_names
+
         return kd_names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -52,7 +54,9 @@ class DataConfig:
     source: str = "fashion_mnist"  # where shards are made from: fashion_mnist | imagefolder | shards (already made)
     source_path: str = "/usr/share/datasets/fashion-mnist"  # the IDX files' folder, or the ImageFolder root
     shards_dir: str = "data/fashion_mnist"  # local directory holding manifest.json + shards when shards_url is ""
-    shards_url: str = ""  # shards + manifest at s3://, gs:// (no shards_dir needed); http(s)://, pipe:...{shard}: shards only
+    shards_url: str = (
+        ""  # shards + manifest at s3://, gs:// (no shards_dir needed); http(s)://, pipe:...{shard}: shards only
+    )
     image_size: int = 32  # side of the images the models see, 8..4096
     in_chans: int = 1  # 1 (gray) or 3 (RGB)
     train_per_class: int = 500  # labelled training images of each class (the train split); at most what a class holds
@@ -66,15 +70,20 @@ class DataConfig:
 
     def validate(self, s: str = "data") -> None:
         _choice(f"{s}.source", self.source, DATA_SOURCES)
-        _check(8 <= self.image_size <= MAX_IMAGE_SIZE, f"{s}.image_size", self.image_size,
-               f"must be in 8..{MAX_IMAGE_SIZE}")
+        _check(
+            8 <= self.image_size <= MAX_IMAGE_SIZE,
+            f"{s}.image_size",
+            self.image_size,
+            f"must be in 8..{MAX_IMAGE_SIZE}",
+        )
         _choice(f"{s}.in_chans", self.in_chans, (1, 3))
         _check(self.train_per_class >= 1, f"{s}.train_per_class", self.train_per_class, "must be >= 1")
         _check(0.0 < self.val_fraction < 1.0, f"{s}.val_fraction", self.val_fraction, "must be in (0, 1)")
         _check(self.samples_per_shard >= 1, f"{s}.samples_per_shard", self.samples_per_shard, "must be >= 1")
         _check(self.loader_workers >= 0, f"{s}.loader_workers", self.loader_workers, "must be >= 0")
-        _check(self.shard_shorter_side >= 0, f"{s}.shard_shorter_side", self.shard_shorter_side,
-               "must be >= 0 (0: keep)")
+        _check(
+            self.shard_shorter_side >= 0, f"{s}.shard_shorter_side", self.shard_shorter_side, "must be >= 0 (0: keep)"
+        )
         _check(self.shard_readers >= 0, f"{s}.shard_readers", self.shard_readers, "must be >= 0 (0: no minimum)")
         _check(self.max_image_pixels >= 0, f"{s}.max_image_pixels", self.max_image_pixels, "must be >= 0 (0: no cap)")
 
@@ -120,18 +129,26 @@ class BRCDConfig:
         _check(0.0 <= self.alpha <= 1.0, f"{s}.alpha", self.alpha, "must be in [0, 1]")
         _check(0.0 <= self.delta <= 1.0, f"{s}.delta", self.delta, "must be in [0, 1]")
         _check(self.clusters >= 2, f"{s}.clusters", self.clusters, "must be an integer >= 2")
-        _check(8 <= self.bits <= 256 and self.bits % 8 == 0, f"{s}.bits", self.bits,
-               "must be a multiple of 8 in 8..256")
+        _check(
+            8 <= self.bits <= 256 and self.bits % 8 == 0, f"{s}.bits", self.bits, "must be a multiple of 8 in 8..256"
+        )
         _check(self.tau > 0, f"{s}.tau", self.tau, "must be > 0")
         _check(self.lambda_self >= 0, f"{s}.lambda_self", self.lambda_self, "must be >= 0")
         _check(self.kd_weight >= 0, f"{s}.kd_weight", self.kd_weight, "must be >= 0")
         # the KD-loss registry and the BRCD variants (local: importing the losses needs torch)
         from brcd_dist.losses import kd_names
         from brcd_dist.losses.brcd import check_variant
+
         _choice(f"{s}.kd", self.kd, kd_names())
         try:
-            check_variant(self.mask_normalization, self.mask_sides, self.cosine, self.negatives,
-                          self.authors_release, self.bit_mask)
+            check_variant(
+                self.mask_normalization,
+                self.mask_sides,
+                self.cosine,
+                self.negatives,
+                self.authors_release,
+                self.bit_mask,
+            )
         except ValueError as e:
             raise ConfigError(f"{s}.{e}") from None
         _check(self.recluster_every >= 0, f"{s}.recluster_every", self.recluster_every, "must be >= 0")
@@ -178,8 +195,9 @@ class TrainConfig:
         _check(self.workers >= 1, f"{s}.workers", self.workers, "must be >= 1")
         _check(self.cpus_per_worker > 0, f"{s}.cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _choice(f"{s}.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
-        _check(self.batch_size >= 2, f"{s}.batch_size", self.batch_size,
-               "must be >= 2 (contrastive losses need negatives)")
+        _check(
+            self.batch_size >= 2, f"{s}.batch_size", self.batch_size, "must be >= 2 (contrastive losses need negatives)"
+        )
         _check(self.grad_accum >= 1, f"{s}.grad_accum", self.grad_accum, "must be >= 1")
         _choice(f"{s}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check(self.epochs >= 1, f"{s}.epochs", self.epochs, "must be >= 1")
@@ -193,8 +211,12 @@ class TrainConfig:
         _check(self.early_stop_patience >= 0, f"{s}.early_stop_patience", self.early_stop_patience, "must be >= 0")
         _check(self.max_steps_per_epoch >= 0, f"{s}.max_steps_per_epoch", self.max_steps_per_epoch, "must be >= 0")
         _check(self.max_failures >= 0, f"{s}.max_failures", self.max_failures, "must be >= 0")
-        _check("/" not in self.name and self.name not in (".", ".."), f"{s}.name", self.name,
-               "must be a plain name (no '/', not '.' or '..')")
+        _check(
+            "/" not in self.name and self.name not in (".", ".."),
+            f"{s}.name",
+            self.name,
+            "must be a plain name (no '/', not '.' or '..')",
+        )
 
 
 @dataclass
@@ -247,6 +269,7 @@ class Config:
 
 # ----------------------------------------------------------------------------- loading
 
+
 def _coerce(key: str, raw: Any, typ: type) -> Any:
     """Turn a YAML/CLI value into the field's type, or raise a one-line ConfigError."""
     if typ is bool:
@@ -291,7 +314,10 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise ConfigError(f"unknown key {key!r}; allowed under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown key {key!r}; allowed under {prefix.rstrip('.') or 'the top level'}: "
+                f"{', '.join(sorted(names))}"
+            )
         cur = getattr(obj, k)
         if is_dataclass(cur):
             _apply(cur, v, key + ".")
@@ -323,13 +349,18 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: not valid YAML ({_yaml_problem(err)}); "
-                              "quote the value, e.g. key='a: b'") from None
+            raise ConfigError(
+                f"override {item!r}: not valid YAML ({_yaml_problem(err)}); quote the value, e.g. key='a: b'"
+            ) from None
     return tree
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                validate: bool = True, training: bool = True) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    validate: bool = True,
+    training: bool = True,
+) -> Config:
     """Defaults, then the YAML file, then overrides; validated unless told otherwise (training=False: for a job
     that only makes shards, brcd.clusters is not checked against the train split)."""
     cfg = Config()
@@ -376,13 +407,20 @@ def flatten(cfg: Config) -> dict[str, Any]:
                 walk(v, f"{prefix}{k}.")
             else:
                 out[f"{prefix}{k}"] = v
+
     walk(to_dict(cfg), "")
     return out
 
 
 # Keys that do not change what a run computes: a run may resume under other values of them.
-DIGEST_IGNORES = ("train.name", "train.storage_path", "train.max_failures", "train.resume_anyway",
-                  "data.loader_workers", "tracking.")
+DIGEST_IGNORES = (
+    "train.name",
+    "train.storage_path",
+    "train.max_failures",
+    "train.resume_anyway",
+    "data.loader_workers",
+    "tracking.",
+)
 
 
 def config_digest(cfg: Config) -> str:
@@ -390,14 +428,17 @@ def config_digest(cfg: Config) -> str:
     state.json records, so that a run name is not silently resumed under another config."""
     import hashlib
     import json
+
     kept = {k: v for k, v in flatten(cfg).items() if not k.startswith(DIGEST_IGNORES)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- validation across sections and on disk
 
+
 def _is_timm_model(name: str) -> bool:
     import timm  # local: importing timm costs a second, and only validation needs it here
+
     return name in timm.list_models() or timm.is_model(name)
 
 
@@ -412,18 +453,24 @@ def _train_split_size(cfg: Config) -> tuple[int, str] | None:
     manifest = Path(d.shards_dir) / "manifest.json"
     if manifest.is_file():
         import json
+
         try:
             return int(json.loads(manifest.read_text())["splits"]["train"]["count"]), f"{manifest}"
         except (OSError, ValueError, KeyError, TypeError):
             return None  # an unreadable manifest is reported by the shard checks that follow
     if d.source == "fashion_mnist":
-        _check(d.train_per_class <= FASHION_MNIST_PER_CLASS, "data.train_per_class", d.train_per_class,
-               f"must be <= {FASHION_MNIST_PER_CLASS} (the images of each Fashion-MNIST class)")
+        _check(
+            d.train_per_class <= FASHION_MNIST_PER_CLASS,
+            "data.train_per_class",
+            d.train_per_class,
+            f"must be <= {FASHION_MNIST_PER_CLASS} (the images of each Fashion-MNIST class)",
+        )
         return FASHION_MNIST_NUM_CLASSES * d.train_per_class, "Fashion-MNIST"
     if d.source == "imagefolder" and Path(d.source_path).is_dir():
         import numpy as np
 
         from brcd_dist.data import imagefolder, splits
+
         root = Path(d.source_path)
         try:
             if imagefolder.has_train_val(root):
@@ -432,16 +479,25 @@ def _train_split_size(cfg: Config) -> tuple[int, str] | None:
             else:
                 classes, images = imagefolder.scan_class_folders(root)
                 from brcd_dist.data.shards import DEFAULT_HOLDOUT
+
                 kept, _ = splits.holdout_split(images.labels, DEFAULT_HOLDOUT, d.split_seed)
                 labels = images.labels[kept]
         except ValueError as err:
             raise ConfigError(f"data.source_path={d.source_path!r}: {err}") from None
-        _check(len(classes) >= 2, "data.source_path", d.source_path,
-               f"holds {len(classes)} class folder(s); retrieval needs >= 2 classes")
+        _check(
+            len(classes) >= 2,
+            "data.source_path",
+            d.source_path,
+            f"holds {len(classes)} class folder(s); retrieval needs >= 2 classes",
+        )
         counts = np.bincount(labels, minlength=len(classes))
         smallest = int(counts.argmin())
-        _check(d.train_per_class <= counts[smallest], "data.train_per_class", d.train_per_class,
-               f"must be <= {int(counts[smallest])}, the training images of class {classes[smallest]!r}")
+        _check(
+            d.train_per_class <= counts[smallest],
+            "data.train_per_class",
+            d.train_per_class,
+            f"must be <= {int(counts[smallest])}, the training images of class {classes[smallest]!r}",
+        )
         return len(classes) * d.train_per_class, f"{len(classes)} classes x data.train_per_class"
     return None
 
@@ -458,25 +514,45 @@ def validate_config(cfg: Config, check_paths: bool = True, training: bool = True
         if m.weights_path:
             _check(Path(m.weights_path).is_file(), f"{role}.weights_path", m.weights_path, "file not found")
         if m.uri and not m.uri.startswith(("models:/", "runs:/")) and "://" not in m.uri:
-            _check(Path(m.uri).exists(), f"{role}.uri", m.uri,
-                   "file not found (allowed: models:/NAME@alias, runs:/..., or a checkpoint path)")
+            _check(
+                Path(m.uri).exists(),
+                f"{role}.uri",
+                m.uri,
+                "file not found (allowed: models:/NAME@alias, runs:/..., or a checkpoint path)",
+            )
     _not_a_file("data.shards_dir", d.shards_dir)
     _not_a_file("brcd.clustering_cache", cfg.brcd.clustering_cache)
     if "://" not in cfg.train.storage_path:
         _not_a_file("train.storage_path", cfg.train.storage_path)
-    remote_manifest = bool(d.shards_url) and "{shard}" not in d.shards_url and "://" in d.shards_url \
-        and not d.shards_url.startswith(("http://", "https://"))  # read with the shards: checked in preflight
+    remote_manifest = (
+        bool(d.shards_url)
+        and "{shard}" not in d.shards_url
+        and "://" in d.shards_url
+        and not d.shards_url.startswith(("http://", "https://"))
+    )  # read with the shards: checked in preflight
     if not remote_manifest:
         has_manifest = (Path(d.shards_dir) / "manifest.json").is_file()
         if d.source == "shards" or (d.shards_url and not has_manifest):
-            _check(has_manifest, "data.shards_dir", d.shards_dir,
-                   "no manifest.json there (make shards with jobs/make_shards.py)")
+            _check(
+                has_manifest,
+                "data.shards_dir",
+                d.shards_dir,
+                "no manifest.json there (make shards with jobs/make_shards.py)",
+            )
         elif not has_manifest:
-            _check(Path(d.source_path).exists(), "data.source_path", d.source_path,
-                   "not found" + (" (apt-get install dataset-fashion-mnist)" if d.source == "fashion_mnist" else ""))
+            _check(
+                Path(d.source_path).exists(),
+                "data.source_path",
+                d.source_path,
+                "not found" + (" (apt-get install dataset-fashion-mnist)" if d.source == "fashion_mnist" else ""),
+            )
     split = _train_split_size(cfg)
     if split is not None and training:
         n, where = split
-        _check(cfg.brcd.clusters <= n, "brcd.clusters", cfg.brcd.clusters,
-               f"must be <= {n}, the images of the train split ({where})")
+        _check(
+            cfg.brcd.clusters <= n,
+            "brcd.clusters",
+            cfg.brcd.clusters,
+            f"must be <= {n}, the images of the train split ({where})",
+        )
     return cfg

@@ -13,6 +13,7 @@ no MLflow here; the files are read and written through `_write_bytes` / `_read_b
 meant to be swapped for the storage layer's URI functions. Nothing read back is unpickled: arrays are .npy with
 allow_pickle=False, the FAISS index is FAISS's own serialisation, the model a weights-only torch checkpoint.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,12 +40,19 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 AUTO_EXACT_MAX = 1_000_000  # exact search over 1M 64-bit codes is ~10-20 ms a query on one core (BENCHMARKS.md)
 IVF_TRAIN_PER_LIST = 64  # training codes a cell for the IVF's k-means
 FORMAT = 1
-FILES = {"meta": "meta.json", "codes": "codes.npy", "keys": "keys.npy", "labels": "labels.npy",
-         "index": "index.faiss", "model": "model.pt"}
+FILES = {
+    "meta": "meta.json",
+    "codes": "codes.npy",
+    "keys": "keys.npy",
+    "labels": "labels.npy",
+    "index": "index.faiss",
+    "model": "model.pt",
+}
 
 
 # ----------------------------------------------------------------------------- storage (local paths for now)
 # The storage layer (brcd_dist/storage.py) will give URI versions of these two; nothing else here touches files.
+
 
 def _write_bytes(location: str, name: str, data: bytes) -> None:
     """Write `data` to location/name atomically (tmp + rename)."""
@@ -76,6 +84,7 @@ def _npy_array(data: bytes) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- building FAISS indexes
 
+
 def choose_kind(kind: str, n: int) -> str:
     if kind not in KINDS:
         raise ValueError(f"index kind {kind!r}: allowed: {', '.join(KINDS)}")
@@ -89,8 +98,15 @@ def ivf_lists(n: int) -> int:
     return max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
-def build_faiss(packed: np.ndarray, kind: str, *, nlist: int | None = None, nprobe: int | None = None,
-                hnsw_m: int = 32, seed: int = 0) -> faiss.IndexBinary:
+def build_faiss(
+    packed: np.ndarray,
+    kind: str,
+    *,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    seed: int = 0,
+) -> faiss.IndexBinary:
     """A FAISS binary index over uint8 packed codes (N, L/8) (codes.pack_codes), of kind flat, ivf or hnsw."""
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     if packed.ndim != 2 or packed.shape[0] == 0:
@@ -138,6 +154,7 @@ def recall_at_k(approx_dist: np.ndarray, exact_dist: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- queries: images -> packed codes
 
+
 def load_images(paths: Sequence[str | os.PathLike]) -> list[Image.Image]:
     out = []
     for p in paths:
@@ -156,19 +173,23 @@ def encode_images(model: HashModel, images: Sequence, batch_size: int = 256) -> 
         return pack_codes(model.encode(images))
     pil = [im if isinstance(im, Image.Image) else None for im in images]
     if any(im is None for im in pil):
-        pil = load_images([str(im) for im in images]) if all(isinstance(im, (str, os.PathLike)) for im in images) \
+        pil = (
+            load_images([str(im) for im in images])
+            if all(isinstance(im, (str, os.PathLike)) for im in images)
             else None
+        )
     if pil is None:
         raise TypeError("images: expected file paths, PIL images or a (B, C, H, W) tensor")
     mode = "L" if model.in_chans == 1 else "RGB"
     chunks = []
     for start in range(0, len(pil), batch_size):
-        part = [im.convert(mode) for im in pil[start:start + batch_size]]
+        part = [im.convert(mode) for im in pil[start : start + batch_size]]
         chunks.append(pack_codes(model.encode(eval_batch(part, model.img_size, model.in_chans))))
     return np.concatenate(chunks) if chunks else np.zeros((0, model.bits // 8), np.uint8)
 
 
 # ----------------------------------------------------------------------------- the index
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -194,8 +215,18 @@ class Index:
         return len(self.keys)
 
     @classmethod
-    def build(cls, codes: np.ndarray, keys: Sequence[str], labels, model: HashModel, *, kind: str = "auto",
-              nlist: int | None = None, nprobe: int | None = None, source: dict | None = None) -> Index:
+    def build(
+        cls,
+        codes: np.ndarray,
+        keys: Sequence[str],
+        labels,
+        model: HashModel,
+        *,
+        kind: str = "auto",
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        source: dict | None = None,
+    ) -> Index:
         """From packed codes (N, L/8) with their keys and labels; `source` (model uri, version, run, images)
         goes into meta.json so that an index says which model version made it."""
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -210,8 +241,15 @@ class Index:
         chosen = choose_kind(kind, len(codes))
         t0 = time.perf_counter()
         index = build_faiss(codes, chosen, nlist=nlist, nprobe=nprobe)
-        meta = {"format": FORMAT, "kind": chosen, "count": len(codes), "bits": int(model.bits),
-                "build_seconds": round(time.perf_counter() - t0, 3), "model_spec": model.spec, **(source or {})}
+        meta = {
+            "format": FORMAT,
+            "kind": chosen,
+            "count": len(codes),
+            "bits": int(model.bits),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "model_spec": model.spec,
+            **(source or {}),
+        }
         if chosen == "ivf":
             meta.update(nlist=int(index.nlist), nprobe=int(index.nprobe))
         return cls(codes, keys, labels, index, model.eval(), meta)
@@ -241,14 +279,18 @@ class Index:
         keys = _npy_array(_read_bytes(location, FILES["keys"]))
         labels = _npy_array(_read_bytes(location, FILES["labels"]))
         if not (index.ntotal == len(codes) == len(keys) == len(labels) == meta["count"]):
-            raise ValueError(f"{location}: index, codes, keys and labels disagree on the count "
-                             f"({index.ntotal}, {len(codes)}, {len(keys)}, {len(labels)}, meta {meta['count']})")
+            raise ValueError(
+                f"{location}: index, codes, keys and labels disagree on the count "
+                f"({index.ntotal}, {len(codes)}, {len(keys)}, {len(labels)}, meta {meta['count']})"
+            )
         return cls(codes, keys, labels, index, model.eval(), meta)
 
     def search_codes(self, packed_queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
         dist, ids = search_faiss(self.faiss_index, packed_queries, k)
-        return [[Hit(str(self.keys[i]), int(d), self.labels[i].tolist()) for d, i in zip(drow, irow) if i >= 0]
-                for drow, irow in zip(dist, ids)]
+        return [
+            [Hit(str(self.keys[i]), int(d), self.labels[i].tolist()) for d, i in zip(drow, irow) if i >= 0]
+            for drow, irow in zip(dist, ids)
+        ]
 
     def search(self, images: Sequence, k: int = 10) -> list[list[Hit]]:
         """The k nearest database keys of each query image (file paths, PIL images or a preprocessed tensor),

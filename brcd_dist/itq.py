@@ -6,6 +6,7 @@ Vᵀ B = S Ω Ŝᵀ, each of which can only lower the quantisation loss ||B - V 
 with R = I, LSH draws W from a Gaussian (random hyperplanes through the data mean). All three are one linear map
 followed by sign, so they share `ITQModel` and `itq_encode`. Codes are ±1 float32 with 0 -> +1, as `codes.sign_ste`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -90,5 +91,5 @@ def itq_encode(model: ITQModel, x, batch_size: int = 8192) -> np.ndarray:
     projection = model.components @ model.rotation
     out = np.empty((len(x), model.bits), np.float32)
     for s in range(0, len(x), batch_size):
-        out[s:s + batch_size] = _sign((_as_matrix(x[s:s + batch_size]) - model.mean) @ projection)
+        out[s : s + batch_size] = _sign((_as_matrix(x[s : s + batch_size]) - model.mean) @ projection)
     return out

@@ -4,10 +4,10 @@ The teacher and the student are the same kind of object: `HashModel(x) -> logits
 Codes are `sign(sigmoid(logits) - 1/2)`, the forward of `codes.probs_and_codes`. A checkpoint written by
 `save_hash_model` holds the weights and the spec to rebuild the model with no config.
 """
+
 from __future__ import annotations
 
 import io
-
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -36,19 +36,22 @@ def backbone_kwargs(arch: str, img_size: int) -> dict:
     return kwargs
 
 
-def create_backbone(arch: str, in_chans: int, img_size: int, pretrained: bool = False,
-                    kwargs: dict | None = None, num_classes: int = 0) -> tuple[nn.Module, dict]:
+def create_backbone(
+    arch: str, in_chans: int, img_size: int, pretrained: bool = False, kwargs: dict | None = None, num_classes: int = 0
+) -> tuple[nn.Module, dict]:
     """timm feature extractor (num_classes=0; or with its classifier) -> (module, the extra kwargs it was built with).
 
     `kwargs=None` chooses them (`backbone_kwargs`); models that take no `img_size` (CNNs) are retried without it.
     """
     if kwargs is not None:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                                 **kwargs), kwargs
+        return timm.create_model(
+            arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        ), kwargs
     kwargs = backbone_kwargs(arch, img_size)
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                                 **kwargs), kwargs
+        return timm.create_model(
+            arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        ), kwargs
     except TypeError as e:
         if "img_size" not in str(e):
             raise
@@ -59,9 +62,13 @@ def hash_head(in_features: int, bits: int, head: str) -> nn.Module:
     if head == "linear":
         return nn.Linear(in_features, bits)
     if head == "mlp":
-        return nn.Sequential(nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(inplace=True),
-                             nn.Linear(MLP_HIDDEN, MLP_HIDDEN), nn.ReLU(inplace=True),
-                             nn.Linear(MLP_HIDDEN, bits))
+        return nn.Sequential(
+            nn.Linear(in_features, MLP_HIDDEN),
+            nn.ReLU(inplace=True),
+            nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
+            nn.ReLU(inplace=True),
+            nn.Linear(MLP_HIDDEN, bits),
+        )
     if head == "classifier_mlp":  # the paper's: Linear(1000, 1000)-ReLU-Linear(1000, L) on the classifier's logits
         return nn.Sequential(nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(inplace=True), nn.Linear(MLP_HIDDEN, bits))
     raise ValueError(f"head={head!r}: allowed: {', '.join(HEADS)}")
@@ -76,16 +83,30 @@ class HashModel(nn.Module):
     the paper's student does.
     """
 
-    def __init__(self, arch: str, bits: int, in_chans: int = 3, img_size: int = 224, head: str = "linear",
-                 frozen_backbone: bool = False, pretrained: bool = False, weights_path: str = "",
-                 backbone_kwargs: dict | None = None):
+    def __init__(
+        self,
+        arch: str,
+        bits: int,
+        in_chans: int = 3,
+        img_size: int = 224,
+        head: str = "linear",
+        frozen_backbone: bool = False,
+        pretrained: bool = False,
+        weights_path: str = "",
+        backbone_kwargs: dict | None = None,
+    ):
         super().__init__()
         self.arch, self.bits, self.in_chans, self.img_size = arch, int(bits), int(in_chans), int(img_size)
         self.head_type, self.frozen_backbone = head, bool(frozen_backbone)
         # Local weights replace timm's download; timm's own weights need internet.
         self.backbone, self.backbone_kwargs = create_backbone(
-            arch, in_chans, img_size, pretrained=pretrained and not weights_path, kwargs=backbone_kwargs,
-            num_classes=CLASSIFIER_HEADS.get(head, 0))
+            arch,
+            in_chans,
+            img_size,
+            pretrained=pretrained and not weights_path,
+            kwargs=backbone_kwargs,
+            num_classes=CLASSIFIER_HEADS.get(head, 0),
+        )
         if weights_path:
             load_backbone_weights(self.backbone, weights_path)
         self.feature_dim = self._feature_dim()
@@ -106,9 +127,15 @@ class HashModel(nn.Module):
     @property
     def spec(self) -> dict:
         """Everything needed to rebuild this model's architecture (weights not included)."""
-        return {"arch": self.arch, "bits": self.bits, "in_chans": self.in_chans, "img_size": self.img_size,
-                "head": self.head_type, "frozen_backbone": self.frozen_backbone,
-                "backbone_kwargs": dict(self.backbone_kwargs)}
+        return {
+            "arch": self.arch,
+            "bits": self.bits,
+            "in_chans": self.in_chans,
+            "img_size": self.img_size,
+            "head": self.head_type,
+            "frozen_backbone": self.frozen_backbone,
+            "backbone_kwargs": dict(self.backbone_kwargs),
+        }
 
     def train(self, mode: bool = True) -> "HashModel":
         super().train(mode)
@@ -133,6 +160,7 @@ class HashModel(nn.Module):
 
 # ----------------------------------------------------------------------------- backbone weights
 
+
 @dataclass
 class WeightsLoadReport:
     loaded: list[str] = field(default_factory=list)
@@ -148,9 +176,11 @@ def _state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
             ckpt = ckpt[key]
             break
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a state_dict or a dict with 'state_dict'/'model', got {type(ckpt).__name__}")
+        raise ValueError(
+            f"{path}: expected a state_dict or a dict with 'state_dict'/'model', got {type(ckpt).__name__}"
+        )
     if ckpt and all(k.startswith("module.") for k in ckpt):  # saved from DataParallel / DeepSpeed
-        ckpt = {k[len("module."):]: v for k, v in ckpt.items()}
+        ckpt = {k[len("module.") :]: v for k, v in ckpt.items()}
     return ckpt
 
 
@@ -171,7 +201,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> WeightsLoadR
         state = filter_fn(state, backbone)
     own = backbone.state_dict()
     first_conv = getattr(backbone, "pretrained_cfg", {}).get("first_conv")
-    for conv in ([first_conv] if isinstance(first_conv, str) else first_conv or []):
+    for conv in [first_conv] if isinstance(first_conv, str) else first_conv or []:
         w, name = state.get(f"{conv}.weight"), f"{conv}.weight"
         if w is not None and name in own and w.ndim == 4 and w.shape[1] != own[name].shape[1]:
             state[name] = timm.models.adapt_input_conv(own[name].shape[1], w, base_chans=w.shape[1])
@@ -181,12 +211,19 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> WeightsLoadR
     result = backbone.load_state_dict(state, strict=False)
     report.missing, report.unexpected = list(result.missing_keys), list(result.unexpected_keys)
     report.loaded = [k for k in state if k in own]
-    log.info("backbone weights %s: loaded %d tensors; missing %s; unexpected %s; shape-mismatched (skipped) %s",
-             path, len(report.loaded), _short(report.missing), _short(report.unexpected), _short(report.mismatched))
+    log.info(
+        "backbone weights %s: loaded %d tensors; missing %s; unexpected %s; shape-mismatched (skipped) %s",
+        path,
+        len(report.loaded),
+        _short(report.missing),
+        _short(report.unexpected),
+        _short(report.mismatched),
+    )
     return report
 
 
 # ----------------------------------------------------------------------------- factories
+
 
 def build_hash_model(mcfg: ModelConfig, bits: int, in_chans: int, img_size: int) -> HashModel:
     """A fresh hash model from a ModelConfig; `mcfg.uri` naming a local checkpoint file loads that instead.
@@ -202,8 +239,16 @@ def build_hash_model(mcfg: ModelConfig, bits: int, in_chans: int, img_size: int)
         if have != want:
             raise ValueError(f"uri={mcfg.uri!r}: checkpoint is {have}, the config asks for {want}")
         return model
-    return HashModel(mcfg.name, bits, in_chans, img_size, head=mcfg.head, frozen_backbone=mcfg.frozen_backbone,
-                     pretrained=mcfg.pretrained, weights_path=mcfg.weights_path)
+    return HashModel(
+        mcfg.name,
+        bits,
+        in_chans,
+        img_size,
+        head=mcfg.head,
+        frozen_backbone=mcfg.frozen_backbone,
+        pretrained=mcfg.pretrained,
+        weights_path=mcfg.weights_path,
+    )
 
 
 def build_teacher(cfg: Config) -> HashModel:
@@ -216,9 +261,11 @@ def build_student(cfg: Config) -> HashModel:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def save_hash_model(model: HashModel, path: str | Path) -> None:
     """One file: {"format", "spec", "state_dict"}; `load_hash_model` rebuilds the model from it alone."""
     from brcd_dist import storage  # a local path or an object store URI (s3://, gs://), written atomically
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with storage.open_write(str(path)) as f:
         torch.save({"format": CHECKPOINT_FORMAT, "spec": model.spec, "state_dict": state}, f)
@@ -230,8 +277,10 @@ SPEC_BACKBONE_KWARGS = ("img_size", "patch_size")  # the only timm kwargs a chec
 def check_spec(spec, path: str | Path = "checkpoint") -> dict:
     """A checkpoint's model spec, checked before timm sees any of it (a file from a shared store is input): known
     keys, a timm model name, plain values in range, and no timm kwargs beyond img_size and patch_size."""
+
     def bad(what: str) -> ValueError:
         return ValueError(f"{path}: model spec {what}; not a checkpoint written by save_hash_model")
+
     keys = {"arch", "bits", "in_chans", "img_size", "head", "frozen_backbone", "backbone_kwargs"}
     if not isinstance(spec, dict) or set(spec) != keys:
         raise bad(f"keys {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}, expected {sorted(keys)}")
@@ -247,22 +296,33 @@ def check_spec(spec, path: str | Path = "checkpoint") -> dict:
     if spec["head"] not in HEADS or not isinstance(spec["frozen_backbone"], bool):
         raise bad(f"head={spec['head']!r} / frozen_backbone={spec['frozen_backbone']!r}")
     kw = spec["backbone_kwargs"]
-    if (not isinstance(kw, dict) or not set(kw) <= set(SPEC_BACKBONE_KWARGS)
-            or not all(ints(v) and 1 <= v <= MAX_IMAGE_SIZE for v in kw.values())
-            or kw.get("img_size", spec["img_size"]) != spec["img_size"]):
+    if (
+        not isinstance(kw, dict)
+        or not set(kw) <= set(SPEC_BACKBONE_KWARGS)
+        or not all(ints(v) and 1 <= v <= MAX_IMAGE_SIZE for v in kw.values())
+        or kw.get("img_size", spec["img_size"]) != spec["img_size"]
+    ):
         raise bad(f"backbone_kwargs={kw!r} (allowed: {', '.join(SPEC_BACKBONE_KWARGS)} as integers, img_size as above)")
     return spec
 
 
 def load_hash_model(path: str | Path, map_location: str | torch.device = "cpu") -> HashModel:
     from brcd_dist import storage
+
     src = path if storage.is_local(str(path)) else io.BytesIO(storage.read_bytes(str(path)))
     ckpt = torch.load(src, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a hash-model checkpoint (written by save_hash_model)")
     s = check_spec(ckpt.get("spec"), path)
-    model = HashModel(s["arch"], s["bits"], s["in_chans"], s["img_size"], head=s["head"],
-                      frozen_backbone=s["frozen_backbone"], backbone_kwargs=s["backbone_kwargs"])
+    model = HashModel(
+        s["arch"],
+        s["bits"],
+        s["in_chans"],
+        s["img_size"],
+        head=s["head"],
+        frozen_backbone=s["frozen_backbone"],
+        backbone_kwargs=s["backbone_kwargs"],
+    )
     model.load_state_dict(ckpt["state_dict"])
     return model.to(map_location)
 

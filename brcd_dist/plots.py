@@ -4,6 +4,7 @@ Plain matplotlib on the Agg canvas, without pyplot: no global figure registry, s
 or Ray worker and are freed with their last reference. Each function returns a Figure; `save_png` writes one, and
 `brcd_dist.tracking.log_figure` logs one to a run.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,15 +47,16 @@ def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(y, kernel, mode="valid")])
 
 
-def loss_curves(series: Mapping[str, Any], *, smooth: int = 1, log_y: bool = False,
-                title: str = "training loss") -> Figure:
+def loss_curves(
+    series: Mapping[str, Any], *, smooth: int = 1, log_y: bool = False, title: str = "training loss"
+) -> Figure:
     """One line per loss term; series[name] = values or (steps, values). smooth > 1 draws a moving average over
     the raw curve (kept faint), since per-step contrastive losses are noisy."""
     fig, ax = _figure()
     for name, s in series.items():
         x, y = _xy(s)
         if smooth > 1:
-            line, = ax.plot(x, y, alpha=0.25, linewidth=0.8)
+            (line,) = ax.plot(x, y, alpha=0.25, linewidth=0.8)
             ax.plot(x, _moving_average(y, smooth), color=line.get_color(), label=name, linewidth=1.5)
         else:
             ax.plot(x, y, label=name, linewidth=1.2)
@@ -66,8 +68,9 @@ def loss_curves(series: Mapping[str, Any], *, smooth: int = 1, log_y: bool = Fal
     return fig
 
 
-def map_curves(epochs: Sequence[int], maps: Mapping[str, Any], *, topk: int | None = None,
-               title: str = "validation mAP") -> Figure:
+def map_curves(
+    epochs: Sequence[int], maps: Mapping[str, Any], *, topk: int | None = None, title: str = "validation mAP"
+) -> Figure:
     """mAP per epoch per paradigm (DESIGN §3); a scalar (e.g. the fixed teacher) is drawn as a dashed line."""
     fig, ax = _figure()
     x = np.asarray(epochs, dtype=float)
@@ -92,16 +95,21 @@ def pr_curves(curves: Mapping[str, Any], *, title: str = "precision–recall (Ha
     fig, ax = _figure(5.0, 4.5)
     for name, c in curves.items():
         precision, recall = (c["precision"], c["recall"]) if isinstance(c, Mapping) else c
-        ax.plot(np.asarray(recall, dtype=float), np.asarray(precision, dtype=float), marker=".",
-                label=ROLE_LABELS.get(name, name))
+        ax.plot(
+            np.asarray(recall, dtype=float),
+            np.asarray(precision, dtype=float),
+            marker=".",
+            label=ROLE_LABELS.get(name, name),
+        )
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
 
 
-def bit_agreement_heatmap(agreement: Any, masks: Any, *, delta: float | None = None,
-                          title: str = "per-cluster bit agreement |μ_kb|") -> Figure:
+def bit_agreement_heatmap(
+    agreement: Any, masks: Any, *, delta: float | None = None, title: str = "per-cluster bit agreement |μ_kb|"
+) -> Figure:
     """|μ_kb| (K, L) as a heatmap on [0, 1], with a dot on every bit the mask keeps (m_kb = 1, DESIGN §2)."""
     a, m = np.asarray(agreement, dtype=float), np.asarray(masks)
     if a.ndim != 2 or a.shape != m.shape:
@@ -121,8 +129,13 @@ def bit_agreement_heatmap(agreement: Any, masks: Any, *, delta: float | None = N
     return fig
 
 
-def throughput_bars(throughput: Mapping[str, float], *, unit: str = "img/s", baseline: str = "teacher",
-                    title: str = "inference throughput") -> Figure:
+def throughput_bars(
+    throughput: Mapping[str, float],
+    *,
+    unit: str = "img/s",
+    baseline: str = "teacher",
+    title: str = "inference throughput",
+) -> Figure:
     """One bar per model, annotated with its value and its speed-up over `baseline` (or the first bar)."""
     names = list(throughput)
     values = np.asarray([throughput[n] for n in names], dtype=float)

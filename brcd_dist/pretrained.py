@@ -11,6 +11,7 @@ and checks every shape. The written file is a plain state_dict for `student.weig
 
     python -m brcd_dist.pretrained weights/tf_efficientnet_lite0.pth
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def rename_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.
     out = {}
     for (src_name, tensor), (dst_name, ref) in zip(source.items(), target.items()):
         if tensor.shape != ref.shape:
-            raise ValueError(f"rename_by_position: {src_name} {tuple(tensor.shape)} does not fit "
-                             f"{dst_name} {tuple(ref.shape)}")
+            raise ValueError(
+                f"rename_by_position: {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(ref.shape)}"
+            )
         out[dst_name] = tensor
     return out
 

@@ -2,6 +2,7 @@
 and Ray's runtime_env (which the dashboard shows). One function, `redact`, for text; `redact_env` for environment
 variables handed to Ray; `credential_env` for the variables that workers need and that must travel without
 being logged (they go to the workers inside the train loop's config, never through runtime_env)."""
+
 from __future__ import annotations
 
 import os
@@ -14,27 +15,48 @@ MASK = "***"
 
 # Environment variables that hold credentials and that the workers need as the driver has them.
 CREDENTIAL_VARS = (
-    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CA_BUNDLE",
-    "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
-    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_S3_IGNORE_TLS",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_CA_BUNDLE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCOUNT",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
     "HF_TOKEN",
 )
 # A variable or parameter whose name says it holds a secret.
-_SECRET_NAME = r"[A-Za-z0-9_.-]*(?:PASSWORD|PASSWD|SECRET|TOKEN|SIGNATURE|CREDENTIAL|API_?KEY|ACCESS_?KEY|" \
-               r"PRIVATE_?KEY|" \
-               r"CONNECTION_STRING|SAS_TOKEN|AUTHORIZATION)[A-Za-z0-9_.-]*"
+_SECRET_NAME = (
+    r"[A-Za-z0-9_.-]*(?:PASSWORD|PASSWD|SECRET|TOKEN|SIGNATURE|CREDENTIAL|API_?KEY|ACCESS_?KEY|"
+    r"PRIVATE_?KEY|"
+    r"CONNECTION_STRING|SAS_TOKEN|AUTHORIZATION)[A-Za-z0-9_.-]*"
+)
 SECRET_NAME = re.compile(rf"^{_SECRET_NAME}$", re.IGNORECASE)
 # scheme://user:password@host or scheme://token@host: the whole user-info goes.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@?#'\"]+)@")
 # Signed-URL query tokens (S3 X-Amz-Signature/-Credential/-Security-Token, GCS X-Goog-*, Azure SAS sig, ?token=).
-_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:X-Amz-(?:Signature|Credential|Security-Token)"
-                           r"|X-Goog-(?:Signature|Credential)"
-                           r"|sig|signature|token|access_token|api_key|apikey|key|password|secret|Policy|Key-Pair-Id)=)"
-                           r"(?P<value>[^&#\s'\"]+)", re.IGNORECASE)
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&](?:X-Amz-(?:Signature|Credential|Security-Token)"
+    r"|X-Goog-(?:Signature|Credential)"
+    r"|sig|signature|token|access_token|api_key|apikey|key|password|secret|Policy|Key-Pair-Id)=)"
+    r"(?P<value>[^&#\s'\"]+)",
+    re.IGNORECASE,
+)
 # NAME=value / NAME: value where NAME is a secret's name (env assignments in pipe: commands, messages).
 _ASSIGNMENT = re.compile(rf"(?P<key>\b{_SECRET_NAME}\s*[=:]\s*)(?P<value>[^\s&'\",;]+)", re.IGNORECASE)
 

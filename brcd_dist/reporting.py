@@ -1,5 +1,6 @@
 """After a run: its artifacts, pictures and models in MLflow (student registered as NAME@alias), and the short
 result table that jobs/distill.py prints."""
+
 from __future__ import annotations
 
 import tempfile
@@ -10,8 +11,8 @@ import torch
 
 from brcd_dist import plots, tracking
 from brcd_dist.config import Config, to_yaml
-from brcd_dist.models import count_flops
 from brcd_dist.driver import Outputs, launch, read_outputs, result_checkpoint_dir
+from brcd_dist.models import count_flops
 from brcd_dist.redact import redact
 
 
@@ -46,11 +47,17 @@ def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "
         figures["plots/precision_recall.png"] = plots.pr_curves(out.curves)
     if out.clustering is not None:
         c = out.clustering
-        figures["plots/bit_agreement.png"] = plots.bit_agreement_heatmap(c.agreement.numpy(), c.masks.numpy(),
-                                                                         delta=cfg.brcd.delta)
+        figures["plots/bit_agreement.png"] = plots.bit_agreement_heatmap(
+            c.agreement.numpy(), c.masks.numpy(), delta=cfg.brcd.delta
+        )
         with tempfile.TemporaryDirectory() as tmp:
-            np.savez(Path(tmp) / "clustering.npz", centroids=c.centroids.numpy(), masks=c.masks.numpy(),
-                     agreement=c.agreement.numpy(), counts=c.counts.numpy())
+            np.savez(
+                Path(tmp) / "clustering.npz",
+                centroids=c.centroids.numpy(),
+                masks=c.masks.numpy(),
+                agreement=c.agreement.numpy(),
+                counts=c.counts.numpy(),
+            )
             tracking.log_artifact(run_id, Path(tmp) / "clustering.npz", "clustering")
     rates = {k.replace("_images_per_s", ""): v for k, v in test.items() if k.endswith("_images_per_s")}
     if rates:
@@ -66,15 +73,20 @@ def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "
             continue
         model_uri = tracking.log_hash_model(run_id, model, role, example)
         if t.register:
-            tags = {"run_id": run_id, "bits": model.bits, "arch": model.arch,
-                    **{k.replace("/", "."): round(float(v), 5) for k, v in test.items()}}
+            tags = {
+                "run_id": run_id,
+                "bits": model.bits,
+                "arch": model.arch,
+                **{k.replace("/", "."): round(float(v), 5) for k, v in test.items()},
+            }
             versions[role] = tracking.register_model(model_uri, name, t.alias, tags, role, force_alias=t.force_alias)
     tracking.end_run(run_id)
     return versions
 
 
-def launch_and_publish(cfg: Config, run_id: str | None, name: str, roles: tuple = ("teacher", "student"),
-                       callbacks: list | None = None) -> Outputs:
+def launch_and_publish(
+    cfg: Config, run_id: str | None, name: str, roles: tuple = ("teacher", "student"), callbacks: list | None = None
+) -> Outputs:
     """One distillation run (`driver.launch`) and its outputs published to its MLflow run, if it has one; a run
     that fails is marked FAILED with its error before the error goes on."""
     with tracking.failing_run(run_id):
@@ -92,10 +104,18 @@ def result_table(cfg: Config, out: Outputs) -> str:
     sf = count_flops(out.student, *shape) if out.student is not None else 0
     s_rate, t_rate = t.get("student_images_per_s", 0.0), t.get("teacher_images_per_s", 0.0)
     rows = [
-        ("teacher (teacher → teacher)", f"{t.get('test_query/teacher_map', float('nan')):.4f}",
-         f"{t_rate:,.0f}", f"{tf / 1e6:,.1f}"),
-        ("student SSHP (student → student)", f"{t.get('test_query/sshp_map', float('nan')):.4f}",
-         f"{s_rate:,.0f}", f"{sf / 1e6:,.1f}"),
+        (
+            "teacher (teacher → teacher)",
+            f"{t.get('test_query/teacher_map', float('nan')):.4f}",
+            f"{t_rate:,.0f}",
+            f"{tf / 1e6:,.1f}",
+        ),
+        (
+            "student SSHP (student → student)",
+            f"{t.get('test_query/sshp_map', float('nan')):.4f}",
+            f"{s_rate:,.0f}",
+            f"{sf / 1e6:,.1f}",
+        ),
         ("student ASHP (student → teacher db)", f"{t.get('test_query/ashp_map', float('nan')):.4f}", "", ""),
     ]
     head = ("model / paradigm", f"mAP@{k}", "encode img/s/worker", "MFLOPs/img")
@@ -103,6 +123,8 @@ def result_table(cfg: Config, out: Outputs) -> str:
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
     text = [line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     if s_rate and t_rate:
-        text.append(f"student encodes {s_rate / t_rate:.2f}x faster than the teacher "
-                    f"({tf / max(sf, 1):.1f}x fewer FLOPs); checkpoint: {out.checkpoint_dir}")
+        text.append(
+            f"student encodes {s_rate / t_rate:.2f}x faster than the teacher "
+            f"({tf / max(sf, 1):.1f}x fewer FLOPs); checkpoint: {out.checkpoint_dir}"
+        )
     return "\n".join(text)

@@ -13,6 +13,7 @@ Two exact ways to the same order:
   key is float32 while that is exact (<= 2^24) and float64 beyond.
 FAISS's binary k-NN was not used: its order among equal distances is not specified.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -88,8 +89,9 @@ def stable_topk_by_key(dist: torch.Tensor, k: int, max_distance: int | None = No
     return key.topk(k, dim=1, largest=False, sorted=True).indices
 
 
-def _chunks(query_codes, db_codes, k: int | None, query_chunk: int | None, method: str = "auto"
-            ) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(
+    query_codes, db_codes, k: int | None, query_chunk: int | None, method: str = "auto"
+) -> Iterator[tuple[int, np.ndarray]]:
     """Per query chunk: (start, top-k indices (c, k) in (distance, index) order), or with k=None
     (start, distances (c, N) uint8/uint16).
 
@@ -114,12 +116,12 @@ def _chunks(query_codes, db_codes, k: int | None, query_chunk: int | None, metho
         workers = max(1, torch.get_num_threads())
         with ThreadPoolExecutor(workers) as pool:  # row blocks of one chunk in parallel: memory stays one chunk
             for start in range(0, len(q), step):
-                rows = q_words[start:start + step]
+                rows = q_words[start : start + step]
                 yield start, np.concatenate(list(pool.map(block, np.array_split(rows, min(workers, len(rows))))))
         return
     db_t = db.T  # a transposed view: BLAS reads it in place
     for start in range(0, len(q), step):
-        dist = torch.addmm(torch.tensor(bits / 2, device=device), q[start:start + step], db_t, alpha=-0.5)
+        dist = torch.addmm(torch.tensor(bits / 2, device=device), q[start : start + step], db_t, alpha=-0.5)
         if k is None:
             yield start, dist.cpu().numpy().astype(_distance_dtype(bits))
         else:
@@ -134,8 +136,7 @@ def _check_k(k: int, n_db: int) -> int:
     return min(int(k), n_db)  # K beyond the database ranks everything (mAP@all)
 
 
-def hamming_topk(query_codes, db_codes, k: int, *, query_chunk: int | None = None,
-                 method: str = "auto") -> np.ndarray:
+def hamming_topk(query_codes, db_codes, k: int, *, query_chunk: int | None = None, method: str = "auto") -> np.ndarray:
     """np.int64 (Q, k) database indices by increasing Hamming distance, ties broken by lower index."""
     k = _check_k(k, len(db_codes))
     tops = [top for _, top in _chunks(query_codes, db_codes, k, query_chunk, method)]
@@ -157,13 +158,12 @@ def _checked_labels(query_labels, db_labels, n_query: int, n_db: int) -> tuple[n
     return ql, dl
 
 
-def _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk: int, query_chunk: int | None,
-                      method: str):
+def _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk: int, query_chunk: int | None, method: str):
     """Yield (c, k) bool relevance of each query chunk's ranked top-k list."""
     k = _check_k(topk, len(db_codes))
     ql, dl = _checked_labels(query_labels, db_labels, len(query_codes), len(db_codes))
     for start, top in _chunks(query_codes, db_codes, k, query_chunk, method):
-        q = ql[start:start + len(top)]
+        q = ql[start : start + len(top)]
         if q.ndim == 1:  # compare the k retrieved labels only
             yield dl[top] == q[:, None]
         else:
@@ -184,24 +184,30 @@ def average_precision_at_k(relevant: np.ndarray) -> np.ndarray:
     return np.where(n_hit > 0, precision_sum / np.maximum(n_hit, 1), 0.0)
 
 
-def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk: int, *,
-                           query_chunk: int | None = None, method: str = "auto") -> float:
+def mean_average_precision(
+    query_codes, db_codes, query_labels, db_labels, topk: int, *, query_chunk: int | None = None, method: str = "auto"
+) -> float:
     """mAP@topk by Hamming ranking; relevant = shares a label (see `average_precision_at_k`)."""
-    aps = [average_precision_at_k(rel) for rel in
-           _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, query_chunk, method)]
+    aps = [
+        average_precision_at_k(rel)
+        for rel in _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, query_chunk, method)
+    ]
     return float(np.concatenate(aps).mean()) if aps else 0.0
 
 
-def precision_at_k(query_codes, db_codes, query_labels, db_labels, k: int, *,
-                   query_chunk: int | None = None, method: str = "auto") -> float:
+def precision_at_k(
+    query_codes, db_codes, query_labels, db_labels, k: int, *, query_chunk: int | None = None, method: str = "auto"
+) -> float:
     """Mean over queries of (relevant items among the first k ranked) / k."""
-    precs = [rel.mean(1) for rel in
-             _ranked_relevance(query_codes, db_codes, query_labels, db_labels, k, query_chunk, method)]
+    precs = [
+        rel.mean(1) for rel in _ranked_relevance(query_codes, db_codes, query_labels, db_labels, k, query_chunk, method)
+    ]
     return float(np.concatenate(precs).mean()) if precs else 0.0
 
 
-def pr_curve(query_codes, db_codes, query_labels, db_labels, *, query_chunk: int | None = None,
-             method: str = "auto") -> dict:
+def pr_curve(
+    query_codes, db_codes, query_labels, db_labels, *, query_chunk: int | None = None, method: str = "auto"
+) -> dict:
     """Precision and recall of Hamming-ball retrieval at each radius r = 0..L.
 
     Retrieved at r = database items within distance <= r. Per query: precision = relevant retrieved /
@@ -215,7 +221,7 @@ def pr_curve(query_codes, db_codes, query_labels, db_labels, *, query_chunk: int
     prec_sum, prec_n, rec_sum, rec_n = np.zeros(bits + 1), np.zeros(bits + 1), np.zeros(bits + 1), 0
     for start, dist in _chunks(query_codes, db_codes, None, query_chunk, method):
         c = len(dist)
-        rel = _relevance(ql[start:start + c], dl)
+        rel = _relevance(ql[start : start + c], dl)
         # per-row histograms over radii (one bincount with row offsets), then counts "within distance <= r"
         cell = (np.arange(c)[:, None] * (bits + 1) + dist).ravel()
         retrieved = np.bincount(cell, minlength=c * (bits + 1)).reshape(c, bits + 1).cumsum(1)
@@ -230,8 +236,9 @@ def pr_curve(query_codes, db_codes, query_labels, db_labels, *, query_chunk: int
     return {"radius": np.arange(bits + 1), "precision": precision, "recall": recall}
 
 
-def evaluate_paradigms(codes: dict, query_labels, db_labels, topk: int, *,
-                       query_chunk: int | None = None) -> dict[str, float]:
+def evaluate_paradigms(
+    codes: dict, query_labels, db_labels, topk: int, *, query_chunk: int | None = None
+) -> dict[str, float]:
     """mAP@topk per retrieval paradigm (DESIGN §3).
 
     codes = {"student": {"query": Q, "database": D}, "teacher": {...}}. SSHP: student queries against the
@@ -249,8 +256,9 @@ def evaluate_paradigms(codes: dict, query_labels, db_labels, topk: int, *,
     return out
 
 
-def encode_batches(model, batches: Iterable[dict], device, image_key: str = "image"
-                   ) -> tuple[np.ndarray, list[str], np.ndarray]:
+def encode_batches(
+    model, batches: Iterable[dict], device, image_key: str = "image"
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Encode every batch -> (±1 float32 codes (N, L), keys, labels (N,) or (N, C)), in batch order.
 
     `model` is a HashModel or a wrapper holding one in `.module` (DeepSpeed engine, DDP).

@@ -1,6 +1,7 @@
 """Runs are not silently reused or replaced (issue 13 point 4), on the driver, before the workers start:
 a run name is resumed only under the config it was started with, default run names are unique, and a
 registry alias moves only to a version at least as good as the one holding it."""
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ def unique_run_name(prefix: str = "distill") -> str:
 def _states(storage_path: str, name: str) -> list[dict]:
     """state.json of every checkpoint under storage_path/name (local or any pyarrow filesystem URI)."""
     import pyarrow.fs as pafs
+
     if "://" in storage_path:
         fs, base = pafs.FileSystem.from_uri(storage_path)
     else:
@@ -55,7 +57,8 @@ def check_resume(cfg: Config, name: str) -> str | None:
     shown = other[0] or "none recorded"
     raise RunReuseError(
         f"train.name={name!r}: {cfg.train.storage_path}/{name} holds checkpoints of another config (digest {shown}, "
-        f"this one {digest}); pick another train.name, or resume it anyway with --resume-anyway")
+        f"this one {digest}); pick another train.name, or resume it anyway with --resume-anyway"
+    )
 
 
 def alias_may_move(holder_score: float | None, new_score: float | None, force: bool) -> bool:
@@ -80,6 +83,7 @@ def _score(tags: dict, role: str) -> float | None:
 def alias_scores(client, name: str, alias: str, role: str, new_tags: dict) -> tuple[float | None, float | None]:
     """(test mAP of the version that holds models:/name@alias now or None, test mAP of the new version or None)."""
     from mlflow.exceptions import MlflowException
+
     try:
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -93,6 +97,7 @@ def atomic_copy(src, dst) -> None:
     import os
     import shutil
     from pathlib import Path
+
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     try:

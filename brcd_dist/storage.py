@@ -11,6 +11,7 @@ at the same sample; it can check the object's sha256 as it streams (ShardIntegri
 mismatch). Writing is atomic where the backend allows: a local file is written under a temporary name and
 renamed; an object is uploaded in one go only once the writer has finished without error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ def output_root():
     uploaded for a submitted job (under the node's `runtime_resources/`, removed when the job's runtime env is
     released), then ~/brcd-dist on the node that runs the driver. Either is created if missing."""
     from pathlib import Path
+
     home = os.environ.get("BRCD_HOME")
     cwd = Path.cwd()
     if not home and "runtime_resources" not in cwd.parts:
@@ -44,6 +46,7 @@ def output_root():
     root = Path(home).expanduser().resolve() if home else Path.home() / "brcd-dist"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
 
 OBJECT_SCHEMES = ("s3", "gs", "gcs")
 READ_ONLY_SCHEMES = ("http", "https", "pipe")
@@ -91,14 +94,15 @@ def parent(uri: str) -> str:
 
 def _local_path(uri: str | os.PathLike) -> str:
     uri = os.fspath(uri)
-    return uri[len("file://"):] if uri.startswith("file://") else os.path.expanduser(uri)
+    return uri[len("file://") :] if uri.startswith("file://") else os.path.expanduser(uri)
 
 
 def _check_known(uri: str) -> None:
     s = scheme(uri)
     if s not in ("", "file", *OBJECT_SCHEMES, *READ_ONLY_SCHEMES):
-        raise ValueError(f"{uri!r}: unknown storage scheme {s!r} (allowed: a local path, s3://, gs://, "
-                         "http(s):// and pipe: to read)")
+        raise ValueError(
+            f"{uri!r}: unknown storage scheme {s!r} (allowed: a local path, s3://, gs://, http(s):// and pipe: to read)"
+        )
 
 
 def _check_writable(uri: str) -> None:
@@ -109,10 +113,12 @@ def _check_writable(uri: str) -> None:
 
 # ----------------------------------------------------------------------------- pyarrow filesystems
 
+
 @cache
 def _object_fs(kind: str, pid: int):
     """One pyarrow filesystem per backend and process (DataLoader workers fork: they make their own)."""
     import pyarrow.fs as pafs
+
     if kind == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
@@ -120,14 +126,20 @@ def _object_fs(kind: str, pid: int):
         if endpoint:
             scheme_, _, host = endpoint.partition("://")
             kw = dict(endpoint_override=host or endpoint, scheme=scheme_ if host else None)
-        return pafs.S3FileSystem(region=region, connect_timeout=10, request_timeout=60,
-                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2), **kw)
+        return pafs.S3FileSystem(
+            region=region,
+            connect_timeout=10,
+            request_timeout=60,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+            **kw,
+        )
     return pafs.GcsFileSystem()
 
 
 def _fs_path(uri: str):
     """(pyarrow filesystem, path inside it) for a local path, s3:// or gs:// URI."""
     import pyarrow.fs as pafs
+
     _check_known(uri)
     s = scheme(uri)
     if s in ("", "file"):
@@ -147,16 +159,19 @@ def exists(uri: str) -> bool:
     if scheme(uri) in READ_ONLY_SCHEMES:
         raise ValueError(f"{uri!r}: cannot check whether a {scheme(uri)} location exists")
     import pyarrow.fs as pafs
+
     return _info(uri).type != pafs.FileType.NotFound
 
 
 def is_file(uri: str) -> bool:
     import pyarrow.fs as pafs
+
     return _info(uri).type == pafs.FileType.File
 
 
 def size(uri: str) -> int:
     import pyarrow.fs as pafs
+
     info = _info(uri)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{uri}: no such file")
@@ -166,6 +181,7 @@ def size(uri: str) -> int:
 def listdir(uri: str) -> list[str]:
     """Names directly under a directory or prefix (sorted; empty when there is none)."""
     import pyarrow.fs as pafs
+
     fs, path = _fs_path(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     return sorted(i.base_name for i in infos)
@@ -242,8 +258,10 @@ def copy_tree(local_dir: str, uri: str) -> None:
 
 # ----------------------------------------------------------------------------- reading that survives faults
 
+
 class _Source:
     """Opens a backend's byte stream at an offset; `read(n)` returns up to n bytes, b'' at the end."""
+
     resumable = True
 
     def __init__(self, uri: str):
@@ -335,12 +353,13 @@ class _HttpSource(_Source):
 
 class _PipeSource(_Source):
     """pipe:PROGRAM ARGS: the program's stdout, run as an argv (shlex-split, no shell); not resumable."""
+
     resumable = False
 
     def open_at(self, offset: int) -> None:
         if offset:
             raise UnreadableError(f"{self.uri}: a pipe: stream cannot resume at byte {offset}")
-        argv = shlex.split(self.uri[len("pipe:"):])
+        argv = shlex.split(self.uri[len("pipe:") :])
         if not argv:
             raise ValueError(f"{self.uri!r}: pipe: needs a program to run")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -414,11 +433,18 @@ class ResumingReader(io.RawIOBase):
                 attempt += 1
                 if attempt > self.retries or (self.offset and not self._src.resumable):
                     self.failed = True
-                    raise UnreadableError(f"{self.uri}: unreadable at byte {self.offset} after {attempt} "
-                                          f"attempts: {type(err).__name__}: {str(err)[:200]}") from err
+                    raise UnreadableError(
+                        f"{self.uri}: unreadable at byte {self.offset} after {attempt} "
+                        f"attempts: {type(err).__name__}: {str(err)[:200]}"
+                    ) from err
                 wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1))
-                log.info("%s: read failed at byte %d (%s); re-opening there in %.1f s", self.uri, self.offset,
-                         type(err).__name__, wait)
+                log.info(
+                    "%s: read failed at byte %d (%s); re-opening there in %.1f s",
+                    self.uri,
+                    self.offset,
+                    type(err).__name__,
+                    wait,
+                )
                 time.sleep(wait)
                 self.reopens += 1
 
@@ -450,8 +476,10 @@ class ResumingReader(io.RawIOBase):
         self._hash = None
         if got != self.expected:
             self.failed = True
-            raise ShardIntegrityError(f"{self.uri}: sha256 {got[:16]}... differs from the manifest's "
-                                      f"{str(self.expected)[:16]}... (damaged or replaced shard)")
+            raise ShardIntegrityError(
+                f"{self.uri}: sha256 {got[:16]}... differs from the manifest's "
+                f"{str(self.expected)[:16]}... (damaged or replaced shard)"
+            )
 
     def finish(self, max_drain: int = 1 << 20) -> None:
         """The consumer is done: read what is left (a tar reader stops at the end-of-archive blocks) and check the
@@ -472,8 +500,9 @@ class ResumingReader(io.RawIOBase):
         super().close()
 
 
-def open_read(uri: str, *, sha256: str | None = None, retries: int = READ_RETRIES,
-              buffer_size: int = 1 << 20) -> io.BufferedReader:
+def open_read(
+    uri: str, *, sha256: str | None = None, retries: int = READ_RETRIES, buffer_size: int = 1 << 20
+) -> io.BufferedReader:
     """A buffered binary stream of `uri` that survives dropped connections (see ResumingReader); the reader is
     at `.raw`."""
     return io.BufferedReader(ResumingReader(uri, sha256=sha256, retries=retries), buffer_size=buffer_size)

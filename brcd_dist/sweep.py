@@ -1,6 +1,7 @@
 """Ray Tune sweeps over BRCD's α, δ and K (the library side of jobs/tune.py): search spaces from the command
 line, the trial function (a real Ray Train run of the student stage, a child MLflow run), the trial table, and
 the registration of the best student. Lives in the library so that Tune's workers can import the trial function."""
+
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ STOPPED_TAG = "brcd.stopped_by"
 def search_space(text: str, key: str, integer: bool):
     """'0:1' -> uniform (randint for integers, inclusive); '5,10,20' -> choice; '0.5' -> a fixed value."""
     from ray import tune
+
     cast = int if integer else float
     try:
         if ":" in text:
@@ -28,8 +30,9 @@ def search_space(text: str, key: str, integer: bool):
             return tune.randint(lo, hi + 1) if integer else tune.uniform(lo, hi)
         values = [cast(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--{key} {text!r}: expected LO:HI or a comma-separated list of "
-                          f"{'integers' if integer else 'numbers'}") from None
+        raise ConfigError(
+            f"--{key} {text!r}: expected LO:HI or a comma-separated list of {'integers' if integer else 'numbers'}"
+        ) from None
     return tune.choice(values) if len(values) > 1 else values[0]
 
 
@@ -40,7 +43,9 @@ def check_bounds(cfg, args) -> None:
         for v in text.replace(":", ",").split(","):
             section, field = dotted.split(".")
             probe = copy.deepcopy(cfg)
-            setattr(probe, section, replace(getattr(probe, section), **{field: (int if key == "clusters" else float)(v)}))
+            setattr(
+                probe, section, replace(getattr(probe, section), **{field: (int if key == "clusters" else float)(v)})
+            )
             validate_config(probe, check_paths=False)
 
 
@@ -56,16 +61,24 @@ def make_trainable(base: dict, parent_run_id: str | None, sweep: str):
     def trainable(config: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
+
         trial_id = tune.get_context().get_trial_id()
         cfg = apply(base, config)
         cfg.tracking = replace(cfg.tracking, register=False)
-        run_id = tracking.start_run(cfg, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id,
-                                    tags={TRIAL_TAG: trial_id}) if parent_run_id else None
-        out = launch_and_publish(cfg, run_id, f"{sweep}-{trial_id}", roles=("student",),
-                                 callbacks=[TuneReportCallback()])
+        run_id = (
+            tracking.start_run(
+                cfg, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id, tags={TRIAL_TAG: trial_id}
+            )
+            if parent_run_id
+            else None
+        )
+        out = launch_and_publish(
+            cfg, run_id, f"{sweep}-{trial_id}", roles=("student",), callbacks=[TuneReportCallback()]
+        )
         evals = out.state.history.get("eval", [])
         best = {f"best_val_{p}": max((e[f"val_query/{p}_map"] for e in evals), default=0.0) for p in ("sshp", "ashp")}
         tune.report({**best, **out.test, "finished": 1, "mlflow_run_id": run_id or ""})
+
     return trainable
 
 
@@ -78,13 +91,19 @@ def trial_table(grid, metric: str) -> list[dict]:
         m = r.metrics or {}
         # Full precision here (the champion is chosen from these rows, and trials.json keeps them); format_table
         # rounds for display.
-        rows.append({"trial": m.get("trial_id", ""), "alpha": cfg.get("brcd.alpha", float("nan")),
-                     "delta": cfg.get("brcd.delta", float("nan")), "K": cfg.get("brcd.clusters"),
-                     f"best {metric}": val,
-                     "test sshp": m.get("test_query/sshp_map", float("nan")),
-                     "test ashp": m.get("test_query/ashp_map", float("nan")),
-                     "status": "error" if r.error else ("finished" if m.get("finished") else "stopped (ASHA)"),
-                     "mlflow_run_id": m.get("mlflow_run_id", "")})
+        rows.append(
+            {
+                "trial": m.get("trial_id", ""),
+                "alpha": cfg.get("brcd.alpha", float("nan")),
+                "delta": cfg.get("brcd.delta", float("nan")),
+                "K": cfg.get("brcd.clusters"),
+                f"best {metric}": val,
+                "test sshp": m.get("test_query/sshp_map", float("nan")),
+                "test ashp": m.get("test_query/ashp_map", float("nan")),
+                "status": "error" if r.error else ("finished" if m.get("finished") else "stopped (ASHA)"),
+                "mlflow_run_id": m.get("mlflow_run_id", ""),
+            }
+        )
     return rows
 
 
@@ -101,6 +120,7 @@ def format_table(rows: list[dict]) -> str:
 
 def input_example(cfg):
     import torch
+
     return torch.zeros(2, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size)
 
 
@@ -109,6 +129,7 @@ def close_stopped_trials(parent_run_id: str, stopped: Iterable[str] = ()) -> Non
     trials ASHA stopped). Tune stops a trial by removing its placement group: the trial's Train controller dies
     with it, and the trial's own error handler may first mark the run FAILED with an ActorDiedError."""
     from mlflow import MlflowClient
+
     client = MlflowClient()
     stopped = set(stopped)
     exp = client.get_run(parent_run_id).info.experiment_id

@@ -8,6 +8,7 @@ Kept under `{train.storage_path}/teachers/KEY.pt` (a save_hash_model checkpoint)
 made of). Files go through `_exists` / `_write_bytes`, plain local-path functions meant to be swapped for the
 storage layer's URI functions; until then a remote storage_path (s3://...) turns reuse off.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,19 @@ from brcd_dist.config import Config
 
 TEACHERS_DIR = "teachers"
 # Every TrainConfig field that changes what stage A computes (not the student's schedule, checkpoints or failures).
-TRAIN_FIELDS = ("workers", "use_gpu", "teacher_epochs", "teacher_split", "teacher_lr", "batch_size", "grad_accum",
-                "weight_decay", "zero_stage", "seed", "max_steps_per_epoch")
+TRAIN_FIELDS = (
+    "workers",
+    "use_gpu",
+    "teacher_epochs",
+    "teacher_split",
+    "teacher_lr",
+    "batch_size",
+    "grad_accum",
+    "weight_decay",
+    "zero_stage",
+    "seed",
+    "max_steps_per_epoch",
+)
 
 
 def _file_digest(path: str) -> str:
@@ -39,9 +51,16 @@ def teacher_inputs(cfg: Config, manifest_digest: str) -> dict:
     teacher = asdict(cfg.teacher)
     if teacher["weights_path"]:
         teacher["weights_path"] = _file_digest(teacher["weights_path"])  # the content, not where it lies
-    return {"teacher": teacher, "bits": cfg.brcd.bits, "tau": cfg.brcd.tau, "image_size": cfg.data.image_size,
-            "in_chans": cfg.data.in_chans, "train": {k: getattr(cfg.train, k) for k in TRAIN_FIELDS},
-            "data": manifest_digest, "brcd_dist": __version__}
+    return {
+        "teacher": teacher,
+        "bits": cfg.brcd.bits,
+        "tau": cfg.brcd.tau,
+        "image_size": cfg.data.image_size,
+        "in_chans": cfg.data.in_chans,
+        "train": {k: getattr(cfg.train, k) for k in TRAIN_FIELDS},
+        "data": manifest_digest,
+        "brcd_dist": __version__,
+    }
 
 
 def teacher_key(cfg: Config, manifest_digest: str) -> str:
@@ -60,6 +79,7 @@ def teacher_path(cfg: Config, key: str) -> str:
 
 # ----------------------------------------------------------------------------- storage (local paths for now)
 
+
 def _exists(location: str) -> bool:
     return os.path.isfile(location)
 
@@ -74,6 +94,7 @@ def _write_bytes(location: str, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------- lookup and keeping
 
+
 def find_teacher(cfg: Config, key: str) -> str | None:
     path = teacher_path(cfg, key)
     return path if _exists(path) else None
@@ -87,9 +108,10 @@ def with_teacher(cfg: Config, path: str) -> Config:
 def keep_teacher(cfg: Config, key: str, teacher, manifest_digest: str) -> str:
     """Keep a trained teacher (a HashModel) under its key; returns where."""
     from brcd_dist.models import save_hash_model
+
     path = teacher_path(cfg, key)
     with tempfile.TemporaryDirectory() as tmp:
         save_hash_model(teacher, os.path.join(tmp, "teacher.pt"))
         _write_bytes(path, Path(tmp, "teacher.pt").read_bytes())
-    _write_bytes(path[:-len(".pt")] + ".json", json.dumps(teacher_inputs(cfg, manifest_digest), indent=1).encode())
+    _write_bytes(path[: -len(".pt")] + ".json", json.dumps(teacher_inputs(cfg, manifest_digest), indent=1).encode())
     return path

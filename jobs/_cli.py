@@ -1,4 +1,5 @@
 """Shared command-line front for the jobs: --config, --address, key=value overrides, one-line errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,26 +17,36 @@ DEFAULT_CONFIG = REPO / "configs" / "fashion_mnist.yaml"
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="YAML config (default: the embedded Fashion-MNIST config)")
+    p.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded Fashion-MNIST config)"
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--resume-anyway", action="store_true",
-                   help="resume a run of the same train.name even if it was started with another config")
-    p.add_argument("--force-alias", action="store_true",
-                   help="move the registry alias to the new version even if its test mAP is below the holder's")
+    p.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="resume a run of the same train.name even if it was started with another config",
+    )
+    p.add_argument(
+        "--force-alias",
+        action="store_true",
+        help="move the registry alias to the new version even if its test mAP is below the holder's",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. brcd.alpha=0.7 train.workers=2")
     return p
 
 
 def fail(message: str, code: int = 2) -> None:
     from brcd_dist.redact import redact  # a tracking URI or shard URL in the message may carry credentials
+
     print(f"error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
 def config_from_args(args, training: bool = True):
-    flags = [f"train.resume_anyway={getattr(args, 'resume_anyway', False)}",
-             f"tracking.force_alias={getattr(args, 'force_alias', False)}"]
+    flags = [
+        f"train.resume_anyway={getattr(args, 'resume_anyway', False)}",
+        f"tracking.force_alias={getattr(args, 'force_alias', False)}",
+    ]
     try:
         return load_config(args.config, [*args.overrides, *flags], training=training)
     except ConfigError as err:
@@ -54,6 +65,7 @@ def preflight(cfg, address=None, name=None):
     from brcd_dist.data import ensure_shards
     from brcd_dist.driver import connect_ray
     from brcd_dist.run_guard import RunReuseError, check_resume
+
     if name:
         try:
             check_resume(cfg, name)

@@ -14,23 +14,27 @@ A teacher trained by an earlier run with the same teacher config, data and seed 
 (brcd_dist/teacher_reuse.py: kept under train.storage_path/teachers/ by a content key); --retrain-teacher trains it.
 -v keeps Ray's and DeepSpeed's own log lines, which the default hides behind one progress bar a stage.
 """
+
 from __future__ import annotations
 
 import os
 
 from _cli import config_from_args, parser, preflight, setup_logging
 
+from brcd_dist import teacher_reuse, tracking
 from brcd_dist.driver import absolute_paths, run_name
 from brcd_dist.reporting import launch_and_publish, result_table
-from brcd_dist import teacher_reuse, tracking
 from brcd_dist.train.progress import VERBOSE_ENV
 
 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="keep Ray's and DeepSpeed's own log lines")
-    p.add_argument("--retrain-teacher", action="store_true",
-                   help="train the teacher even when an earlier run kept one with the same content key")
+    p.add_argument(
+        "--retrain-teacher",
+        action="store_true",
+        help="train the teacher even when an earlier run kept one with the same content key",
+    )
     args = p.parse_intermixed_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by connect_ray and, through its runtime env, by the workers
@@ -41,8 +45,11 @@ def main(argv=None) -> dict:
     key = teacher_reuse.teacher_key(cfg, manifest.digest()) if teacher_reuse.reusable(cfg) else None
     kept = teacher_reuse.find_teacher(cfg, key) if key and not args.retrain_teacher else None
     if kept:
-        print(f"teacher: reusing {kept} (an earlier run's, same teacher config, data and seed; "
-              "--retrain-teacher trains it again)", flush=True)
+        print(
+            f"teacher: reusing {kept} (an earlier run's, same teacher config, data and seed; "
+            "--retrain-teacher trains it again)",
+            flush=True,
+        )
         cfg = teacher_reuse.with_teacher(cfg, kept)
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest()) if uri else None
     outputs = launch_and_publish(cfg, run_id, name)

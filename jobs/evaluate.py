@@ -7,6 +7,7 @@ batch_encoding.py: one encoder actor a GPU or CPU; a local Ray instance when no 
 
 Without --teacher, a registered student's teacher is taken from the run that logged it (runs:/RUN/teacher).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,14 @@ def teacher_of(student_uri: str) -> str | None:
     if not student_uri.startswith("models:/"):
         return None
     from mlflow import MlflowClient
-    name, _, ref = student_uri[len("models:/"):].partition("@")
+
+    name, _, ref = student_uri[len("models:/") :].partition("@")
     client = MlflowClient()
-    mv = (client.get_model_version_by_alias(name, ref) if ref else
-          client.get_model_version(*student_uri[len("models:/"):].split("/", 1)))
+    mv = (
+        client.get_model_version_by_alias(name, ref)
+        if ref
+        else client.get_model_version(*student_uri[len("models:/") :].split("/", 1))
+    )
     run_id = mv.tags.get("run_id") or mv.run_id
     return f"runs:/{run_id}/teacher" if run_id else None
 

@@ -9,6 +9,7 @@ root. --out gets codes.npy, keys.npy, labels.npy, index.faiss, model.pt and meta
 it); a registered or logged model's run gets the index as artifacts under index/NAME, and a registered version a
 tag brcd.index naming them. Query it with jobs/search.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,15 @@ def model_source(uri: str) -> dict:
     """Where a model comes from: {"model_uri", and for MLflow models "run_id", "registered_model", "version"}."""
     out = {"model_uri": uri}
     if uri.startswith("runs:/"):
-        out["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
+        out["run_id"] = uri[len("runs:/") :].split("/", 1)[0]
     elif uri.startswith("models:/") and not uri.startswith("models:/m-"):
         from mlflow import MlflowClient
+
         client = MlflowClient()
-        ref = uri[len("models:/"):]
+        ref = uri[len("models:/") :]
         name, _, alias = ref.partition("@")
-        mv = (client.get_model_version_by_alias(name, alias) if alias else
-              client.get_model_version(*ref.split("/", 1)))
-        out.update(registered_model=mv.name, version=str(mv.version),
-                   run_id=mv.tags.get("run_id") or mv.run_id or None)
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(*ref.split("/", 1))
+        out.update(registered_model=mv.name, version=str(mv.version), run_id=mv.tags.get("run_id") or mv.run_id or None)
     return out
 
 
@@ -48,6 +48,7 @@ def log_index(out: Path, source: dict, name: str) -> str | None:
     if not run_id:
         return None
     from mlflow import MlflowClient
+
     tracking.log_artifact(run_id, out, f"index/{name}")
     artifact = f"runs:/{run_id}/index/{name}"
     if source.get("version"):
@@ -67,7 +68,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=256, help="images an encode batch (default 256)")
     p.add_argument("--actors", type=int, default=None, help="encoder actors (default: one a GPU, else one a CPU)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument(
+        "--tracking-uri", default="", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
     p.add_argument("--no-log", action="store_true", help="do not log the index to the model's MLflow run")
     args = p.parse_args(argv)
     for flag in ("batch_size", "actors", "nlist", "nprobe"):
@@ -76,6 +79,7 @@ def main(argv=None) -> dict:
             fail(f"--{flag.replace('_', '-')}={value}: must be >= 1")
     setup_logging()
     from brcd_dist.batch_encoding import encode_images, image_source
+
     try:
         images = image_source(args.images, args.split)
     except (ValueError, FileNotFoundError) as err:
@@ -90,18 +94,34 @@ def main(argv=None) -> dict:
     if not hasattr(model, "encode"):
         fail(f"{args.model}: not a brcd_dist hash model (logged without its checkpoint)")
     from brcd_dist.driver import connect_ray
+
     connect_ray(args.address)
     t0 = time.perf_counter()
     encoded = encode_images(model, images, batch_size=args.batch_size, actors=args.actors)
     encode_s = time.perf_counter() - t0
     source.update(images=args.images, split=args.split, encode_seconds=round(encode_s, 3))
-    index = Index.build(encoded.codes, encoded.keys, encoded.labels, model, kind=args.kind, nlist=args.nlist,
-                        nprobe=args.nprobe, source=source)
+    index = Index.build(
+        encoded.codes,
+        encoded.keys,
+        encoded.labels,
+        model,
+        kind=args.kind,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        source=source,
+    )
     out = Path(args.out)
     index.save(out)
     artifact = None if (args.no_log or is_file) else log_index(out, source, out.name)
-    summary = {"out": str(out), "kind": index.kind, "count": len(index), "bits": index.meta["bits"],
-               "encode_images_per_s": round(len(index) / encode_s, 1), "model": source, "logged": artifact}
+    summary = {
+        "out": str(out),
+        "kind": index.kind,
+        "count": len(index),
+        "bits": index.meta["bits"],
+        "encode_images_per_s": round(len(index) / encode_s, 1),
+        "model": source,
+        "logged": artifact,
+    }
     print(json.dumps(summary, indent=1))
     return summary
 

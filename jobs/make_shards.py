@@ -8,6 +8,7 @@ Re-running with the same parameters verifies the shards' hashes and re-uses them
 (shards already there with their recorded sha256 are kept); a location made with another source, seed or split
 is refused (pick another data.shards_dir / data.shards_url).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,24 @@ from brcd_dist.data.manifest import manifest_location
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--max-images", type=int, default=0,
-                   help="only the first N training and N test images (smoke runs; default: all)")
-    p.add_argument("--procs", type=int, default=os.cpu_count() or 1,
-                   help="processes encoding ImageFolder images (default: all cores)")
-    p.add_argument("--ray", metavar="ADDRESS", default="",
-                   help="ImageFolder: one Ray task per shard on this cluster ('auto': the running one), resumable")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=0,
+        help="only the first N training and N test images (smoke runs; default: all)",
+    )
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes encoding ImageFolder images (default: all cores)",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default="",
+        help="ImageFolder: one Ray task per shard on this cluster ('auto': the running one), resumable",
+    )
     args = p.parse_args()
     cfg = config_from_args(args, training=False)  # brcd.clusters does not concern the shards
     d = cfg.data
@@ -38,18 +51,31 @@ def main() -> None:
     writer = write_shards
     if args.ray:
         from brcd_dist.data.parallel_shards import ray_writer
+
         writer = ray_writer(args.ray)
     try:
-        manifest = writer(where, d.source, d.source_path, seed=d.split_seed,
-                          train_per_class=d.train_per_class, val_fraction=d.val_fraction,
-                          samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
-                          shorter_side=d.shard_shorter_side, readers=d.shard_readers,
-                          max_images=args.max_images, num_procs=args.procs, max_image_pixels=d.max_image_pixels)
+        manifest = writer(
+            where,
+            d.source,
+            d.source_path,
+            seed=d.split_seed,
+            train_per_class=d.train_per_class,
+            val_fraction=d.val_fraction,
+            samples_per_shard=d.samples_per_shard,
+            in_chans=d.in_chans,
+            shorter_side=d.shard_shorter_side,
+            readers=d.shard_readers,
+            max_images=args.max_images,
+            num_procs=args.procs,
+            max_image_pixels=d.max_image_pixels,
+        )
     except (ShardsMismatchError, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
     seconds = time.perf_counter() - t0
-    print(f"{where}: {manifest.source}, seed {manifest.seed}, {manifest.num_classes} classes, "
-          f"{manifest.image_size}px x {manifest.in_chans} ch, manifest sha256 {manifest.digest()[:12]}")
+    print(
+        f"{where}: {manifest.source}, seed {manifest.seed}, {manifest.num_classes} classes, "
+        f"{manifest.image_size}px x {manifest.in_chans} ch, manifest sha256 {manifest.digest()[:12]}"
+    )
     for name, split in manifest.splits.items():
         print(f"  {name:<11} {split.count:>8} images in {len(split.shards):>4} shards")
     print(f"done in {seconds:.1f} s")

@@ -4,6 +4,7 @@
 
 Prints one line a hit: query, rank, key, distance, label. Same from Python: Index.load(uri).search(images, k).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 
     python jobs/train_teacher.py [--config X.yaml] [key=value ...]
 """
+
 from __future__ import annotations
 
 from _cli import config_from_args, parser, preflight, setup_logging
@@ -18,8 +19,11 @@ def main(argv=None):
     cfg = absolute_paths(config_from_args(args))
     name = run_name(cfg) + "-teacher"
     uri, manifest = preflight(cfg, args.address, name)
-    run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest(),
-                                tags={"brcd.job": "train_teacher"}) if uri else None
+    run_id = (
+        tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest(), tags={"brcd.job": "train_teacher"})
+        if uri
+        else None
+    )
     with tracking.failing_run(run_id):
         path, out = launch_teacher_job(cfg, run_id=run_id, name=name)
         versions = publish(run_id, cfg, out) if run_id else {}

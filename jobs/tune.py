@@ -6,6 +6,7 @@ student stage, reusing one teacher (trained once, or teacher.uri) and the k-mean
 Each trial is a child MLflow run of the sweep's run; the best finished trial's student is registered as
 NAME@champion. Ranges are LO:HI (uniform; integers for K), lists are comma-separated (a choice).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,17 @@ from _cli import config_from_args, fail, parser, preflight, setup_logging
 from brcd_dist import storage, tracking
 from brcd_dist.config import ConfigError, to_dict
 from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
-from brcd_dist.sweep import (SEARCHED, check_bounds, close_stopped_trials, format_table, input_example,
-                             make_trainable, search_space, trial_table)
+from brcd_dist.sweep import (
+    SEARCHED,
+    check_bounds,
+    close_stopped_trials,
+    format_table,
+    input_example,
+    make_trainable,
+    search_space,
+    trial_table,
+)
+
 
 def main(argv=None) -> list[dict]:
     p = parser(__doc__.splitlines()[0])
@@ -47,8 +57,11 @@ def main(argv=None) -> list[dict]:
     from ray.tune.schedulers import ASHAScheduler
 
     sweep = run_name(cfg).replace("distill-", "sweep-")
-    parent = tracking.start_run(cfg, run_name=sweep, manifest_digest=manifest.digest(),
-                                tags={"brcd.job": "tune"}) if uri else None
+    parent = (
+        tracking.start_run(cfg, run_name=sweep, manifest_digest=manifest.digest(), tags={"brcd.job": "tune"})
+        if uri
+        else None
+    )
     metric = f"val_query/{args.paradigm}_map"
     with tracking.failing_run(parent, on_failure=close_stopped_trials):
         teacher_run = None
@@ -58,18 +71,30 @@ def main(argv=None) -> list[dict]:
             if parent:
                 tracking.log_hash_model(parent, out.teacher, "teacher", input_example(cfg))
                 teacher_run = parent
-        cfg.brcd = replace(cfg.brcd, clustering_cache=cfg.brcd.clustering_cache
-                           or storage.join(cfg.train.storage_path, sweep, "clustering_cache"))
+        cfg.brcd = replace(
+            cfg.brcd,
+            clustering_cache=cfg.brcd.clustering_cache
+            or storage.join(cfg.train.storage_path, sweep, "clustering_cache"),
+        )
         evals = max(cfg.train.eval_every, 1)
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(to_dict(cfg), parent, sweep), {"CPU": 0.01}),
             param_space=space,
             tune_config=tune.TuneConfig(
-                num_samples=args.samples, max_concurrent_trials=args.max_concurrent,
+                num_samples=args.samples,
+                max_concurrent_trials=args.max_concurrent,
                 # stop_last_trials=False: by default ASHA stops every trial whose epoch reaches max_t, i.e. at its
                 # last epoch's report, before the test stage and the trial's final report.
-                scheduler=ASHAScheduler(metric=metric, mode="max", time_attr="student/epoch", max_t=cfg.train.epochs,
-                                        grace_period=evals, reduction_factor=2, stop_last_trials=False)),
+                scheduler=ASHAScheduler(
+                    metric=metric,
+                    mode="max",
+                    time_attr="student/epoch",
+                    max_t=cfg.train.epochs,
+                    grace_period=evals,
+                    reduction_factor=2,
+                    stop_last_trials=False,
+                ),
+            ),
             run_config=tune.RunConfig(name=sweep, storage_path=cfg.train.storage_path),
         )
         grid = tuner.fit()
@@ -82,13 +107,24 @@ def main(argv=None) -> list[dict]:
             if finished:
                 best = max(finished, key=lambda r: r[f"best {metric}"])
                 version = tracking.register_model(
-                    f"runs:/{best['mlflow_run_id']}/student", cfg.tracking.student_name, args.champion_alias,
-                    {"run_id": teacher_run or best["mlflow_run_id"], "trial_run_id": best["mlflow_run_id"],
-                     "alpha": best["alpha"], "delta": best["delta"], "K": best["K"], metric: best[f"best {metric}"]},
-                    "student")
+                    f"runs:/{best['mlflow_run_id']}/student",
+                    cfg.tracking.student_name,
+                    args.champion_alias,
+                    {
+                        "run_id": teacher_run or best["mlflow_run_id"],
+                        "trial_run_id": best["mlflow_run_id"],
+                        "alpha": best["alpha"],
+                        "delta": best["delta"],
+                        "K": best["K"],
+                        metric: best[f"best {metric}"],
+                    },
+                    "student",
+                )
                 tracking.log_metrics(parent, {f"best_{metric}": best[f"best {metric}"]}, 0)
-                print(f"champion: models:/{cfg.tracking.student_name}@{args.champion_alias} (version {version}, "
-                      f"trial {best['trial']}, α={best['alpha']:.4g}, δ={best['delta']:.4g}, K={best['K']})")
+                print(
+                    f"champion: models:/{cfg.tracking.student_name}@{args.champion_alias} (version {version}, "
+                    f"trial {best['trial']}, α={best['alpha']:.4g}, δ={best['delta']:.4g}, K={best['K']})"
+                )
             close_stopped_trials(parent, [r["trial"] for r in rows if r["status"] == "stopped (ASHA)"])
             tracking.end_run(parent)
     return rows

@@ -6,13 +6,14 @@ The tiny run: 400 training / 400 test images, 80 to train on (8 per class), resn
 mobilenetv3_small_050 student for 2 epochs, 2 workers x 16 images a step (4 steps an epoch), a checkpoint every
 3 steps and at each epoch end. Most of its minute is start-up (Ray, worker processes, DeepSpeed).
 """
+
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,19 +35,33 @@ def free_port() -> int:
 
 def tiny_overrides(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 0) -> list[str]:
     """key=value overrides of the tiny run (on top of configs/fashion_mnist.yaml), as jobs/distill.py takes them."""
-    return ["data.source=shards", f"data.shards_dir={shards_dir}",
-            "teacher.name=resnet10t", "student.name=mobilenetv3_small_050",
-            "train.teacher_epochs=1", "train.teacher_split=train", "train.epochs=2", "train.batch_size=16",
-            "train.checkpoint_every=3",
-            "train.eval_every=1", "eval.topk=50", "brcd.clusters=4", "tracking.enabled=false",
-            f"train.max_failures={max_failures}", f"train.storage_path={storage}", f"train.name={name}"]
+    return [
+        "data.source=shards",
+        f"data.shards_dir={shards_dir}",
+        "teacher.name=resnet10t",
+        "student.name=mobilenetv3_small_050",
+        "train.teacher_epochs=1",
+        "train.teacher_split=train",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.checkpoint_every=3",
+        "train.eval_every=1",
+        "eval.topk=50",
+        "brcd.clusters=4",
+        "tracking.enabled=false",
+        f"train.max_failures={max_failures}",
+        f"train.storage_path={storage}",
+        f"train.name={name}",
+    ]
 
 
 def tiny_config(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 0):
     from brcd_dist.config import load_config
     from brcd_dist.driver import absolute_paths
-    return absolute_paths(load_config(DEFAULT_CONFIG, tiny_overrides(shards_dir, storage, name,
-                                                                     max_failures=max_failures)))
+
+    return absolute_paths(
+        load_config(DEFAULT_CONFIG, tiny_overrides(shards_dir, storage, name, max_failures=max_failures))
+    )
 
 
 def read_json(path: Path):
@@ -60,9 +75,11 @@ def read_json(path: Path):
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     from brcd_dist.data import write_shards
+
     d = tmp_path_factory.mktemp("tiny_shards")
-    write_shards(d, "fashion_mnist", FASHION_MNIST, train_per_class=8, max_images=400, samples_per_shard=50,
-                 progress=False)
+    write_shards(
+        d, "fashion_mnist", FASHION_MNIST, train_per_class=8, max_images=400, samples_per_shard=50, progress=False
+    )
     return d
 
 
@@ -78,11 +95,18 @@ def local_ray() -> LocalRay:
     socket paths under it must stay < 108 chars) and ports, so that other Ray instances on the host neither
     see nor disturb it; the dashboard runs for the state API (list_actors) that the fault test uses."""
     import ray
+
     temp_dir = tempfile.mkdtemp(prefix="brcd-ray-")
     port = free_port()
     address = os.environ.pop("RAY_ADDRESS", None)  # a new local instance, not a cluster named by the caller
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
     try:
         yield LocalRay(temp_dir=Path(temp_dir), dashboard=f"http://127.0.0.1:{port}")
     finally:
@@ -109,6 +133,7 @@ def run_tiny(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 
     import threading
 
     from brcd_dist.driver import launch
+
     cfg = tiny_config(shards_dir, storage, name, max_failures=max_failures)
     finished = threading.Event()
     thread = None
@@ -137,6 +162,7 @@ def object_store():
     """SeaweedFS on 127.0.0.1 for this session (tests/object_store.py), its endpoint and keys in os.environ by the
     standard AWS variable names while it runs, so that the project's own client code reaches it."""
     from object_store import start_seaweedfs
+
     store = start_seaweedfs()
     before = {k: os.environ.get(k) for k in store.env}
     os.environ.update(store.env)
@@ -155,7 +181,9 @@ def object_store():
 def s3_shards(object_store) -> str:
     """The tiny shards (as tiny_shards) and their manifest written to the session's bucket: their s3:// URL."""
     from brcd_dist.data import write_shards
+
     url = object_store.url("tiny_shards")
-    write_shards(url, "fashion_mnist", FASHION_MNIST, train_per_class=8, max_images=400, samples_per_shard=50,
-                 progress=False)
+    write_shards(
+        url, "fashion_mnist", FASHION_MNIST, train_per_class=8, max_images=400, samples_per_shard=50, progress=False
+    )
     return url

@@ -6,6 +6,7 @@
 A rank that raises does not stop the others; a run that does not finish within `timeout` seconds (a hang in a
 collective) kills every rank and raises TimeoutError. Results and exceptions travel back pickled.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,11 +51,17 @@ def _picklable(obj: Any) -> Any:
         return RuntimeError(repr(obj))
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, threads: int, timeout: float,
-            results) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, threads: int, timeout: float, results
+) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout),
+    )
     try:
         results.put((rank, _picklable(fn(rank, world_size, *args)), None, ""))
     except BaseException as e:  # report, do not die: the parent decides what an error means
@@ -63,14 +70,19 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, th
         dist.destroy_process_group()
 
 
-def run_on_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 120.0,
-                 threads_per_rank: int = 1) -> list[RankOutcome]:
+def run_on_ranks(
+    fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 120.0, threads_per_rank: int = 1
+) -> list[RankOutcome]:
     """fn(rank, world_size, *args) on `world_size` gloo ranks; one RankOutcome per rank, in rank order."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, threads_per_rank, timeout, results),
-                         daemon=True) for r in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_worker, args=(r, world_size, port, fn, args, threads_per_rank, timeout, results), daemon=True
+        )
+        for r in range(world_size)
+    ]
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)  # read by OpenMP (torch, FAISS) when a child starts
     try:
@@ -94,8 +106,11 @@ def run_on_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: f
             missing = sorted(set(range(world_size)) - set(outcomes))
             dead = [r for r in missing if not procs[r].is_alive() and procs[r].exitcode not in (None, 0)]
             for r in dead:  # died without reporting (a crash in C code, a kill)
-                outcomes[r] = RankOutcome(r, error=RuntimeError(f"exit code {procs[r].exitcode}"),
-                                          trace=f"rank {r} exited with code {procs[r].exitcode}")
+                outcomes[r] = RankOutcome(
+                    r,
+                    error=RuntimeError(f"exit code {procs[r].exitcode}"),
+                    trace=f"rank {r} exited with code {procs[r].exitcode}",
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run_on_ranks: ranks {missing} did not finish in {timeout:.0f} s")
         for p in procs:

@@ -5,6 +5,7 @@ The store runs as a separate process on 127.0.0.1 with every port given explicit
 side by side), telemetry off (nothing may try to leave the machine) and access keys required. Clients reach it
 through the standard variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ class ObjectStore:
     @property
     def env(self) -> dict:
         """What a client process needs: the endpoint and credentials by the standard variable names."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
@@ -61,20 +66,55 @@ def start_seaweedfs(bucket: str = "brcd", timeout: float = 90.0) -> ObjectStore:
     workdir = Path(tempfile.mkdtemp(prefix="brcd-s3-"))
     (workdir / "data").mkdir()
     config = workdir / "s3.json"
-    config.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
-        {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "Write", "List",
-                                                                          "Tagging"]}]}))
-    ports = {name: free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-        "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
-    argv = [str(WEED), "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={config}", f"-bucket={bucket}", *(f"-{k}={v}" for k, v in ports.items())]
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    ports = {
+        name: free_port()
+        for name in (
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port",
+            "s3.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
+        )
+    }
+    argv = [
+        str(WEED),
+        "mini",
+        f"-dir={workdir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={config}",
+        f"-bucket={bucket}",
+        *(f"-{k}={v}" for k, v in ports.items()),
+    ]
     log_path = workdir / "weed.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    store = ObjectStore(endpoint=f"http://127.0.0.1:{ports['s3.port']}", bucket=bucket, proc=proc, workdir=workdir,
-                        log_path=log_path)
+    store = ObjectStore(
+        endpoint=f"http://127.0.0.1:{ports['s3.port']}", bucket=bucket, proc=proc, workdir=workdir, log_path=log_path
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -93,9 +133,16 @@ def _bucket_answers(store: ObjectStore) -> bool:
     os.environ.update(store.env)
     try:
         import pyarrow.fs as pafs
-        fs = pafs.S3FileSystem(endpoint_override=store.endpoint.split("://")[1], scheme="http",
-                               access_key=ACCESS_KEY, secret_key=SECRET_KEY, region="us-east-1",
-                               connect_timeout=2, request_timeout=5)
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=store.endpoint.split("://")[1],
+            scheme="http",
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            region="us-east-1",
+            connect_timeout=2,
+            request_timeout=5,
+        )
         fs.get_file_info(pafs.FileSelector(store.bucket, allow_not_found=False))
         return True
     except Exception:  # noqa: BLE001 - not up yet
@@ -112,6 +159,7 @@ def _bucket_answers(store: ObjectStore) -> bool:
 class CuttingProxy:
     """127.0.0.1:port -> target; each connection is closed after `cut_after` bytes from the server (0: never).
     `cuts` counts the connections it cut."""
+
     target_port: int
     cut_after: int
     port: int = 0
@@ -157,7 +205,7 @@ class CuttingProxy:
                 if not data:
                     break
                 if limit and sent + len(data) >= limit:
-                    dst.sendall(data[:max(0, limit - sent)])
+                    dst.sendall(data[: max(0, limit - sent)])
                     self.cuts += 1
                     # a reset, as a dropped link gives: RST instead of FIN
                     dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -188,6 +236,7 @@ class through_proxy:
 
     def __enter__(self) -> CuttingProxy:
         from brcd_dist import storage
+
         self.proxy.start()
         os.environ["AWS_ENDPOINT_URL"] = self.proxy.endpoint
         storage._object_fs.cache_clear()
@@ -195,6 +244,7 @@ class through_proxy:
 
     def __exit__(self, *exc) -> None:
         from brcd_dist import storage
+
         os.environ["AWS_ENDPOINT_URL"] = self.store.endpoint
         storage._object_fs.cache_clear()
         self.proxy.stop()

@@ -1,5 +1,6 @@
 """bench/frozen_heads.py's pure parts: the cached-view pairing and its method rows (the heads' training is the
 losses' and retrieval's code, tested on their own)."""
+
 import sys
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """bench/quality.py's bookkeeping: run order, resume file, table (the runs themselves are the pipeline's, tested
 end to end elsewhere)."""
+
 import sys
 from pathlib import Path
 
@@ -26,10 +27,14 @@ def test_results_file_resumes_and_ignores_failed_runs(tmp_path):
 
 
 def test_table_means_and_sample_std_over_seeds():
-    rows = [{"bits": 64, "seed": s, "method": "BRCD", "sshp": v, "ashp": v + 0.1, "teacher": 0.7}
-            for s, v in enumerate([0.5, 0.6, 0.7])]
-    rows += [{"bits": 64, "seed": 0, "method": quality.ITQ_ROW, "sshp": 0.68, "ashp": 0.68},
-             {"bits": 16, "seed": 0, "method": "RKD", "error": "x"}]
+    rows = [
+        {"bits": 64, "seed": s, "method": "BRCD", "sshp": v, "ashp": v + 0.1, "teacher": 0.7}
+        for s, v in enumerate([0.5, 0.6, 0.7])
+    ]
+    rows += [
+        {"bits": 64, "seed": 0, "method": quality.ITQ_ROW, "sshp": 0.68, "ashp": 0.68},
+        {"bits": 16, "seed": 0, "method": "RKD", "error": "x"},
+    ]
     lines = quality.table(rows, [16, 64]).splitlines()
     assert lines[0] == "| method | 16 bits SSHP | 16 bits ASHP | 64 bits SSHP | 64 bits ASHP |"
     by_name = {line.split(" | ")[0][2:]: line for line in lines[2:]}

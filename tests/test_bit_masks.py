@@ -1,4 +1,5 @@
 """clustering/bit_masks.py: m_kb = 1 iff |μ_kb| >= δ, empty or memberless clusters keep all bits (DESIGN §2)."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,13 +7,9 @@ import torch
 from brcd_dist.clustering.bit_masks import bit_agreement, bit_masks, bit_masks_from_stats, cluster_bit_stats
 
 # Cluster 0: four members whose share of +1 per bit is 4/4, 3/4, 2/4, 1/4, 0/4 -> μ = 1, .5, 0, −.5, −1.
-CLUSTER0 = [[1, 1, 1, 1, -1],
-            [1, 1, 1, -1, -1],
-            [1, 1, -1, -1, -1],
-            [1, -1, -1, -1, -1]]
+CLUSTER0 = [[1, 1, 1, 1, -1], [1, 1, 1, -1, -1], [1, 1, -1, -1, -1], [1, -1, -1, -1, -1]]
 # Cluster 1: two members that disagree on every bit -> μ = 0 everywhere. Cluster 2: no members.
-CLUSTER1 = [[1, 1, 1, 1, 1],
-            [-1, -1, -1, -1, -1]]
+CLUSTER1 = [[1, 1, 1, 1, 1], [-1, -1, -1, -1, -1]]
 
 
 def hand_cluster():
@@ -33,13 +30,16 @@ def test_bit_agreement_is_absolute_mean_code():
     assert bit_agreement(sums, counts)[0].tolist() == [1.0, 0.5, 0.0, 0.5, 1.0]
 
 
-@pytest.mark.parametrize("delta, expected", [
-    (0.0, [1, 1, 1, 1, 1]),
-    (0.3, [1, 1, 0, 1, 1]),
-    (0.5, [1, 1, 0, 1, 1]),  # |μ| == δ is kept (>=)
-    (0.6, [1, 0, 0, 0, 1]),
-    (1.0, [1, 0, 0, 0, 1]),
-])
+@pytest.mark.parametrize(
+    "delta, expected",
+    [
+        (0.0, [1, 1, 1, 1, 1]),
+        (0.3, [1, 1, 0, 1, 1]),
+        (0.5, [1, 1, 0, 1, 1]),  # |μ| == δ is kept (>=)
+        (0.6, [1, 0, 0, 0, 1]),
+        (1.0, [1, 0, 0, 0, 1]),
+    ],
+)
 def test_mask_keeps_exactly_the_bits_the_cluster_agrees_on(delta, expected):
     masks, _ = bit_masks(*hand_cluster(), k=3, delta=delta)
     assert masks.dtype == torch.float32

@@ -1,4 +1,5 @@
 """train/state.CheckpointFiles: the record of what rank 0 writes into a checkpoint, read back by the driver."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,16 @@ def small_model(seed: int) -> HashModel:
 
 
 def small_clustering() -> Clustering:
-    return Clustering(centroids=torch.eye(2, 16), masks=torch.ones(2, 16), agreement=torch.ones(2, 16),
-                      counts=torch.tensor([3, 1]), pseudo_labels={"a": 0, "b": 1}, inertia=[2.0, 1.0],
-                      n_mask_fallback=0, backend="torch")
+    return Clustering(
+        centroids=torch.eye(2, 16),
+        masks=torch.ones(2, 16),
+        agreement=torch.ones(2, 16),
+        counts=torch.tensor([3, 1]),
+        pseudo_labels={"a": 0, "b": 1},
+        inertia=[2.0, 1.0],
+        n_mask_fallback=0,
+        backend="torch",
+    )
 
 
 def test_an_empty_record_writes_no_file(tmp_path):
@@ -27,10 +35,18 @@ def test_an_empty_record_writes_no_file(tmp_path):
 
 
 def test_each_field_writes_its_own_file(tmp_path):
-    files = CheckpointFiles(teacher=small_model(0), clustering=small_clustering(), best_student={"w": torch.ones(2)},
-                            student=small_model(1), curves={"sshp": {"precision": [1.0], "recall": [0.5]}})
-    assert sorted(files.write(tmp_path)) == sorted(p.name for p in tmp_path.iterdir()) == [
-        "best_student.pt", "clustering.pt", "pr_curves.json", "student.pt", "teacher.pt"]
+    files = CheckpointFiles(
+        teacher=small_model(0),
+        clustering=small_clustering(),
+        best_student={"w": torch.ones(2)},
+        student=small_model(1),
+        curves={"sshp": {"precision": [1.0], "recall": [0.5]}},
+    )
+    assert (
+        sorted(files.write(tmp_path))
+        == sorted(p.name for p in tmp_path.iterdir())
+        == ["best_student.pt", "clustering.pt", "pr_curves.json", "student.pt", "teacher.pt"]
+    )
 
 
 def test_the_driver_reads_back_what_the_record_wrote(tmp_path):

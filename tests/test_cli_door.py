@@ -1,5 +1,6 @@
 """Bad input ends a job at the door (issue 13 point 5): one line on stderr naming the key, value or path and what
 is allowed, exit code 2, within seconds, before Ray starts and with nothing written."""
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_job(job: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(cwd / "ray_tmp"), "RAY_ADDRESS": "",
-           "MLFLOW_TRACKING_URI": ""}
-    return subprocess.run([sys.executable, str(REPO / "jobs" / job), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_TMPDIR": str(cwd / "ray_tmp"),
+        "RAY_ADDRESS": "",
+        "MLFLOW_TRACKING_URI": "",
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / job), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _bad_yaml(tmp: Path) -> list[str]:
@@ -32,11 +39,16 @@ def _shards_dir_is_a_file(tmp: Path) -> list[str]:
 
 def _one_class_folder(tmp: Path) -> list[str]:
     from PIL import Image
+
     (tmp / "folder" / "only").mkdir(parents=True)
     for i in range(4):
         Image.new("L", (8, 8)).save(tmp / "folder" / "only" / f"{i}.png")
-    return ["data.source=imagefolder", f"data.source_path={tmp / 'folder'}", "brcd.clusters=2",
-            "data.train_per_class=2"]
+    return [
+        "data.source=imagefolder",
+        f"data.source_path={tmp / 'folder'}",
+        "brcd.clusters=2",
+        "data.train_per_class=2",
+    ]
 
 
 # One case per kind of check (parsing, a value, the disk, the source); tests/test_config.py has every rule.
@@ -56,8 +68,7 @@ def test_distill_refuses_bad_input_with_one_line_exit_2_before_ray(case, tmp_pat
     args = make_args(tmp_path)
     before = sorted(work.iterdir())
     t0 = time.monotonic()
-    done = run_job("distill.py", args + ["data.shards_dir=shards"] * (not any("shards_dir" in a for a in args)),
-                   work)
+    done = run_job("distill.py", args + ["data.shards_dir=shards"] * (not any("shards_dir" in a for a in args)), work)
     seconds = time.monotonic() - t0
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()

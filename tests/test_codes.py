@@ -1,10 +1,18 @@
 """codes.py: sign with straight-through gradient, bit packing, Hamming / cosine / masked cosine (DESIGN §2)."""
+
 import numpy as np
 import pytest
 import torch
 
-from brcd_dist.codes import (code_cosine, hamming_distance, masked_cosine, pack_codes, probs_and_codes, sign_ste,
-                             unpack_codes)
+from brcd_dist.codes import (
+    code_cosine,
+    hamming_distance,
+    masked_cosine,
+    pack_codes,
+    probs_and_codes,
+    sign_ste,
+    unpack_codes,
+)
 
 
 def random_codes(n, bits, seed=0):

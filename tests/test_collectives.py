@@ -1,11 +1,12 @@
 """train/collectives on 2 real gloo ranks, and as identities without a process group."""
+
 from __future__ import annotations
 
 import torch
+from dist_utils import run_on_ranks
 from torch import nn
 
 from brcd_dist.train.collectives import all_gather_objects, broadcast_object, sync_buffers
-from dist_utils import run_on_ranks
 
 
 def _broadcast(rank, world_size):
@@ -23,8 +24,12 @@ def _sync(rank, world_size):
     params = [p.detach().clone() for p in model.parameters()]
     sync_buffers(model)
     bn = model[1]
-    return (bn.running_mean.tolist(), bn.running_var.tolist(), int(bn.num_batches_tracked),  # tensors do not
-            all(torch.equal(a, b) for a, b in zip(params, model.parameters())))  # outlive the rank's process
+    return (
+        bn.running_mean.tolist(),
+        bn.running_var.tolist(),
+        int(bn.num_batches_tracked),  # tensors do not
+        all(torch.equal(a, b) for a, b in zip(params, model.parameters())),
+    )  # outlive the rank's process
 
 
 def test_broadcast_object_gives_the_source_rank_value_on_every_rank():

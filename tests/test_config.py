@@ -1,4 +1,5 @@
 """Config: defaults <- YAML <- key=value overrides, and one-line errors for every bad value (issue #2 item 4)."""
+
 import dataclasses
 from pathlib import Path
 
@@ -61,25 +62,28 @@ def test_shipped_configs_load():
     assert (cfg.teacher.name, cfg.student.name) == ("vit_base_patch16_224", "efficientnet_b0")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("brcd.alpha=1.5", "brcd.alpha=1.5: must be in [0, 1]"),
-    ("brcd.alpha=-0.1", "brcd.alpha=-0.1: must be in [0, 1]"),
-    ("brcd.delta=2", "brcd.delta=2.0: must be in [0, 1]"),
-    ("brcd.clusters=1", "brcd.clusters=1: must be an integer >= 2"),
-    ("brcd.bits=12", "brcd.bits=12: must be a multiple of 8 in 8..256"),
-    ("brcd.bits=512", "brcd.bits=512: must be a multiple of 8 in 8..256"),
-    ("brcd.bits=4", "brcd.bits=4: must be a multiple of 8 in 8..256"),
-    ("brcd.kd=hinton", "brcd.kd='hinton': allowed: brcd, none,"),
-    ("brcd.alhpa=0.5", "unknown key 'brcd.alhpa'; allowed under brcd:"),
-    ("nonsense.x=1", "unknown key 'nonsense'"),
-    ("train.zero_stage=4", "train.zero_stage=4: allowed: 0, 1, 2, 3"),
-    ("train.workers=two", "train.workers='two': expected an integer"),
-    ("brcd.bit_mask=maybe", "brcd.bit_mask='maybe': expected true or false"),
-    ("student.name=resnet_does_not_exist", "student.name='resnet_does_not_exist': not a timm model name"),
-    ("teacher.weights_path=/no/such/weights.pth", "teacher.weights_path='/no/such/weights.pth': file not found"),
-    ("data.source_path=/no/such/dir", "data.source_path='/no/such/dir': not found"),
-    ("data.source=lmdb", "data.source='lmdb': allowed: fashion_mnist, imagefolder, shards"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("brcd.alpha=1.5", "brcd.alpha=1.5: must be in [0, 1]"),
+        ("brcd.alpha=-0.1", "brcd.alpha=-0.1: must be in [0, 1]"),
+        ("brcd.delta=2", "brcd.delta=2.0: must be in [0, 1]"),
+        ("brcd.clusters=1", "brcd.clusters=1: must be an integer >= 2"),
+        ("brcd.bits=12", "brcd.bits=12: must be a multiple of 8 in 8..256"),
+        ("brcd.bits=512", "brcd.bits=512: must be a multiple of 8 in 8..256"),
+        ("brcd.bits=4", "brcd.bits=4: must be a multiple of 8 in 8..256"),
+        ("brcd.kd=hinton", "brcd.kd='hinton': allowed: brcd, none,"),
+        ("brcd.alhpa=0.5", "unknown key 'brcd.alhpa'; allowed under brcd:"),
+        ("nonsense.x=1", "unknown key 'nonsense'"),
+        ("train.zero_stage=4", "train.zero_stage=4: allowed: 0, 1, 2, 3"),
+        ("train.workers=two", "train.workers='two': expected an integer"),
+        ("brcd.bit_mask=maybe", "brcd.bit_mask='maybe': expected true or false"),
+        ("student.name=resnet_does_not_exist", "student.name='resnet_does_not_exist': not a timm model name"),
+        ("teacher.weights_path=/no/such/weights.pth", "teacher.weights_path='/no/such/weights.pth': file not found"),
+        ("data.source_path=/no/such/dir", "data.source_path='/no/such/dir': not found"),
+        ("data.source=lmdb", "data.source='lmdb': allowed: fashion_mnist, imagefolder, shards"),
+    ],
+)
 def test_bad_value_gives_one_line_error_naming_key_value_and_allowed(override, message, tmp_path):
     # Point shards at an empty dir so data.source_path is what gets checked.
     with pytest.raises(ConfigError) as err:
@@ -101,21 +105,25 @@ def test_override_without_equals_sign():
 
 # ----------------------------------------------------------------------------- bad input at the door (issue 13.5)
 
-@pytest.mark.parametrize("override, message", [
-    ("brcd.tau=.inf", "brcd.tau=inf: expected a finite number"),
-    ("brcd.tau=.nan", "brcd.tau=nan: expected a finite number"),
-    ("train.lr=.inf", "train.lr=inf: expected a finite number"),
-    ("train.cpus_per_worker=.inf", "train.cpus_per_worker=inf: expected a finite number"),
-    ("data.image_size=100000", "data.image_size=100000: must be in 8..4096"),
-    ("eval.batch_size=0", "eval.batch_size=0: must be >= 1"),
-    ("eval.batch_size=-5", "eval.batch_size=-5: must be >= 1"),
-    ("eval.max_queries=-1", "eval.max_queries=-1: must be >= 0"),
-    ("student.name=[resnet18]", "student.name=['resnet18']: expected a string, not a list"),
-    ("tracking.uri={a: 1}", "tracking.uri={'a': 1}: expected a string, not a dict"),
-    ("brcd.clusters=1000000", "brcd.clusters=1000000: must be <= 5000, the images of the train split"),
-    ("data.train_per_class=7000", "data.train_per_class=7000: must be <= 6000"),
-    ("brcd.alpha=[0.5", "override 'brcd.alpha=[0.5': not valid YAML"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("brcd.tau=.inf", "brcd.tau=inf: expected a finite number"),
+        ("brcd.tau=.nan", "brcd.tau=nan: expected a finite number"),
+        ("train.lr=.inf", "train.lr=inf: expected a finite number"),
+        ("train.cpus_per_worker=.inf", "train.cpus_per_worker=inf: expected a finite number"),
+        ("data.image_size=100000", "data.image_size=100000: must be in 8..4096"),
+        ("eval.batch_size=0", "eval.batch_size=0: must be >= 1"),
+        ("eval.batch_size=-5", "eval.batch_size=-5: must be >= 1"),
+        ("eval.max_queries=-1", "eval.max_queries=-1: must be >= 0"),
+        ("student.name=[resnet18]", "student.name=['resnet18']: expected a string, not a list"),
+        ("tracking.uri={a: 1}", "tracking.uri={'a': 1}: expected a string, not a dict"),
+        ("brcd.clusters=1000000", "brcd.clusters=1000000: must be <= 5000, the images of the train split"),
+        ("data.train_per_class=7000", "data.train_per_class=7000: must be <= 6000"),
+        ("brcd.alpha=[0.5", "override 'brcd.alpha=[0.5': not valid YAML"),
+    ],
+)
 def test_bad_input_at_the_door_is_one_line(override, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(FMNIST, [f"data.shards_dir={tmp_path / 'shards'}", override])
@@ -161,6 +169,7 @@ def test_clusters_are_checked_against_an_existing_manifest(tmp_path):
 
 def _image_folder(root, per_class: dict):
     from PIL import Image
+
     for cls, n in per_class.items():
         (root / cls).mkdir(parents=True)
         for i in range(n):
@@ -169,8 +178,13 @@ def _image_folder(root, per_class: dict):
 
 
 def _folder_overrides(root, tmp_path, *extra):
-    return ["data.source=imagefolder", f"data.source_path={root}", f"data.shards_dir={tmp_path / 'shards'}",
-            "data.in_chans=1", *extra]
+    return [
+        "data.source=imagefolder",
+        f"data.source_path={root}",
+        f"data.shards_dir={tmp_path / 'shards'}",
+        "data.in_chans=1",
+        *extra,
+    ]
 
 
 def test_image_folder_with_one_class_is_refused(tmp_path):
@@ -189,6 +203,7 @@ def test_train_per_class_above_what_a_class_holds_is_refused(tmp_path):
 
 def test_every_field_has_a_one_line_doc():
     import inspect
+
     for section in (f.type for f in dataclasses.fields(Config)):
         cls = getattr(config_module, section) if isinstance(section, str) else section
         src = inspect.getsource(cls)

@@ -2,6 +2,7 @@
 runs; decoding.py) run on the CPU: it must give the loader-worker path's batches exactly, since both decode with
 libjpeg-turbo and run the same tensor_augment code on the same (seed, epoch, key) draws. On a GPU only the device
 changes (nvJPEG's decoder, CUDA kernels); bench/dataloader.py measures that path where a GPU is lent."""
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +21,16 @@ def jpeg_shards(tmp_path_factory):
         for i in range(12):
             arr = rng.integers(0, 256, (int(rng.integers(40, 60)), int(rng.integers(40, 60)), 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / f"c{c}" / f"{i:02d}.jpg", quality=90)
-    return write_shards(tmp_path_factory.mktemp("shards"), "imagefolder", str(root), train_per_class=6,
-                        samples_per_shard=10, in_chans=3, shorter_side=0, progress=False)
+    return write_shards(
+        tmp_path_factory.mktemp("shards"),
+        "imagefolder",
+        str(root),
+        train_per_class=6,
+        samples_per_shard=10,
+        in_chans=3,
+        shorter_side=0,
+        progress=False,
+    )
 
 
 LOADER = dict(rank=0, world_size=1, num_workers=1, image_size=32, in_chans=3)
@@ -47,7 +56,9 @@ def test_device_path_on_cpu_gives_the_loader_paths_eval_images(jpeg_shards):
 def test_a_damaged_jpeg_in_a_device_batch_drops_only_itself(tmp_path):
     good = tmp_path / "a.jpg"
     Image.fromarray(np.zeros((8, 10, 3), dtype=np.uint8)).save(good)
-    payloads = [loader_payload(good.read_bytes(), "jpg", 3, decode_later=True),
-                loader_payload(good.read_bytes()[:40], "jpg", 3, decode_later=True)]
+    payloads = [
+        loader_payload(good.read_bytes(), "jpg", 3, decode_later=True),
+        loader_payload(good.read_bytes()[:40], "jpg", 3, decode_later=True),
+    ]
     images, bad = decode_batch(payloads, 3, "cpu")
     assert bad == [1] and [tuple(im.shape) for im in images] == [(3, 8, 10)]

@@ -7,6 +7,7 @@ DeepSpeed workers x 16 images a step, 4 steps an epoch) with tracking on, 3 teac
 too reaches a per-step logging step (one every LOG_EVERY = 10 global steps), and checkpoints at epoch ends
 only. The final checkpoint is the run's in-memory result (student.pt, test mAPs): MLflow must hold the same.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,9 +28,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import DEFAULT_CONFIG, REPO, free_port, tiny_overrides
+from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -38,8 +38,13 @@ EVALUATE = REPO / "jobs" / "evaluate.py"
 STUDENT_URI = "models:/brcd-student@candidate"
 TEACHER_URI = "models:/brcd-teacher@candidate"
 TEST_MAPS = ("test_query/sshp_map", "test_query/ashp_map", "test_query/teacher_map")
-PLOTS = ("plots/loss_curves.png", "plots/map_per_epoch.png", "plots/precision_recall.png",
-         "plots/bit_agreement.png", "plots/throughput.png")
+PLOTS = (
+    "plots/loss_curves.png",
+    "plots/map_per_epoch.png",
+    "plots/precision_recall.png",
+    "plots/bit_agreement.png",
+    "plots/throughput.png",
+)
 TEACHER_EPOCHS, STUDENT_EPOCHS = 3, 2
 # A pre-flight failure costs the interpreter's imports (15-25 s on the loaded 2-core machine); MLflow's REST
 # client alone, with its default retries, would keep trying an unreachable server for minutes.
@@ -57,8 +62,9 @@ class Job:
 def job_env(ray_tmp: Path | None = None) -> dict:
     """The caller's environment, minus what would point the job at another Ray or MLflow; Ray's temp root in
     `ray_tmp` if given (so that a test can see whether Ray started, and Ray leaves nothing in /tmp/ray)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    }
     if ray_tmp is not None:
         env["RAY_TMPDIR"] = str(ray_tmp)
     return env
@@ -67,8 +73,15 @@ def job_env(ray_tmp: Path | None = None) -> dict:
 def run_job(args: list, cwd: Path, env: dict, timeout: float = 600) -> Job:
     """`python ARGS` in cwd; on timeout its whole process group (Ray's processes included) is killed."""
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -89,8 +102,14 @@ def sqlite_uri(directory: Path) -> str:
 
 def distill_overrides(shards: Path, work: Path) -> list[str]:
     tiny = [o for o in tiny_overrides(shards, work / "runs", "tracked") if not o.startswith("tracking.enabled=")]
-    return [*tiny, "tracking.enabled=true", f"tracking.uri={sqlite_uri(work)}",
-            f"train.teacher_epochs={TEACHER_EPOCHS}", f"train.epochs={STUDENT_EPOCHS}", "train.checkpoint_every=1000"]
+    return [
+        *tiny,
+        "tracking.enabled=true",
+        f"tracking.uri={sqlite_uri(work)}",
+        f"train.teacher_epochs={TEACHER_EPOCHS}",
+        f"train.epochs={STUDENT_EPOCHS}",
+        "train.checkpoint_every=1000",
+    ]
 
 
 def snapshot(directory: Path) -> dict:
@@ -108,6 +127,7 @@ def snapshot(directory: Path) -> dict:
 
 # ----------------------------------------------------------------------------- the tracked run
 
+
 @dataclass
 class DistillRun:
     job: Job
@@ -124,12 +144,14 @@ class DistillRun:
     @property
     def client(self):
         from mlflow import MlflowClient
+
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
 def final_checkpoint(storage: Path) -> Path:
     """The run's last checkpoint: the one whose state says stage D is done."""
     from brcd_dist.train.state import read_state
+
     done = [d for d in sorted(storage.glob("checkpoint_*")) if d.is_dir() and read_state(d).stage == "done"]
     assert len(done) == 1, f"expected one finished checkpoint under {storage}, got {done}"
     return done[0]
@@ -141,6 +163,7 @@ def distill_run(tiny_shards, tmp_path_factory) -> DistillRun:
 
     from brcd_dist.config import load_config
     from brcd_dist.driver import absolute_paths, read_outputs
+
     work = tmp_path_factory.mktemp("distill")
     overrides = distill_overrides(tiny_shards, work)
     ray_tmp = short_tmp()
@@ -162,10 +185,25 @@ def distill_run(tiny_shards, tmp_path_factory) -> DistillRun:
 def steps_per_epoch(run: DistillRun, split: str, epochs: int) -> list[int]:
     """Steps of each epoch, as the loader gives every rank (DESIGN §1 streamed batches)."""
     from brcd_dist.data import load_manifest, train_batches
+
     manifest, cfg = load_manifest(run.shards), run.cfg
-    return [len(train_batches(manifest, split, rank=0, world_size=cfg.train.workers,
-                              batch_size=cfg.train.batch_size, num_workers=0, image_size=cfg.data.image_size,
-                              in_chans=cfg.data.in_chans, epoch=e, seed=cfg.train.seed)) for e in range(epochs)]
+    return [
+        len(
+            train_batches(
+                manifest,
+                split,
+                rank=0,
+                world_size=cfg.train.workers,
+                batch_size=cfg.train.batch_size,
+                num_workers=0,
+                image_size=cfg.data.image_size,
+                in_chans=cfg.data.in_chans,
+                epoch=e,
+                seed=cfg.train.seed,
+            )
+        )
+        for e in range(epochs)
+    ]
 
 
 def epoch_end_steps(run: DistillRun) -> tuple[list[int], list[int]]:
@@ -198,12 +236,14 @@ def test_distill_job_succeeds_prints_the_result_table_and_finishes_its_run(disti
 
 def test_run_params_are_the_flattened_resolved_config(distill_run):
     from brcd_dist.config import flatten
+
     expected = {k: str(v) for k, v in flatten(distill_run.cfg).items()}
     assert distill_run.run.data.params == expected
 
 
 def test_config_artifact_is_the_resolved_config(distill_run, tmp_path):
     from brcd_dist.config import to_dict
+
     logged = yaml.safe_load(download(distill_run, "config.yaml", tmp_path).read_text())
     assert logged == to_dict(distill_run.cfg)
 
@@ -217,12 +257,17 @@ def test_the_steps_of_the_run_are_those_of_its_epochs(distill_run):
 
 def test_each_loss_term_is_logged_every_log_every_steps_of_its_stage(distill_run):
     from brcd_dist.train.epochs import LOG_EVERY
+
     teacher_ends, student_ends = epoch_end_steps(distill_run)
     teacher_steps = list(range(LOG_EVERY, teacher_ends[-1] + 1, LOG_EVERY))
     student_steps = [s for s in range(LOG_EVERY, student_ends[-1] + 1, LOG_EVERY) if s > teacher_ends[-1]]
     assert teacher_steps and student_steps  # the run is long enough for the check to mean something
-    expected = {"teacher/loss": teacher_steps, "student/loss": student_steps, "student/kd": student_steps,
-                "student/self": student_steps}
+    expected = {
+        "teacher/loss": teacher_steps,
+        "student/loss": student_steps,
+        "student/kd": student_steps,
+        "student/self": student_steps,
+    }
     for key, steps in expected.items():
         logged = history(distill_run, key)
         assert [s for s, _ in logged] == steps, key
@@ -238,8 +283,12 @@ def test_student_loss_is_kd_plus_self_at_each_logged_step(distill_run):
 
 def test_each_epoch_logs_its_mean_losses_at_its_last_step(distill_run):
     teacher_ends, student_ends = epoch_end_steps(distill_run)
-    expected = {"teacher/epoch_loss": teacher_ends, "student/epoch_loss": student_ends,
-                "student/epoch_kd": student_ends, "student/epoch_self": student_ends}
+    expected = {
+        "teacher/epoch_loss": teacher_ends,
+        "student/epoch_loss": student_ends,
+        "student/epoch_kd": student_ends,
+        "student/epoch_self": student_ends,
+    }
     rows = distill_run.outputs.state.history["train"]
     for key, steps in expected.items():
         logged = history(distill_run, key)
@@ -282,8 +331,10 @@ def test_clustering_artifact_is_the_run_s_clustering(distill_run, tmp_path):
 def test_student_and_teacher_are_logged_models_of_the_run(distill_run):
     run = distill_run.run
     logged = distill_run.client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert sorted((m.name, m.source_run_id) for m in logged) == [("student", run.info.run_id),
-                                                                  ("teacher", run.info.run_id)]
+    assert sorted((m.name, m.source_run_id) for m in logged) == [
+        ("student", run.info.run_id),
+        ("teacher", run.info.run_id),
+    ]
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
@@ -298,13 +349,24 @@ def test_candidate_alias_names_this_run_s_model_with_its_test_maps(distill_run, 
         assert float(mv.tags[key.replace("/", ".")]) == round(distill_run.outputs.test[key], 5), key
 
 
-def test_registered_student_loads_by_alias_in_a_fresh_process_and_encodes_like_the_run_s_student(
-        distill_run, tmp_path):
+def test_registered_student_loads_by_alias_in_a_fresh_process_and_encodes_like_the_run_s_student(distill_run, tmp_path):
     from brcd_dist.data import eval_batches, load_manifest
+
     cfg = distill_run.cfg
-    batch = next(iter(eval_batches(load_manifest(distill_run.shards), "test_query", rank=0, world_size=1,
-                                   batch_size=64, num_workers=0, image_size=cfg.data.image_size,
-                                   in_chans=cfg.data.in_chans)))
+    batch = next(
+        iter(
+            eval_batches(
+                load_manifest(distill_run.shards),
+                "test_query",
+                rank=0,
+                world_size=1,
+                batch_size=64,
+                num_workers=0,
+                image_size=cfg.data.image_size,
+                in_chans=cfg.data.in_chans,
+            )
+        )
+    )
     torch.save(batch["image"], tmp_path / "images.pt")
     script = textwrap.dedent(f"""
         import torch
@@ -324,24 +386,42 @@ def test_registered_student_loads_by_alias_in_a_fresh_process_and_encodes_like_t
 
 def test_evaluate_job_reproduces_the_run_s_test_maps_from_the_registered_student(distill_run):
     cfg = distill_run.cfg
-    job = run_job([EVALUATE, STUDENT_URI, "data.source=shards", f"data.shards_dir={distill_run.shards}",
-                   f"eval.topk={cfg.eval.topk}", f"tracking.uri={distill_run.uri}"],
-                  cwd=distill_run.work, env=job_env(), timeout=300)
+    job = run_job(
+        [
+            EVALUATE,
+            STUDENT_URI,
+            "data.source=shards",
+            f"data.shards_dir={distill_run.shards}",
+            f"eval.topk={cfg.eval.topk}",
+            f"tracking.uri={distill_run.uri}",
+        ],
+        cwd=distill_run.work,
+        env=job_env(),
+        timeout=300,
+    )
     assert job.returncode == 0, job.stderr[-3000:]
-    printed = json.loads(job.stdout[job.stdout.index("{"): job.stdout.rindex("}") + 1])
+    printed = json.loads(job.stdout[job.stdout.index("{") : job.stdout.rindex("}") + 1])
     assert printed == {key: distill_run.outputs.test[key] for key in TEST_MAPS}
 
 
 # ----------------------------------------------------------------------------- refusals before anything starts
 
+
 def test_unreachable_tracking_server_fails_fast_in_one_line_before_ray_or_any_run(tiny_shards, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # free_port closes its socket: nothing listens there
-    overrides = [o for o in tiny_overrides(tiny_shards, tmp_path / "runs", "unreachable")
-                 if not o.startswith("tracking.enabled=")]
+    overrides = [
+        o
+        for o in tiny_overrides(tiny_shards, tmp_path / "runs", "unreachable")
+        if not o.startswith("tracking.enabled=")
+    ]
     ray_tmp = short_tmp()
     try:
-        job = run_job([DISTILL, *overrides, "tracking.enabled=true", f"tracking.uri={uri}"], cwd=tmp_path,
-                      env=job_env(ray_tmp), timeout=300)
+        job = run_job(
+            [DISTILL, *overrides, "tracking.enabled=true", f"tracking.uri={uri}"],
+            cwd=tmp_path,
+            env=job_env(ray_tmp),
+            timeout=300,
+        )
         ray_files = list(ray_tmp.iterdir())
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -357,6 +437,7 @@ def test_unreachable_tracking_server_fails_fast_in_one_line_before_ray_or_any_ru
 def test_bad_config_value_exits_2_with_one_line_and_changes_nothing(tiny_shards, tmp_path):
     """In a working directory that already holds a tracking store and shards at the default paths."""
     from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
     client.create_run(client.create_experiment("earlier", artifact_location=(tmp_path / "mlruns").as_uri()))
     shutil.copytree(tiny_shards, tmp_path / "data" / "fashion_mnist")

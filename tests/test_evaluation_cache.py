@@ -1,17 +1,18 @@
 """train/evaluation.Evaluator in one CPU process (no Ray): the teacher's database codes kept under
 brcd.clustering_cache come back with the encode rate measured when they were made (a cache hit used to leave
 teacher_images_per_s unset, and the result table printed 0 img/s)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 import torch
+from conftest import tiny_config
 
 from brcd_dist.data import load_manifest
 from brcd_dist.models import build_student, build_teacher
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
-from conftest import tiny_config
 
 
 def test_a_cache_hit_reports_the_teacher_rate_measured_with_the_cached_codes(tiny_shards, tmp_path):
@@ -19,8 +20,7 @@ def test_a_cache_hit_reports_the_teacher_rate_measured_with_the_cached_codes(tin
     cfg.data = replace(cfg.data, loader_workers=0)
     cfg.brcd = replace(cfg.brcd, clustering_cache=str(tmp_path / "cache"))
     cfg.eval = replace(cfg.eval, max_database=64, max_queries=32)
-    ctx = WorkerContext(cfg=cfg, manifest=load_manifest(tiny_shards), rank=0, world_size=1,
-                        device=torch.device("cpu"))
+    ctx = WorkerContext(cfg=cfg, manifest=load_manifest(tiny_shards), rank=0, world_size=1, device=torch.device("cpu"))
     torch.manual_seed(0)
     teacher, student = build_teacher(cfg).eval(), build_student(cfg).eval()
 

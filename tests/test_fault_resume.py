@@ -29,6 +29,7 @@ Why equality can be exact here, and is tested as such (measured: all 244 tensors
 With more than 2 ranks, a reduction's summation order may differ between two runs (e.g. a ring all-reduce
 starting elsewhere), and equality would have to become closeness; this test keeps 2 ranks.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,8 @@ from typing import Optional
 import psutil
 import pytest
 import torch
-
 from conftest import read_json, run_tiny
+
 from brcd_dist.driver import read_outputs, result_checkpoint_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -53,14 +54,19 @@ KILL_DEADLINE_S = 600
 
 def alive_train_worker_pids(dashboard: str) -> list[int]:
     from ray.util.state import list_actors
-    actors = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                         raise_on_missing_output=False)
+
+    actors = list_actors(
+        address=dashboard,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )
     return sorted(a.pid for a in actors)
 
 
 @dataclass
 class MidStageCKiller:
     """Run beside fit(): kill one train worker once a mid-epoch student checkpoint is registered."""
+
     dashboard: str
     state_at_kill: Optional[dict] = None
     killed_pid: Optional[int] = None

@@ -1,6 +1,7 @@
 """Data that cannot hurt the shard writer or the readers (issue 13 point 5, data items): symlinks that leave the
 ImageFolder root are not followed; an image above the pixel cap is refused from its header, without decoding it;
 a corrupt or empty image is skipped, counted and named instead of ending the run."""
+
 from __future__ import annotations
 
 import io
@@ -45,15 +46,22 @@ def test_symlinks_leaving_the_root_are_not_followed(tmp_path):
 def test_image_above_the_pixel_cap_is_refused_without_decoding(tmp_path):
     # 12000 x 12000 = 144 megapixels in a PNG of a few hundred kB: decoding it would take 0.4 GB (RGB)
     path = tmp_path / "bomb.png"
-    code = (f"from PIL import Image; Image.new('L', (12000, 12000)).save({str(path)!r}, optimize=False)")
+    code = f"from PIL import Image; Image.new('L', (12000, 12000)).save({str(path)!r}, optimize=False)"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert path.stat().st_size < 1_000_000
-    probe = ("import resource, sys; from brcd_dist.data.imagefolder import encode_for_shard, ImageRefused\n"
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-             f"try:\n    encode_for_shard({str(path)!r}, 3, 36)\nexcept ImageRefused as e:\n    print('refused', e)\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    probe = (
+        "import resource, sys; from brcd_dist.data.imagefolder import encode_for_shard, ImageRefused\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"try:\n    encode_for_shard({str(path)!r}, 3, 36)\nexcept ImageRefused as e:\n    print('refused', e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     refused, grew_kb = done.stdout.strip().splitlines()
     assert refused.startswith("refused ") and "12000x12000 = 144000000 pixels, above data.max_image_pixels" in refused
     assert int(grew_kb) < 50_000  # < 50 MB: the pixels were never decoded
@@ -76,13 +84,22 @@ def test_reader_refuses_a_bomb_inside_a_shard_before_decoding():
 
 def test_corrupt_and_empty_images_are_skipped_counted_and_named(tmp_path, caplog):
     from brcd_dist.data import write_shards
+
     root = _folder(tmp_path / "root", {"a": 6, "b": 6})
     (root / "a" / "empty.png").write_bytes(b"")
     good = (root / "b" / "0.png").read_bytes()
     (root / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
     with caplog.at_level(logging.WARNING):
-        manifest = write_shards(tmp_path / "shards", "imagefolder", str(root), train_per_class=4,
-                                samples_per_shard=4, in_chans=3, shorter_side=8, progress=False)
+        manifest = write_shards(
+            tmp_path / "shards",
+            "imagefolder",
+            str(root),
+            train_per_class=4,
+            samples_per_shard=4,
+            in_chans=3,
+            shorter_side=8,
+            progress=False,
+        )
     database = manifest.splits["database"]
     assert database.count == sum(database.shard_counts) == len(database.keys)
     assert database.count + manifest.splits["val_query"].count + manifest.splits["test_query"].count == 12
@@ -92,6 +109,7 @@ def test_corrupt_and_empty_images_are_skipped_counted_and_named(tmp_path, caplog
 
 def test_a_truncated_jpeg_is_refused_where_a_good_one_is_copied_byte_for_byte(tmp_path):
     from brcd_dist.data.imagefolder import encode_for_shard_or_reason
+
     Image.new("RGB", (64, 48), color=(200, 30, 10)).save(tmp_path / "good.jpg", quality=90)
     good = (tmp_path / "good.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
@@ -102,10 +120,14 @@ def test_a_truncated_jpeg_is_refused_where_a_good_one_is_copied_byte_for_byte(tm
 
 def test_a_ray_shard_task_skips_counts_and_names_a_corrupt_image_too(tmp_path):
     from brcd_dist.data.parallel_shards import write_one_shard
+
     root = _folder(tmp_path / "root", {"a": 2})
     (root / "a" / "empty.png").write_bytes(b"")
-    samples = [("k0", str(root / "a" / "0.png"), 0), ("k1", str(root / "a" / "empty.png"), 0),
-               ("k2", str(root / "a" / "1.png"), 0)]
+    samples = [
+        ("k0", str(root / "a" / "0.png"), 0),
+        ("k1", str(root / "a" / "empty.png"), 0),
+        ("k2", str(root / "a" / "1.png"), 0),
+    ]
     row = write_one_shard(str(tmp_path), "train-000000.tar", samples, 3, 0)
     assert (row["count"], row["keys"]) == (2, ["k0", "k2"])
     assert len(row["skipped"]) == 1 and "empty.png" in row["skipped"][0]

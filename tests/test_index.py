@@ -1,5 +1,6 @@
 """The searchable index (brcd_dist/index.py): FAISS binary indexes over packed codes, saved and loaded whole,
 queried by images through the model that made the codes. Real FAISS, real (tiny, random-init) timm models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,7 @@ import pytest
 import torch
 
 from brcd_dist.codes import pack_codes
-from brcd_dist.index import (AUTO_EXACT_MAX, Index, build_faiss, choose_kind, encode_images, recall_at_k,
-                             search_faiss)
+from brcd_dist.index import AUTO_EXACT_MAX, Index, build_faiss, choose_kind, encode_images, recall_at_k, search_faiss
 from brcd_dist.models import HashModel
 
 BITS = 64
@@ -96,7 +96,7 @@ def test_a_database_image_finds_itself_at_distance_zero(model):
     assert len(np.unique(codes, axis=0)) == 40  # the premise: no other image shares its code
     index = Index.build(codes, [f"k{i}" for i in range(40)], np.zeros(40), model, kind="flat")
     for i in (0, 17, 39):
-        hits = index.search(images[i:i + 1], 5)[0]
+        hits = index.search(images[i : i + 1], 5)[0]
         assert hits[0].distance == 0 and f"k{i}" in {h.key for h in hits if h.distance == 0}
 
 
@@ -104,6 +104,7 @@ def test_image_files_are_encoded_like_the_evaluation_transform_of_the_same_image
     from PIL import Image
 
     from brcd_dist.data.augment import eval_batch
+
     rng = np.random.default_rng(0)
     pil = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L") for _ in range(3)]
     paths = []
@@ -129,6 +130,7 @@ def _job(name: str):
     import sys
 
     from conftest import REPO
+
     sys.path.insert(0, str(REPO / "jobs"))
     spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -138,8 +140,9 @@ def _job(name: str):
 
 def test_index_job_refuses_images_that_are_neither_shards_nor_a_folder_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _job("index").main(["models:/brcd-student@champion", "--images", str(tmp_path / "nowhere"),
-                            "--out", str(tmp_path / "out")])
+        _job("index").main(
+            ["models:/brcd-student@champion", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]
+        )
     assert exit_.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: --images") and "nowhere" in line

@@ -6,6 +6,7 @@ its hash head centred on the data so that its codes spread out (a random-init he
 every image), logged and registered as brcd-student@champion in a real sqlite MLflow registry in a temp dir.
 The database is conftest's tiny shards' database split (400 images).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,8 +35,21 @@ def load_job(name: str):
 
 def database_images(shards, n: int = 128) -> torch.Tensor:
     from brcd_dist.data import eval_batches, load_manifest
-    batch = next(iter(eval_batches(load_manifest(shards), "database", rank=0, world_size=1, batch_size=n,
-                                   num_workers=0, image_size=32, in_chans=1)))
+
+    batch = next(
+        iter(
+            eval_batches(
+                load_manifest(shards),
+                "database",
+                rank=0,
+                world_size=1,
+                batch_size=n,
+                num_workers=0,
+                image_size=32,
+                in_chans=1,
+            )
+        )
+    )
     return batch["image"]
 
 
@@ -46,6 +60,7 @@ def registry(tiny_shards, tmp_path_factory):
 
     from brcd_dist import tracking
     from brcd_dist.models import HashModel
+
     work = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{work}/mlflow.db"
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -71,8 +86,9 @@ def built(local_ray, tiny_shards, registry, tmp_path_factory):
     """jobs/index.py on the registered student over the tiny database split: (summary, out dir)."""
     uri = registry[0]
     out = tmp_path_factory.mktemp("indexes") / "tiny"
-    summary = load_job("index").main([STUDENT, "--images", str(tiny_shards), "--out", str(out),
-                                      "--tracking-uri", uri, "--batch-size", "64"])
+    summary = load_job("index").main(
+        [STUDENT, "--images", str(tiny_shards), "--out", str(out), "--tracking-uri", uri, "--batch-size", "64"]
+    )
     return summary, out
 
 
@@ -81,10 +97,19 @@ def test_ray_data_encoding_equals_the_evaluation_loop_over_the_same_split(local_
     from brcd_dist.codes import pack_codes
     from brcd_dist.data import eval_batches, load_manifest
     from brcd_dist.retrieval import encode_batches
+
     student = registry[2]
     encoded = encode_images(student, image_source(str(tiny_shards), "database"), batch_size=64)
-    batches = eval_batches(load_manifest(tiny_shards), "database", rank=0, world_size=1, batch_size=64,
-                           num_workers=0, image_size=32, in_chans=1)
+    batches = eval_batches(
+        load_manifest(tiny_shards),
+        "database",
+        rank=0,
+        world_size=1,
+        batch_size=64,
+        num_workers=0,
+        image_size=32,
+        in_chans=1,
+    )
     codes, keys, labels = encode_batches(student, batches, "cpu")
     order = np.argsort(np.array(keys), kind="stable")
     assert list(encoded.keys) == [keys[i] for i in order]
@@ -95,6 +120,7 @@ def test_ray_data_encoding_equals_the_evaluation_loop_over_the_same_split(local_
 def test_index_job_writes_an_exact_index_of_every_database_image(built, tiny_shards):
     from brcd_dist.data import load_manifest
     from brcd_dist.index import Index
+
     summary, out = built
     index = Index.load(out)
     db = load_manifest(tiny_shards).splits["database"]
@@ -105,18 +131,25 @@ def test_index_job_writes_an_exact_index_of_every_database_image(built, tiny_sha
 
 def test_index_records_the_registered_version_and_run_that_made_it(built, registry):
     from brcd_dist.index import Index
+
     meta = Index.load(built[1]).meta
     assert (meta["model_uri"], meta["registered_model"], meta["version"], meta["run_id"]) == (
-        STUDENT, "brcd-student", "1", registry[1])
+        STUDENT,
+        "brcd-student",
+        "1",
+        registry[1],
+    )
 
 
 def test_index_is_logged_to_the_model_s_run_and_tagged_on_its_version(built, registry):
     from mlflow import MlflowClient
+
     uri, run_id, _ = registry
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     logged = {a.path for a in client.list_artifacts(run_id, "index/tiny")}
-    assert {f"index/tiny/{f}" for f in ("meta.json", "index.faiss", "codes.npy", "keys.npy", "labels.npy",
-                                         "model.pt")} <= logged
+    assert {
+        f"index/tiny/{f}" for f in ("meta.json", "index.faiss", "codes.npy", "keys.npy", "labels.npy", "model.pt")
+    } <= logged
     assert client.get_model_version("brcd-student", "1").tags["brcd.index"] == f"runs:/{run_id}/index/tiny"
 
 
@@ -124,6 +157,7 @@ def test_search_job_finds_a_database_image_itself_at_distance_zero(built, tiny_s
     """The query is a database image's stored PNG, as a file, one whose code no other database image shares
     (random-init codes collide now and then), so the image itself is the one hit at distance 0, ranked first."""
     from brcd_dist.index import Index
+
     out = built[1]
     index = Index.load(out)
     _, inverse, counts = np.unique(index.codes, axis=0, return_inverse=True, return_counts=True)
@@ -142,22 +176,40 @@ def test_search_job_finds_a_database_image_itself_at_distance_zero(built, tiny_s
     assert all(int(line.split("\t")[3]) > 0 for line in lines[2:])
 
 
-def test_evaluate_job_scores_the_ray_data_codes_as_the_one_process_loop_does(local_ray, tiny_shards, registry,
-                                                                             tmp_path):
+def test_evaluate_job_scores_the_ray_data_codes_as_the_one_process_loop_does(
+    local_ray, tiny_shards, registry, tmp_path
+):
     """jobs/evaluate.py encodes with Ray Data now; its SSHP mAP must be the one of the one-process loop's codes."""
     from brcd_dist.data import eval_batches, load_manifest
     from brcd_dist.models import save_hash_model
     from brcd_dist.retrieval import encode_batches, mean_average_precision
+
     uri, _, student = registry
     save_hash_model(student, tmp_path / "student.pt")
-    result = load_job("evaluate").main([str(tmp_path / "student.pt"), "data.source=shards",
-                                        f"data.shards_dir={tiny_shards}", "eval.topk=50", f"tracking.uri={uri}"])
+    result = load_job("evaluate").main(
+        [
+            str(tmp_path / "student.pt"),
+            "data.source=shards",
+            f"data.shards_dir={tiny_shards}",
+            "eval.topk=50",
+            f"tracking.uri={uri}",
+        ]
+    )
 
     def loop(split):
-        batches = eval_batches(load_manifest(tiny_shards), split, rank=0, world_size=1, batch_size=64,
-                               num_workers=0, image_size=32, in_chans=1)
+        batches = eval_batches(
+            load_manifest(tiny_shards),
+            split,
+            rank=0,
+            world_size=1,
+            batch_size=64,
+            num_workers=0,
+            image_size=32,
+            in_chans=1,
+        )
         codes, keys, labels = encode_batches(student, batches, "cpu")
         order = np.argsort(np.array(keys), kind="stable")
         return codes[order], labels[order]
+
     (q, q_labels), (db, db_labels) = loop("test_query"), loop("database")
     assert result == {"test_query/sshp_map": float(mean_average_precision(q, db, q_labels, db_labels, 50))}

@@ -1,9 +1,10 @@
 """ITQ / PCA-sign / LSH (brcd_dist.itq): the properties Gong & Lazebnik's algorithm guarantees, and that it
 retrieves clustered data better than chance."""
+
 import numpy as np
 import pytest
 
-from brcd_dist.itq import (fit_itq, fit_lsh, fit_pca_sign, itq_encode, quantisation_loss, random_rotation)
+from brcd_dist.itq import fit_itq, fit_lsh, fit_pca_sign, itq_encode, quantisation_loss, random_rotation
 from brcd_dist.retrieval import mean_average_precision
 
 
@@ -44,8 +45,11 @@ def test_quantisation_loss_never_increases():
     np.testing.assert_allclose(quantisation_loss(v, model.rotation), losses[-1], rtol=1e-9)
 
 
-@pytest.mark.parametrize("fit", [lambda x: fit_itq(x, 8, iters=5), lambda x: fit_pca_sign(x, 8),
-                                 lambda x: fit_lsh(x, 8)], ids=["itq", "pca_sign", "lsh"])
+@pytest.mark.parametrize(
+    "fit",
+    [lambda x: fit_itq(x, 8, iters=5), lambda x: fit_pca_sign(x, 8), lambda x: fit_lsh(x, 8)],
+    ids=["itq", "pca_sign", "lsh"],
+)
 def test_codes_are_plus_minus_one_float32(fit):
     x, _ = clustered()
     model = fit(x)

@@ -10,6 +10,7 @@ started by the module's fixture and stopped at its end, also when a test fails. 
 The README's object-store recipe runs on the same cluster as a user types it (only the sizes made tiny), tracking
 on with its default store: it succeeds, with checkpoints on the bucket and the student registered in
 $BRCD_HOME/mlflow.db, where the README says. The worker node has its own Ray temp dir and directory."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ from conftest import REPO, VENV_BIN, free_port, read_json, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-WORKER_NODES = ("[w.node_id for w in list_actors(address=address, filters=[('class_name', '=', 'RayTrainWorker')], "
-                "raise_on_missing_output=False)]")
+WORKER_NODES = (
+    "[w.node_id for w in list_actors(address=address, filters=[('class_name', '=', 'RayTrainWorker')], "
+    "raise_on_missing_output=False)]"
+)
 
 
 @dataclass
@@ -54,8 +57,11 @@ def readme_cluster_commands() -> list[str]:
     blocks = [b.split("```", 1)[0] for b in text.split("## Running on a Ray cluster", 1)[1].split("```bash\n")[1:]]
     block = next(b for b in blocks if "cluster/local_cluster.sh start" in b)  # the local cluster's block
     lines = [ln.split("  #", 1)[0].rstrip() for ln in block.replace("\\\n", " ").splitlines()]
-    return [" ".join(ln.split()) if not ln.startswith("eval") else ln for ln in lines
-            if ln.strip() and not ln.lstrip().startswith("#")]
+    return [
+        " ".join(ln.split()) if not ln.startswith("eval") else ln
+        for ln in lines
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
 
 
 README = readme_cluster_commands()
@@ -71,8 +77,7 @@ def test_readme_cluster_block_is_the_one_this_module_runs():
 
 
 def _bash(command: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +87,16 @@ def cluster(object_store):
     # the nodes reach the session's object store by the standard AWS variables (os.environ, object_store fixture);
     # relative outputs and the default tracking store of a submitted job go under BRCD_HOME, not into the repo
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env = {**base, "BRCD_CLUSTER_STATE": state_dir, "BRCD_HOME": str(Path(state_dir) / "home"),
-           "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dash),
-           "RAY_AGENT_PORT_HEAD": str(free_port()), "RAY_AGENT_PORT_WORKER": str(free_port()),
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **base,
+        "BRCD_CLUSTER_STATE": state_dir,
+        "BRCD_HOME": str(Path(state_dir) / "home"),
+        "RAY_PORT": str(free_port()),
+        "RAY_DASHBOARD_PORT": str(dash),
+        "RAY_AGENT_PORT_HEAD": str(free_port()),
+        "RAY_AGENT_PORT_WORKER": str(free_port()),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     try:
         started = _bash(f"{START} --cpus-head 2 --cpus-worker 2", env, 240)
         if started.returncode != 0:
@@ -103,11 +114,14 @@ def cluster(object_store):
 def ray_state(cluster: Cluster, expr: str):
     """A Ray state-API / job-client expression evaluated in a client process with the cluster's token (the test
     process itself holds no token, and may be attached to another, unauthenticated Ray)."""
-    code = ("import json, sys\nfrom ray.util.state import list_actors, list_nodes\n"
-            "from ray.job_submission import JobSubmissionClient\n"
-            f"address = {cluster.address!r}\nprint(json.dumps({expr}))")
-    done = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=cluster.env, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import json, sys\nfrom ray.util.state import list_actors, list_nodes\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        f"address = {cluster.address!r}\nprint(json.dumps({expr}))"
+    )
+    done = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", code], env=cluster.env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -117,8 +131,9 @@ def job(cluster, tiny_shards, tmp_path_factory) -> Job:
     storage = tmp_path_factory.mktemp("job_runs")
     submission_id = f"brcd-test-{uuid.uuid4().hex[:8]}"
     args = [*tiny_overrides(tiny_shards, storage, "submitted"), "train.placement_strategy=STRICT_SPREAD"]
-    cmd = (f"{SUBMIT_PREFIX} --submission-id {submission_id} -- python jobs/distill.py "
-           + " ".join(shlex.quote(a) for a in args))
+    cmd = f"{SUBMIT_PREFIX} --submission-id {submission_id} -- python jobs/distill.py " + " ".join(
+        shlex.quote(a) for a in args
+    )
     done = _bash(cmd, cluster.env, 600)
     return Job(submission_id, done.returncode, done.stdout + done.stderr, storage / "submitted")
 
@@ -126,9 +141,23 @@ def job(cluster, tiny_shards, tmp_path_factory) -> Job:
 def test_job_submitted_without_the_token_is_refused(cluster, tmp_path):
     env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    done = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--no-wait",
-                           "--", "touch", str(tmp_path / "PWNED")], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster.address,
+            "--no-wait",
+            "--",
+            "touch",
+            str(tmp_path / "PWNED"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = done.stdout + done.stderr
     assert done.returncode != 0, out[-3000:]
     assert "401" in out or "nauthorized" in out or "uthentication" in out, out[-3000:]
@@ -143,8 +172,9 @@ def test_job_submitted_without_the_token_is_refused(cluster, tmp_path):
 
 
 def test_cluster_has_two_nodes_each_with_room_for_both_workers(cluster):
-    alive = ray_state(cluster, "[n.resources_total['CPU'] for n in list_nodes(address=address, detail=True) "
-                               "if n.state == 'ALIVE']")
+    alive = ray_state(
+        cluster, "[n.resources_total['CPU'] for n in list_nodes(address=address, detail=True) if n.state == 'ALIVE']"
+    )
     assert len(alive) == 2
     assert all(cpus >= 2 for cpus in alive)
 
@@ -177,10 +207,25 @@ def test_each_rank_logs_the_node_it_ran_on(cluster, job):
     assert set(logged.values()) == set(ray_state(cluster, WORKER_NODES))
 
 
-README_JOB = ["ray", "job", "submit", "--address", "ADDRESS", "--working-dir", ".", "--",
-              "python", "jobs/distill.py", "--config", "configs/fashion_mnist.yaml", "data.source=shards",
-              "data.shards_url=s3://BUCKET/fashion_mnist", "train.storage_path=s3://BUCKET/runs",
-              "train.name=fmnist-1", "brcd.clustering_cache=s3://BUCKET/cache"]
+README_JOB = [
+    "ray",
+    "job",
+    "submit",
+    "--address",
+    "ADDRESS",
+    "--working-dir",
+    ".",
+    "--",
+    "python",
+    "jobs/distill.py",
+    "--config",
+    "configs/fashion_mnist.yaml",
+    "data.source=shards",
+    "data.shards_url=s3://BUCKET/fashion_mnist",
+    "train.storage_path=s3://BUCKET/runs",
+    "train.name=fmnist-1",
+    "brcd.clustering_cache=s3://BUCKET/cache",
+]
 
 
 def _readme_command() -> list[str]:
@@ -188,8 +233,17 @@ def _readme_command() -> list[str]:
     text = (REPO / "README.md").read_text()
     block = re.search(r"ray job submit --address http://HEAD:8265 --working-dir \. -- \\\n(.*?)\n```", text, re.DOTALL)
     assert block, "README: the object-store recipe's `ray job submit` is gone"
-    words = ["ray", "job", "submit", "--address", "ADDRESS", "--working-dir", ".", "--",
-             *block.group(1).replace("\\\n", " ").split()]
+    words = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        "ADDRESS",
+        "--working-dir",
+        ".",
+        "--",
+        *block.group(1).replace("\\\n", " ").split(),
+    ]
     assert words == README_JOB, words
     return words
 
@@ -199,14 +253,22 @@ def readme_job(cluster, object_store, s3_shards, tiny_shards) -> Job:
     """The README's object-store recipe on the loopback bucket (BUCKET/fashion_mnist: the session's s3 shards),
     tracking on (default sqlite store), no local shards directory; only the tiny sizes appended."""
     submission_id = f"brcd-readme-{uuid.uuid4().hex[:8]}"
-    words = [w.replace("ADDRESS", cluster.address).replace("s3://BUCKET/fashion_mnist", s3_shards)
-             .replace("s3://BUCKET", object_store.url().rstrip("/")) for w in _readme_command()]
+    words = [
+        w.replace("ADDRESS", cluster.address)
+        .replace("s3://BUCKET/fashion_mnist", s3_shards)
+        .replace("s3://BUCKET", object_store.url().rstrip("/"))
+        for w in _readme_command()
+    ]
     words[0] = str(VENV_BIN / "ray")
-    tiny = [o for o in tiny_overrides(tiny_shards, Path("unused"), "unused")
-            if not o.startswith(("data.shards_dir=", "train.storage_path=", "train.name=", "tracking.enabled="))]
+    tiny = [
+        o
+        for o in tiny_overrides(tiny_shards, Path("unused"), "unused")
+        if not o.startswith(("data.shards_dir=", "train.storage_path=", "train.name=", "tracking.enabled="))
+    ]
     words[5:5] = ["--submission-id", submission_id]
-    done = subprocess.run([*words, *tiny], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    done = subprocess.run(
+        [*words, *tiny], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600, check=False
+    )
     return Job(submission_id, done.returncode, done.stdout + done.stderr, Path(cluster.env["BRCD_HOME"]))
 
 
@@ -218,6 +280,7 @@ def test_readme_object_store_recipe_succeeds_on_the_cluster(cluster, readme_job)
 
 def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job):
     from brcd_dist import storage
+
     run_dir = object_store.url("runs", "fmnist-1")
     snapshot = json.loads(storage.read_bytes(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
     latest = snapshot["latest_checkpoint_result"]
@@ -228,6 +291,7 @@ def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job
 
 def test_readme_recipe_registers_the_student_in_brcd_home_mlflow_db(readme_job):
     from mlflow import MlflowClient
+
     db = readme_job.storage / "mlflow.db"  # the README: "$BRCD_HOME/mlflow.db" of the head node
     assert db.is_file(), readme_job.log[-3000:]
     version = MlflowClient(tracking_uri=f"sqlite:///{db}").get_model_version_by_alias("brcd-student", "candidate")

@@ -4,19 +4,22 @@ The 2-rank tests run real gloo processes (tests/dist_utils.py). To keep the file
 every 2-rank case (the bad inputs last); each test then checks one behaviour of those runs.
 Data are on a 1/64 grid (or ±1 codes), so every float64 sum is exact and "equal" can mean bit-for-bit.
 """
+
 import logging
 
 import faiss
 import numpy as np
 import pytest
 import torch
+from dist_utils import run_on_ranks
 
 from brcd_dist.clustering.kmeans import KMeansState, distributed_kmeans
-from dist_utils import run_on_ranks
 
 K = 8
 # FAISS >= 1.13 stops once its objective no longer changes; the comparisons below want every iteration.
-FAISS_NO_EARLY_STOP = {"early_stop_threshold": -1.0} if hasattr(faiss.ClusteringParameters(), "early_stop_threshold") else {}
+FAISS_NO_EARLY_STOP = (
+    {"early_stop_threshold": -1.0} if hasattr(faiss.ClusteringParameters(), "early_stop_threshold") else {}
+)
 
 
 def grid_blobs(n=600, d=6, k=K, seed=0):
@@ -97,6 +100,7 @@ def assert_same_as_one_process(name, two_ranks):
 
 # ----------------------------------------------------------------------------- 2 ranks == 1 process
 
+
 def test_two_equal_shards_equal_one_process_on_the_concatenation(two_ranks):
     assert_same_as_one_process("equal", two_ranks)
 
@@ -133,12 +137,14 @@ def test_empty_cluster_split_is_the_same_on_two_ranks(two_ranks):
 
 # ----------------------------------------------------------------------------- against FAISS
 
+
 def test_inertia_matches_faiss_kmeans_with_the_same_init():
     """FAISS sums its objective in float32, so the two agree to ~1e-6 relative; no cluster empties here (checked on
     both sides), so the FAISS random split never comes into play."""
     ours = distributed_kmeans(X, K, iters=12, tol=0.0, init=INIT)
-    km = faiss.Kmeans(X.shape[1], K, niter=12, max_points_per_centroid=len(X), min_points_per_centroid=1,
-                      **FAISS_NO_EARLY_STOP)
+    km = faiss.Kmeans(
+        X.shape[1], K, niter=12, max_points_per_centroid=len(X), min_points_per_centroid=1, **FAISS_NO_EARLY_STOP
+    )
     km.train(X, init_centroids=INIT)
     assert ours.n_splits == 0 and all(s["nsplit"] == 0 for s in km.iteration_stats)
     assert len(km.obj) == 12
@@ -150,8 +156,15 @@ def test_spherical_inertia_matches_faiss_spherical_kmeans():
     """FAISS's spherical objective is Σ x·c; with unit-norm centroids Σ||x - c||² = Σ||x||² + n - 2 Σ x·c."""
     init = CODES[[0, 1, 2, 3, 4, 7]]
     ours = distributed_kmeans(CODES, 6, iters=5, tol=0.0, init=init, spherical=True)
-    km = faiss.Kmeans(CODES.shape[1], 6, niter=5, spherical=True, max_points_per_centroid=len(CODES),
-                      min_points_per_centroid=1, **FAISS_NO_EARLY_STOP)
+    km = faiss.Kmeans(
+        CODES.shape[1],
+        6,
+        niter=5,
+        spherical=True,
+        max_points_per_centroid=len(CODES),
+        min_points_per_centroid=1,
+        **FAISS_NO_EARLY_STOP,
+    )
     km.train(CODES, init_centroids=init)
     assert ours.n_splits == 0 and all(s["nsplit"] == 0 for s in km.iteration_stats)
     assert len(km.obj) == 5
@@ -188,6 +201,7 @@ def test_the_backend_choice_is_logged(caplog):
 
 
 # ----------------------------------------------------------------------------- Lloyd's loop
+
 
 def test_assignments_are_the_nearest_of_the_returned_centroids():
     res = distributed_kmeans(X, K, iters=3, tol=0.0, init=INIT)
@@ -244,8 +258,9 @@ def test_resuming_from_a_checkpoint_repeats_no_iteration_and_gives_the_same_resu
     distributed_kmeans(X, K, iters=7, tol=0.0, seed=2, on_iteration=lambda s: saved.append(s.to_dict()))
     assert [s["iteration"] for s in saved] == list(range(1, 8))
     calls = []
-    resumed = distributed_kmeans(X, K, iters=7, tol=0.0, seed=2, state=KMeansState.from_dict(saved[2]),
-                                 on_iteration=calls.append)
+    resumed = distributed_kmeans(
+        X, K, iters=7, tol=0.0, seed=2, state=KMeansState.from_dict(saved[2]), on_iteration=calls.append
+    )
     assert [s.iteration for s in calls] == [4, 5, 6, 7]
     np.testing.assert_array_equal(resumed.centroids, full.centroids)
     np.testing.assert_array_equal(resumed.assignments, full.assignments)

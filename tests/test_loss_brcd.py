@@ -1,4 +1,5 @@
 """losses/brcd.py against DESIGN §2, row by row: a slow loop reference, then each rule on the rows it must change."""
+
 import itertools
 import math
 
@@ -56,9 +57,9 @@ def batch(seed=0):
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     vc1 = torch.tensor([0, 0, 1, 2, 2, 2])
     vc2 = torch.tensor([0, 1, 1, 1, 0, 2])
-    masks = torch.tensor([[1, 1, 0, 1, 0, 1, 1, 0],
-                          [0, 1, 1, 1, 1, 0, 0, 0],
-                          [1, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.float64)
+    masks = torch.tensor(
+        [[1, 1, 0, 1, 0, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.float64
+    )
     return s1, s2, t1, t2, labels, vc1, vc2, masks
 
 
@@ -74,8 +75,7 @@ def test_row_losses_match_loop_reference(alpha, structural, cluster_removal, bit
     expected = ref_rows(*args, alpha, TAU, **flags)
     assert rows.shape == (2 * B,)
     assert torch.allclose(rows, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-    assert math.isclose(brcd_loss(*args, alpha=alpha, tau=TAU, **flags).item(), sum(expected) / (2 * B),
-                        rel_tol=1e-12)
+    assert math.isclose(brcd_loss(*args, alpha=alpha, tau=TAU, **flags).item(), sum(expected) / (2 * B), rel_tol=1e-12)
 
 
 def test_hand_value_positive_is_in_the_denominator():
@@ -116,8 +116,10 @@ def test_offset_positive_of_view_one_changes_only_the_view_two_row():
 def test_offset_rule_is_off_without_cluster_removal():
     s1, s2, t1, t2, labels, vc1, vc2, masks = batch(seed=22)
     kw = dict(alpha=0.8, tau=TAU, cluster_removal=False, reduction="none")
-    assert torch.equal(brcd_loss(s1, s2, t1, t2, labels, vc1, vc2, masks, **kw),
-                       brcd_loss(s1, s2, t1, t2, labels, labels, labels, masks, **kw))
+    assert torch.equal(
+        brcd_loss(s1, s2, t1, t2, labels, vc1, vc2, masks, **kw),
+        brcd_loss(s1, s2, t1, t2, labels, labels, labels, masks, **kw),
+    )
 
 
 def test_false_negative_removal_changes_exactly_the_rows_of_shared_clusters():
@@ -181,6 +183,8 @@ def test_structural_term_uses_the_anchor_clusters_mask():
     t2[0, 2] = -t2[0, 2]
     assert brcd_loss(s1, s2, t1, t2, labels, vc1, vc2, masks, **kw)[0] == base[0]
     assert brcd_loss(s1, s2, t1, t2, labels, vc1, vc2, masks, bit_mask=False, **kw)[0] != unmasked[0]
+
+
 def test_teacher_codes_get_no_gradient_and_students_do():
     s1, s2, t1, t2, labels, vc1, vc2, masks = batch(seed=80)
     for x in (s1, s2, t1, t2):
@@ -211,7 +215,10 @@ def test_loss_is_smooth_in_the_codes_despite_removed_negatives():
     """gradcheck in float64, treating codes as continuous: the −inf fill of removed negatives yields no NaN."""
     s1, s2, t1, t2, labels, vc1, vc2, masks = batch(seed=100)
     labels = torch.tensor([0, 0, 0, 0, 0, 1])
-    f = lambda a, b: brcd_loss(a, b, t1, t2, labels, vc1, vc2, masks, alpha=0.8, tau=TAU)
+
+    def f(a, b):
+        return brcd_loss(a, b, t1, t2, labels, vc1, vc2, masks, alpha=0.8, tau=TAU)
+
     assert torch.autograd.gradcheck(f, (s1.requires_grad_(True), s2.requires_grad_(True)))
 
 

@@ -1,6 +1,7 @@
 """losses/brcd.py's variants (issue 16) against a slow loop reference written from their description, row by row,
 on ±1 codes and on continuous codes (where the dot and normalised forms differ in value, so their gradients are
 pinned too), plus hand values of the authors'-release mode and of the authors' negatives."""
+
 import itertools
 import math
 
@@ -13,8 +14,27 @@ TAU = 0.3
 B, L, K = 6, 8, 3
 
 
-def ref_rows(s1, s2, t1, t2, labels, vc1, vc2, masks, *, alpha, tau, structural, cluster_removal, bit_mask,
-             mask_normalization, mask_sides, cosine, negatives, authors_release):
+def ref_rows(
+    s1,
+    s2,
+    t1,
+    t2,
+    labels,
+    vc1,
+    vc2,
+    masks,
+    *,
+    alpha,
+    tau,
+    structural,
+    cluster_removal,
+    bit_mask,
+    mask_normalization,
+    mask_sides,
+    cosine,
+    negatives,
+    authors_release,
+):
     """The 2B row losses (view-1 rows, then view-2 rows), as loops over plain Python lists.
 
     A code of image j is masked by m_{c(j)} (mask_sides both) or by the anchor's m_{c(i)} (anchor); the authors'
@@ -81,23 +101,39 @@ def batch(seed, continuous=False):
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     vc1 = torch.tensor([0, 0, 1, 2, 2, 2])
     vc2 = torch.tensor([0, 1, 1, 1, 0, 2])
-    masks = torch.tensor([[1, 1, 0, 1, 0, 1, 1, 0],
-                          [0, 1, 1, 1, 1, 0, 0, 0],
-                          [1, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.float64)
+    masks = torch.tensor(
+        [[1, 1, 0, 1, 0, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.float64
+    )
     return s1, s2, t1, t2, labels, vc1, vc2, masks
 
 
 SIMILARITY = [("kept", "dot"), ("length", "dot"), ("kept", "normalised")]
-VARIANTS = [{"mask_normalization": nz, "cosine": cos, "mask_sides": sides, "negatives": neg, "authors_release": ar,
-                 "bit_mask": bm}
-            for (nz, cos), sides, neg, ar, bm in itertools.product(SIMILARITY, ("anchor", "both"), ("all", "authors"),
-                                                                   (False, True), (True, False))
-            if not (ar and not bm)]
+VARIANTS = [
+    {
+        "mask_normalization": nz,
+        "cosine": cos,
+        "mask_sides": sides,
+        "negatives": neg,
+        "authors_release": ar,
+        "bit_mask": bm,
+    }
+    for (nz, cos), sides, neg, ar, bm in itertools.product(
+        SIMILARITY, ("anchor", "both"), ("all", "authors"), (False, True), (True, False)
+    )
+    if not (ar and not bm)
+]
 
 
 def variant_id(v):
-    return "-".join([v["mask_normalization"], v["cosine"], v["mask_sides"], v["negatives"],
-                     "release" if v["authors_release"] else "masks" if v["bit_mask"] else "nomask"])
+    return "-".join(
+        [
+            v["mask_normalization"],
+            v["cosine"],
+            v["mask_sides"],
+            v["negatives"],
+            "release" if v["authors_release"] else "masks" if v["bit_mask"] else "nomask",
+        ]
+    )
 
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["pm1", "continuous"])
@@ -124,16 +160,26 @@ def test_gradient_matches_finite_differences_of_the_reference(variant):
         plus, minus = s1.detach().clone(), s1.detach().clone()
         plus[i, b] += h
         minus[i, b] -= h
-        f = lambda x: sum(ref_rows(x, s2, t1, t2, labels, vc1, vc2, masks, **kw)) / (2 * B)
+
+        def f(x):
+            return sum(ref_rows(x, s2, t1, t2, labels, vc1, vc2, masks, **kw)) / (2 * B)
+
         assert math.isclose(s1.grad[i, b].item(), (f(plus) - f(minus)) / (2 * h), rel_tol=1e-5, abs_tol=1e-8)
 
 
 def test_defaults_are_the_design_variant():
     args = batch(seed=13)
-    explicit = {"mask_normalization": "kept", "mask_sides": "anchor", "cosine": "dot", "negatives": "all",
-                    "authors_release": False}
-    assert torch.equal(brcd_loss(*args, alpha=0.8, tau=TAU, reduction="none"),
-                       brcd_loss(*args, alpha=0.8, tau=TAU, reduction="none", **explicit))
+    explicit = {
+        "mask_normalization": "kept",
+        "mask_sides": "anchor",
+        "cosine": "dot",
+        "negatives": "all",
+        "authors_release": False,
+    }
+    assert torch.equal(
+        brcd_loss(*args, alpha=0.8, tau=TAU, reduction="none"),
+        brcd_loss(*args, alpha=0.8, tau=TAU, reduction="none", **explicit),
+    )
 
 
 def orthogonal_pair():
@@ -151,8 +197,9 @@ def test_authors_release_row_is_an_individual_pull_over_all_negatives():
 
 def test_authors_release_with_authors_negatives_has_two_per_row():
     s, labels = orthogonal_pair()
-    loss = brcd_loss(s, s, s, s, labels, labels, labels, None, alpha=0.8, tau=TAU, authors_release=True,
-                     negatives="authors")
+    loss = brcd_loss(
+        s, s, s, s, labels, labels, labels, None, alpha=0.8, tau=TAU, authors_release=True, negatives="authors"
+    )
     assert math.isclose(loss.item(), math.log(1 + 2 * math.exp(-0.8 / TAU)), rel_tol=1e-12)
 
 
@@ -186,14 +233,17 @@ def test_authors_negatives_are_the_anchor_views_student_and_the_other_views_teac
         assert brcd_loss(*args, labels, labels, labels, None, **kw)[0] != base[0]
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"mask_sides": "left"}, "mask_sides='left': allowed: anchor, both"),
-    ({"mask_normalization": "bits"}, "mask_normalization='bits': allowed: kept, length"),
-    ({"cosine": "l2"}, "cosine='l2': allowed: dot, normalised"),
-    ({"negatives": "some"}, "negatives='some': allowed: all, authors"),
-    ({"cosine": "normalised", "mask_normalization": "length"}, "cosine='normalised' has its own normaliser"),
-    ({"authors_release": True, "bit_mask": False}, "needs bit_mask=True"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"mask_sides": "left"}, "mask_sides='left': allowed: anchor, both"),
+        ({"mask_normalization": "bits"}, "mask_normalization='bits': allowed: kept, length"),
+        ({"cosine": "l2"}, "cosine='l2': allowed: dot, normalised"),
+        ({"negatives": "some"}, "negatives='some': allowed: all, authors"),
+        ({"cosine": "normalised", "mask_normalization": "length"}, "cosine='normalised' has its own normaliser"),
+        ({"authors_release": True, "bit_mask": False}, "needs bit_mask=True"),
+    ],
+)
 def test_bad_variant_raises_naming_value_and_allowed(kw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         brcd_loss(*batch(seed=16), alpha=0.8, tau=TAU, **kw)

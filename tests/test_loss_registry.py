@@ -1,4 +1,5 @@
 """losses/registry.py: one registry of KD terms that kd_loss dispatches on and config validation reads."""
+
 import pytest
 import torch
 
@@ -23,8 +24,9 @@ def test_names_list_brcd_and_none_first_then_baselines_alphabetically():
     names = kd_names()
     assert names[:2] == ("brcd", "none")
     assert list(names[2:]) == sorted(names[2:])
-    assert {"kl_bits", "kl_codes", "distill_kl", "crd", "rkd", "pkt", "sp", "individual_cos",
-            "individual_l2"} <= set(names)
+    assert {"kl_bits", "kl_codes", "distill_kl", "crd", "rkd", "pkt", "sp", "individual_cos", "individual_l2"} <= set(
+        names
+    )
 
 
 def test_config_kd_methods_is_the_registry():
@@ -56,7 +58,8 @@ def test_registering_a_name_twice_raises(scratch_registry):
 
 def test_needs_may_depend_on_the_config(scratch_registry):
     register_kd("needs_q_when_masked", needs=lambda cfg: ("q1",) if cfg.bit_mask else ())(
-        lambda x, cfg: x.s1.new_zeros(()))
+        lambda x, cfg: x.s1.new_zeros(())
+    )
     with pytest.raises(ValueError, match=r"needs KDInputs.q1"):
         kd_loss("needs_q_when_masked", tiny_inputs(), BRCDConfig())
     assert kd_loss("needs_q_when_masked", tiny_inputs(), BRCDConfig(bit_mask=False)).item() == 0.0
@@ -70,12 +73,15 @@ def test_brcd_in_authors_release_mode_needs_no_masks():
         kd_loss("brcd", x, BRCDConfig())
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("mask_sides", "left", "brcd.mask_sides='left': allowed: anchor, both"),
-    ("mask_normalization", "bits", "brcd.mask_normalization='bits': allowed: kept, length"),
-    ("cosine", "l2", "brcd.cosine='l2': allowed: dot, normalised"),
-    ("negatives", "some", "brcd.negatives='some': allowed: all, authors"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("mask_sides", "left", "brcd.mask_sides='left': allowed: anchor, both"),
+        ("mask_normalization", "bits", "brcd.mask_normalization='bits': allowed: kept, length"),
+        ("cosine", "l2", "brcd.cosine='l2': allowed: dot, normalised"),
+        ("negatives", "some", "brcd.negatives='some': allowed: all, authors"),
+    ],
+)
 def test_bad_brcd_variant_in_config_gives_one_line_error(key, value, message):
     cfg = Config()
     setattr(cfg.brcd, key, value)
@@ -95,8 +101,17 @@ def test_contradictory_brcd_variants_in_config_are_rejected():
 
 
 def test_brcd_variant_keys_load_from_overrides():
-    cfg = config.load_config(None, ["brcd.mask_sides=both", "brcd.cosine=normalised", "brcd.negatives=authors",
-                                    "brcd.authors_release=true", "brcd.mask_normalization=kept"], validate=False)
+    cfg = config.load_config(
+        None,
+        [
+            "brcd.mask_sides=both",
+            "brcd.cosine=normalised",
+            "brcd.negatives=authors",
+            "brcd.authors_release=true",
+            "brcd.mask_normalization=kept",
+        ],
+        validate=False,
+    )
     validate_config(cfg, check_paths=False)
     b = cfg.brcd
     assert (b.mask_sides, b.cosine, b.negatives, b.authors_release) == ("both", "normalised", "authors", True)

@@ -1,12 +1,23 @@
 """KD baselines (losses/individual.py, relational.py, crd.py, kl_bits.py) and the kd_loss dispatch."""
+
 import math
 
 import pytest
 import torch
 
 from brcd_dist.config import KD_METHODS, BRCDConfig
-from brcd_dist.losses import (KDInputs, brcd_loss, crd_loss, individual_cos_loss, individual_l2_loss, kd_loss,
-                              kl_bits_loss, pkt_loss, rkd_loss, sp_loss)
+from brcd_dist.losses import (
+    KDInputs,
+    brcd_loss,
+    crd_loss,
+    individual_cos_loss,
+    individual_l2_loss,
+    kd_loss,
+    kl_bits_loss,
+    pkt_loss,
+    rkd_loss,
+    sp_loss,
+)
 
 TAU = 0.3
 
@@ -22,6 +33,7 @@ def smooth_l1(x):
 
 # ----------------------------------------------------------------------------- hand values
 
+
 def test_individual_cos_hand_value():
     s = torch.tensor([[1.0, 1, 1, 1], [1.0, -1, 1, -1]])
     t = torch.tensor([[1.0, 1, 1, -1], [1.0, -1, 1, -1]])  # cos 1/2 and 1
@@ -31,7 +43,7 @@ def test_individual_cos_hand_value():
 def test_individual_l2_hand_value():
     u = torch.tensor([[0.5, -0.5]])
     t = torch.tensor([[1.0, 1.0]])
-    assert math.isclose(individual_l2_loss(u, t).item(), (0.5 ** 2 + 1.5 ** 2) / 2)
+    assert math.isclose(individual_l2_loss(u, t).item(), (0.5**2 + 1.5**2) / 2)
 
 
 def test_crd_hand_value():
@@ -102,8 +114,10 @@ def test_rkd_gradient_is_finite_when_codes_repeat():
 
 # ----------------------------------------------------------------------------- student equals teacher
 
-@pytest.mark.parametrize("loss", [individual_cos_loss, individual_l2_loss, rkd_loss, pkt_loss, sp_loss],
-                         ids=lambda f: f.__name__)
+
+@pytest.mark.parametrize(
+    "loss", [individual_cos_loss, individual_l2_loss, rkd_loss, pkt_loss, sp_loss], ids=lambda f: f.__name__
+)
 def test_zero_when_student_equals_teacher(loss):
     t = codes(6, 16, seed=5)
     assert abs(loss(t.clone(), t).item()) < 1e-9
@@ -123,15 +137,31 @@ def test_crd_is_lowest_when_student_equals_teacher():
 
 # ----------------------------------------------------------------------------- kd_loss dispatch
 
+
 def kd_batch(b=6, bits=16, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     p1, p2, q1, q2 = (torch.rand(b, bits, generator=g, dtype=torch.float64) for _ in range(4))
-    sign = lambda p: torch.where(p >= 0.5, 1.0, -1.0).double()
+
+    def sign(p):
+        return torch.where(p >= 0.5, 1.0, -1.0).double()
+
     labels, vc1, vc2 = (torch.randint(0, k, (b,), generator=g) for _ in range(3))
     masks = (torch.rand(k, bits, generator=g) > 0.3).double()
     masks[:, 0] = 1
-    return KDInputs(s1=sign(p1), s2=sign(p2), p1=p1, p2=p2, t1=sign(q1), t2=sign(q2), q1=q1, q2=q2,
-                    labels=labels, view_clusters1=vc1, view_clusters2=vc2, masks=masks)
+    return KDInputs(
+        s1=sign(p1),
+        s2=sign(p2),
+        p1=p1,
+        p2=p2,
+        t1=sign(q1),
+        t2=sign(q2),
+        q1=q1,
+        q2=q2,
+        labels=labels,
+        view_clusters1=vc1,
+        view_clusters2=vc2,
+        masks=masks,
+    )
 
 
 @pytest.mark.parametrize("name", KD_METHODS)
@@ -147,8 +177,21 @@ def test_none_is_zero():
 def test_brcd_dispatch_passes_the_config():
     x = kd_batch()
     cfg = BRCDConfig(alpha=0.3, tau=0.5, structural=True, cluster_removal=False, bit_mask=True)
-    expected = brcd_loss(x.s1, x.s2, x.t1, x.t2, x.labels, x.view_clusters1, x.view_clusters2, x.masks,
-                         alpha=0.3, tau=0.5, structural=True, cluster_removal=False, bit_mask=True)
+    expected = brcd_loss(
+        x.s1,
+        x.s2,
+        x.t1,
+        x.t2,
+        x.labels,
+        x.view_clusters1,
+        x.view_clusters2,
+        x.masks,
+        alpha=0.3,
+        tau=0.5,
+        structural=True,
+        cluster_removal=False,
+        bit_mask=True,
+    )
     assert kd_loss("brcd", x, cfg).item() == expected.item()
 
 

@@ -1,4 +1,5 @@
 """losses/cibhash.py: NT-Xent over the 2B codes + kl_weight × symmetric Bernoulli KL (Qiu et al. 2021)."""
+
 import math
 
 import torch
@@ -15,6 +16,7 @@ def ref_nt_xent(z1, z2, tau):
 
     def cos(u, v):
         return sum(x * y for x, y in zip(u, v)) / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v))
+
     total = 0.0
     for r in range(n):
         pos = (r + b) % n
@@ -25,14 +27,22 @@ def ref_nt_xent(z1, z2, tau):
 
 def ref_kl(p, q):
     """Σ_bits KL(Bern(p) ‖ Bern(q)), mean over rows, with the authors' ε."""
-    rows = [sum(a * (math.log(a + EPS) - math.log(b + EPS)) + (1 - a) * (math.log(1 - a + EPS) - math.log(1 - b + EPS))
-                for a, b in zip(pr, qr)) for pr, qr in zip(p.tolist(), q.tolist())]
+    rows = [
+        sum(
+            a * (math.log(a + EPS) - math.log(b + EPS)) + (1 - a) * (math.log(1 - a + EPS) - math.log(1 - b + EPS))
+            for a, b in zip(pr, qr)
+        )
+        for pr, qr in zip(p.tolist(), q.tolist())
+    ]
     return sum(rows) / len(rows)
 
 
 def random_batch(b=5, bits=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    p1, p2 = torch.rand(b, bits, generator=g, dtype=torch.float64), torch.rand(b, bits, generator=g, dtype=torch.float64)
+    p1, p2 = (
+        torch.rand(b, bits, generator=g, dtype=torch.float64),
+        torch.rand(b, bits, generator=g, dtype=torch.float64),
+    )
     return p1, torch.where(p1 >= 0.5, 1.0, -1.0).double(), p2, torch.where(p2 >= 0.5, 1.0, -1.0).double()
 
 

@@ -1,4 +1,5 @@
 """The paper's KD baseline (losses/distill_kl.py) and KL on the teacher's binary codes (kl_bits.py's kl_codes)."""
+
 import math
 
 import pytest
@@ -65,7 +66,10 @@ def two_views(seed=1):
     g = torch.Generator().manual_seed(seed)
     p1, p2 = (torch.rand(3, 8, generator=g, dtype=torch.float64) for _ in range(2))
     t1, t2 = (torch.randint(0, 2, (3, 8), generator=g).double() * 2 - 1 for _ in range(2))
-    sign = lambda p: torch.where(p >= 0.5, 1.0, -1.0).double()
+
+    def sign(p):
+        return torch.where(p >= 0.5, 1.0, -1.0).double()
+
     return KDInputs(s1=sign(p1), s2=sign(p2), p1=p1, p2=p2, t1=t1, t2=t2)
 
 

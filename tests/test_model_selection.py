@@ -1,4 +1,5 @@
 """train/selection.ModelSelection: best score, patience, snapshot of the best weights (DESIGN §3)."""
+
 from __future__ import annotations
 
 from brcd_dist.train.selection import ModelSelection
@@ -12,7 +13,9 @@ def snapshots():
         def weights():
             taken.append(value)
             return {"w": value}
+
         return weights
+
     return taken, take
 
 

@@ -1,4 +1,5 @@
 """Hash models (DESIGN §2 "Teacher"): timm backbones at 32x32x1, heads, frozen backbones, weights, checkpoints."""
+
 import logging
 
 import pytest
@@ -7,12 +8,20 @@ import torch
 from torch import nn
 
 from brcd_dist.config import Config, ModelConfig
-from brcd_dist.models import (HashModel, build_hash_model, build_student, build_teacher, count_flops,
-                              load_hash_model, save_hash_model)
+from brcd_dist.models import (
+    HashModel,
+    build_hash_model,
+    build_student,
+    build_teacher,
+    count_flops,
+    load_hash_model,
+    save_hash_model,
+)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet10t", "mobilenetv3_small_050", "efficientnet_b0",
-                                  "vit_tiny_patch16_224"])
+@pytest.mark.parametrize(
+    "arch", ["resnet18", "resnet10t", "mobilenetv3_small_050", "efficientnet_b0", "vit_tiny_patch16_224"]
+)
 def test_timm_backbones_build_and_run_on_32px_grayscale(arch):
     model = HashModel(arch, bits=64, in_chans=1, img_size=32)
     x = torch.randn(2, 1, 32, 32)
@@ -95,8 +104,12 @@ def test_weights_path_loads_a_local_state_dict(tmp_path, wrap):
     torch.manual_seed(1)
     source = timm.create_model("resnet10t", num_classes=10, in_chans=1)  # classifier: unexpected in a backbone
     sd = source.state_dict()
-    ckpt = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3}, "model": {"model": sd},
-            "module_prefix": {f"module.{k}": v for k, v in sd.items()}}[wrap]
+    ckpt = {
+        "plain": sd,
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model": {"model": sd},
+        "module_prefix": {f"module.{k}": v for k, v in sd.items()},
+    }[wrap]
     path = tmp_path / "backbone.pt"
     torch.save(ckpt, path)
     model = HashModel("resnet10t", bits=16, in_chans=1, img_size=32, weights_path=str(path))
@@ -134,7 +147,14 @@ def test_teacher_and_student_factories_follow_the_config():
     cfg.student = ModelConfig(name="mobilenetv3_small_050")
     cfg.brcd.bits, cfg.data.in_chans, cfg.data.image_size = 32, 1, 32
     teacher, student = build_teacher(cfg), build_student(cfg)
-    assert teacher.spec == {"arch": "resnet10t", "bits": 32, "in_chans": 1, "img_size": 32, "head": "mlp",
-                            "frozen_backbone": True, "backbone_kwargs": {}}
+    assert teacher.spec == {
+        "arch": "resnet10t",
+        "bits": 32,
+        "in_chans": 1,
+        "img_size": 32,
+        "head": "mlp",
+        "frozen_backbone": True,
+        "backbone_kwargs": {},
+    }
     assert (student.arch, student.head_type, student.frozen_backbone) == ("mobilenetv3_small_050", "linear", False)
     assert student(torch.randn(2, 1, 32, 32)).shape == (2, 32)

@@ -1,6 +1,7 @@
 """Files read from shared stores run no code (issue 13 point 2): caches, clustering and model checkpoints load
 with weights_only=True, and a checkpoint's model spec is checked before timm sees it. A marker file proves that a
 crafted pickle payload did not execute."""
+
 from __future__ import annotations
 
 import os
@@ -64,9 +65,16 @@ def test_codes_cache_keeps_numpy_arrays_through_a_weights_only_file(tmp_path):
 
 
 def test_clustering_round_trips_through_a_weights_only_file(tmp_path):
-    c = Clustering(centroids=torch.ones(2, 8), masks=torch.ones(2, 8), agreement=torch.ones(2, 8),
-                   counts=torch.tensor([3, 4]), pseudo_labels={"train-00001": 1}, inertia=[1.5, 1.2],
-                   n_mask_fallback=0, backend="faiss")
+    c = Clustering(
+        centroids=torch.ones(2, 8),
+        masks=torch.ones(2, 8),
+        agreement=torch.ones(2, 8),
+        counts=torch.tensor([3, 4]),
+        pseudo_labels={"train-00001": 1},
+        inertia=[1.5, 1.2],
+        n_mask_fallback=0,
+        backend="faiss",
+    )
     c.save(tmp_path / "clustering.pt")
     back = Clustering.load(tmp_path / "clustering.pt")
     assert back.pseudo_labels == {"train-00001": 1} and torch.equal(back.counts, c.counts)
@@ -77,13 +85,16 @@ def good_spec():
     return HashModel("resnet10t", 16, 1, 32).spec
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"arch": "os.system"}, "arch='os.system' is not a timm model name"),
-    ({"img_size": 100000}, "img_size=100000 is not in 8..4096"),
-    ({"backbone_kwargs": {"img_size": 32, "pretrained_cfg_overlay": {"file": "/etc/passwd"}}}, "backbone_kwargs="),
-    ({"bits": "64"}, "bits='64' is not a multiple of 8"),
-    ({"extra": 1}, "keys ["),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"arch": "os.system"}, "arch='os.system' is not a timm model name"),
+        ({"img_size": 100000}, "img_size=100000 is not in 8..4096"),
+        ({"backbone_kwargs": {"img_size": 32, "pretrained_cfg_overlay": {"file": "/etc/passwd"}}}, "backbone_kwargs="),
+        ({"bits": "64"}, "bits='64' is not a multiple of 8"),
+        ({"extra": 1}, "keys ["),
+    ],
+)
 def test_bad_checkpoint_spec_is_refused_before_timm(good_spec, change, message):
     with pytest.raises(ValueError, match="model spec") as err:
         check_spec({**good_spec, **change}, "ckpt.pt")

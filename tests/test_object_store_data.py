@@ -1,6 +1,7 @@
 """Shards on a real S3-compatible store (SeaweedFS on 127.0.0.1, tests/object_store.py): written there with their
 manifest, resumable; read through a link that cuts every connection, every key exactly once and the same samples
 as the fault-free read; a shard gone for good fails a pass that needs every key, naming it."""
+
 from __future__ import annotations
 
 import uuid
@@ -18,8 +19,9 @@ LOADER = dict(image_size=32, in_chans=1)
 
 
 def _epoch(manifest, **kw):
-    batches = train_batches(manifest, "train", rank=0, world_size=1, batch_size=16, num_workers=1, epoch=0,
-                            seed=3, **LOADER, **kw)
+    batches = train_batches(
+        manifest, "train", rank=0, world_size=1, batch_size=16, num_workers=1, epoch=0, seed=3, **LOADER, **kw
+    )
     return list(batches), batches.stats
 
 
@@ -48,6 +50,7 @@ def test_an_interrupted_upload_resumes_writing_only_the_missing_shards(object_st
             raise ConnectionError("link lost")
         uploads.append(dst)
         real_upload(src, dst)
+
     monkeypatch.setattr(storage, "upload", dying_upload)
     with pytest.raises(ConnectionError):
         write_shards(url, "fashion_mnist", FASHION_MNIST, **args)

@@ -3,6 +3,7 @@ and manifest read from data.shards_url with no local shard directory, checkpoint
 k-means cache on s3://; the teacher written once beside the checkpoints, not into each. Then the same run with the
 shards read through a link that cuts every connection after 30 kB: it finishes with the same student. The jobs run
 as separate processes (their own local Ray) with the store's endpoint and keys in the standard AWS variables only."""
+
 from __future__ import annotations
 
 import json
@@ -22,30 +23,49 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _distill(object_store, s3_shards, tmp_path_factory, name: str, extra: list[str], endpoint: str = ""):
-    overrides = [o for o in tiny_overrides(tmp_path_factory.mktemp("unused"), "unused", name)
-                 if not o.startswith(("data.shards_dir=", "train.storage_path="))]
-    overrides += [f"data.shards_dir={tmp_path_factory.getbasetemp() / 'no-such-dir'}", f"data.shards_url={s3_shards}",
-                  *extra]
+    overrides = [
+        o
+        for o in tiny_overrides(tmp_path_factory.mktemp("unused"), "unused", name)
+        if not o.startswith(("data.shards_dir=", "train.storage_path="))
+    ]
+    overrides += [
+        f"data.shards_dir={tmp_path_factory.getbasetemp() / 'no-such-dir'}",
+        f"data.shards_url={s3_shards}",
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(object_store.env, PYTHONPATH=str(REPO))
     if endpoint:
         env["AWS_ENDPOINT_URL"] = endpoint
-    return subprocess.run([sys.executable, "jobs/distill.py", *overrides], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=840, check=False)
+    return subprocess.run(
+        [sys.executable, "jobs/distill.py", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
 
 
 def _final_student(run_dir: str):
     snapshot = json.loads(storage.read_bytes(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
-    return load_hash_model(storage.join(run_dir, snapshot["latest_checkpoint_result"]["checkpoint_dir_name"],
-                                        "student.pt"))
+    return load_hash_model(
+        storage.join(run_dir, snapshot["latest_checkpoint_result"]["checkpoint_dir_name"], "student.pt")
+    )
 
 
 @pytest.fixture(scope="module")
 def s3_run(object_store, s3_shards, tmp_path_factory):
     storage_path = object_store.url("runs")
     cache = object_store.url("cache")
-    done = _distill(object_store, s3_shards, tmp_path_factory, "on-s3",
-                    [f"train.storage_path={storage_path}", f"brcd.clustering_cache={cache}"])
+    done = _distill(
+        object_store,
+        s3_shards,
+        tmp_path_factory,
+        "on-s3",
+        [f"train.storage_path={storage_path}", f"brcd.clustering_cache={cache}"],
+    )
     return done, storage.join(storage_path, "on-s3"), cache
 
 
@@ -55,8 +75,14 @@ def cut_run(object_store, s3_shards, tmp_path_factory):
     storage_path = tmp_path_factory.mktemp("cut_runs")
     proxy = CuttingProxy(int(object_store.endpoint.rsplit(":", 1)[1]), cut_after=30_000).start()
     try:
-        done = _distill(object_store, s3_shards, tmp_path_factory, "through-cuts",
-                        [f"train.storage_path={storage_path}"], endpoint=proxy.endpoint)
+        done = _distill(
+            object_store,
+            s3_shards,
+            tmp_path_factory,
+            "through-cuts",
+            [f"train.storage_path={storage_path}"],
+            endpoint=proxy.endpoint,
+        )
     finally:
         proxy.stop()
     return done, str(storage_path / "through-cuts"), proxy

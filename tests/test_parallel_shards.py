@@ -1,5 +1,6 @@
 """Shard writing by Ray tasks (parallel_shards.py): the same shards and manifest as the serial writer, and a re-run
 after a crash writes only the shards that were not finished."""
+
 import json
 
 import numpy as np
@@ -10,8 +11,7 @@ from brcd_dist.data import load_manifest, write_shards
 from brcd_dist.data.parallel_shards import PROGRESS_NAME, write_shards_parallel
 
 pytestmark = pytest.mark.slow
-KW = dict(seed=0, train_per_class=3, val_fraction=0.5, samples_per_shard=5, in_chans=3, shorter_side=24,
-          progress=False)
+KW = dict(seed=0, train_per_class=3, val_fraction=0.5, samples_per_shard=5, in_chans=3, shorter_side=24, progress=False)
 
 
 @pytest.fixture(scope="module")

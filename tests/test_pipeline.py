@@ -2,6 +2,7 @@
 the tiny run of conftest.py, read back through the checkpoint it leaves.
 
 Real Ray, real DeepSpeed over gloo, real FAISS k-means; tracking off (MLflow has its own tests)."""
+
 import math
 
 import pytest

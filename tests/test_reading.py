@@ -6,6 +6,7 @@ Ranks are passed explicitly (torch.distributed is never initialised in this proc
 real DataLoader processes. One test runs two real gloo ranks that all_reduce after every step: a rank with
 fewer batches would hang it (caught by the timeout of tests/dist_utils.py).
 """
+
 import io
 import logging
 import shutil
@@ -17,23 +18,23 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_on_ranks
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from brcd_dist.data import eval_batches, load_manifest, train_batches, write_shards
-from brcd_dist.data import augment
+from brcd_dist.data import augment, eval_batches, load_manifest, train_batches, write_shards
 from brcd_dist.data.epoch_plan import batch_sizes, plan_epoch, rank_count, steps_per_epoch
 from brcd_dist.data.manifest import file_sha256, save_manifest, shard_url
 from brcd_dist.storage import ShardIntegrityError
-from dist_utils import run_on_ranks
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 # 230 train images in 5 shards (50, 50, 50, 50, 30): over 2 ranks one reads 3 shards, the other 2.
 SHARDS = dict(train_per_class=23, samples_per_shard=50, max_images=600, val_fraction=0.5, progress=False)
 LOADER = dict(image_size=32, in_chans=1)
 
-pytestmark = pytest.mark.skipif(not Path(FMNIST, "train-images-idx3-ubyte.gz").is_file(),
-                                reason="apt-get install dataset-fashion-mnist")
+pytestmark = pytest.mark.skipif(
+    not Path(FMNIST, "train-images-idx3-ubyte.gz").is_file(), reason="apt-get install dataset-fashion-mnist"
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,18 @@ def epoch_on_ranks(manifest, split, world_size, *, batch_size=16, num_workers=2,
     """Run every rank's epoch one after the other: (len() per rank, batches per rank, stats per rank)."""
     lens, batches, stats = [], [], []
     for rank in range(world_size):
-        it = train_batches(manifest, split, rank=rank, world_size=world_size, batch_size=batch_size,
-                           num_workers=num_workers, epoch=epoch, seed=0, **LOADER, **kw)
+        it = train_batches(
+            manifest,
+            split,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            epoch=epoch,
+            seed=0,
+            **LOADER,
+            **kw,
+        )
         lens.append(len(it))
         batches.append(list(it))
         stats.append(it.stats)
@@ -56,8 +67,20 @@ def epoch_on_ranks(manifest, split, world_size, *, batch_size=16, num_workers=2,
 def eval_on_ranks(manifest, split, world_size, *, batch_size=64, num_workers=2, **kw):
     out = []
     for rank in range(world_size):
-        out.append(list(eval_batches(manifest, split, rank=rank, world_size=world_size, batch_size=batch_size,
-                                     num_workers=num_workers, **LOADER, **kw)))
+        out.append(
+            list(
+                eval_batches(
+                    manifest,
+                    split,
+                    rank=rank,
+                    world_size=world_size,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    **LOADER,
+                    **kw,
+                )
+            )
+        )
     return out
 
 
@@ -67,16 +90,23 @@ def keys_of(batches):
 
 # ----------------------------------------------------------------------------- the epoch plan (pure)
 
-LAYOUTS = [([50, 50, 50, 50, 30], 2), ([34, 33, 33], 3), ([7, 7, 7, 7, 6], 4), ([1000, 1000, 600], 3), ([5] * 9, 2),
-           ([64] * 8, 8)]
+LAYOUTS = [
+    ([50, 50, 50, 50, 30], 2),
+    ([34, 33, 33], 3),
+    ([7, 7, 7, 7, 6], 4),
+    ([1000, 1000, 600], 3),
+    ([5] * 9, 2),
+    ([64] * 8, 8),
+]
 
 
 @pytest.mark.parametrize("counts,world", LAYOUTS)
 def test_plan_gives_each_sample_position_to_exactly_one_rank(counts, world):
     for epoch in (0, 1):
         plan = plan_epoch(counts, world, epoch=epoch, seed=3)
-        taken = Counter((p.shard, pos) for parts in plan for p in parts
-                        for pos in range(p.residue, counts[p.shard], p.stride))
+        taken = Counter(
+            (p.shard, pos) for parts in plan for p in parts for pos in range(p.residue, counts[p.shard], p.stride)
+        )
         assert sorted(taken) == [(s, i) for s, c in enumerate(counts) for i in range(c)]
         assert set(taken.values()) == {1}
         assert all(p.count == len(range(p.residue, counts[p.shard], p.stride)) for parts in plan for p in parts)
@@ -97,6 +127,7 @@ def test_at_64_ranks_every_shard_is_read_by_one_rank():
     """The audit's case: ImageNet's 100k train subset at 64 ranks x 6 loader workers. Shards cut for 384 readers
     (make_shards) give every rank whole shards, 6 of them, and no shard to two ranks."""
     from brcd_dist.data.shards import shard_sizes
+
     counts = shard_sizes(100_000, 2000, 64 * 6)
     for epoch in (0, 1):
         plan = plan_epoch(counts, 64, epoch=epoch, seed=0)
@@ -131,6 +162,7 @@ def test_max_steps_caps_steps_and_keeps_batches_full():
 
 
 # ----------------------------------------------------------------------------- training batches
+
 
 def test_two_ranks_two_workers_read_every_train_key_once_per_epoch_in_equal_steps(manifest):
     split = manifest.splits["train"]
@@ -168,14 +200,14 @@ def test_max_steps_stops_the_epoch_early(manifest):
 def test_more_ranks_than_shards_is_refused_before_any_shard_is_read(manifest):
     """Each rank reading every shard (the old strided fallback) would multiply reading by the world size."""
     with pytest.raises(ValueError, match="data.shard_readers >= 7"):
-        train_batches(manifest, "train", rank=0, world_size=7, batch_size=8, num_workers=0, epoch=0, seed=0,
-                      **LOADER)
+        train_batches(manifest, "train", rank=0, world_size=7, batch_size=8, num_workers=0, epoch=0, seed=0, **LOADER)
 
 
 def test_views_depend_on_key_and_epoch_not_on_which_rank_read_them(manifest):
     def views(world, epoch):
         _, batches, _ = epoch_on_ranks(manifest, "train", world, batch_size=64, num_workers=0, epoch=epoch)
         return {k: (b["view1"][i], b["view2"][i]) for bs in batches for b in bs for i, k in enumerate(b["key"])}
+
     one, two, later = views(1, 0), views(2, 0), views(1, 1)
     for key in list(one)[:20]:
         assert torch.equal(one[key][0], two[key][0]) and torch.equal(one[key][1], two[key][1])
@@ -201,8 +233,9 @@ def _gloo_epoch(rank, world_size, shards_dir):
     """One training epoch on a real gloo rank, an all_reduce after every step (as a DDP/DeepSpeed step does)."""
     m = load_manifest(shards_dir)
     keys, steps = [], 0
-    for batch in train_batches(m, "train", rank=rank, world_size=world_size, batch_size=16, num_workers=0,
-                               epoch=0, seed=0, **LOADER):
+    for batch in train_batches(
+        m, "train", rank=rank, world_size=world_size, batch_size=16, num_workers=0, epoch=0, seed=0, **LOADER
+    ):
         t = torch.tensor([float(len(batch["key"]))])
         dist.all_reduce(t)
         keys += batch["key"]
@@ -218,6 +251,7 @@ def test_real_gloo_ranks_step_together_over_uneven_shards(manifest):
 
 
 # ----------------------------------------------------------------------------- eval batches
+
 
 def test_eval_split_is_read_exactly_once_across_two_ranks_two_workers(manifest):
     split = manifest.splits["database"]
@@ -244,6 +278,7 @@ def test_eval_images_are_deterministic_and_resized(manifest):
 
 # ----------------------------------------------------------------------------- URLs
 
+
 def test_shard_urls_from_local_s3_http_and_pipe_bases():
     assert shard_url("a-000001.tar", "/d") == "/d/a-000001.tar"
     assert shard_url("a.tar", "/d", "s3://b/p/") == "s3://b/p/a.tar"
@@ -260,6 +295,7 @@ def test_reading_through_a_pipe_url_gives_the_same_split(manifest):
 
 
 # ----------------------------------------------------------------------------- damaged data
+
 
 def _rewrite_with_garbage_png(path: Path, victim: int) -> str:
     """Replace the PNG of the victim-th sample of a shard with bytes that are no image; returns its key."""
@@ -336,7 +372,7 @@ def test_damaged_train_data_is_skipped_counted_and_steps_stay_equal(damaged, cap
     assert set(keys_of(batches[0]) + keys_of(batches[1])) == intact
     # a rank that ran short fills its last steps re-using samples (counted): only those steps repeat keys
     assert sum(s.padded_steps for s in stats) >= 1
-    fresh = [k for bs, s in zip(batches, stats) for k in keys_of(bs[:len(bs) - s.padded_steps])]
+    fresh = [k for bs, s in zip(batches, stats) for k in keys_of(bs[: len(bs) - s.padded_steps])]
     assert len(fresh) == len(set(fresh))
     assert sum(s.skipped for s in stats) == m.splits["train"].count - len(intact)
     assert sum(s.bad_samples for s in stats) >= 1 and sum(s.missing_samples for s in stats) >= 1
@@ -351,6 +387,7 @@ def test_damaged_eval_data_is_skipped_and_the_rest_read_once(damaged):
 
 
 # ----------------------------------------------------------------------------- augmentations
+
 
 def _rgb(n=3, seed=0):
     return torch.rand(n, 3, 12, 10, generator=torch.Generator().manual_seed(seed))
@@ -371,15 +408,20 @@ def test_a_view_without_crop_jitter_or_flip_is_a_plain_resize_and_flip_mirrors_i
 
 def test_view_colour_ops_are_torchvisions_in_fixed_order():
     im = _photo(seed=1)
-    p = augment.ViewParams(box=(4.0, 2.0, 36.0, 26.0), flip=False, brightness=1.2, contrast=0.7, saturation=1.3,
-                           hue=-0.05)
+    p = augment.ViewParams(
+        box=(4.0, 2.0, 36.0, 26.0), flip=False, brightness=1.2, contrast=0.7, saturation=1.3, hue=-0.05
+    )
     crop = augment.crop_resize(im, p.box, 16, flip=False)
     # PIL's box resize filters across the box edge; crop-then-resize (torchvision) differs only there
     tv_crop = np.asarray(TF.resized_crop(im, 2, 4, 24, 32, [16, 16]), dtype=float)  # top, left, height, width
     assert np.abs(np.asarray(crop, dtype=float) - tv_crop)[2:-2, 2:-2].max() <= 1
     ref = crop
-    for op, f in ((TF.adjust_brightness, 1.2), (TF.adjust_contrast, 0.7), (TF.adjust_saturation, 1.3),
-                  (TF.adjust_hue, -0.05)):
+    for op, f in (
+        (TF.adjust_brightness, 1.2),
+        (TF.adjust_contrast, 0.7),
+        (TF.adjust_saturation, 1.3),
+        (TF.adjust_hue, -0.05),
+    ):
         ref = op(ref, f)
     assert np.array_equal(augment.augment_view(im, p, 16), np.asarray(ref))
     gray = augment.augment_view(im, augment.ViewParams(box=p.box, flip=False, gray=True), 16)
@@ -408,7 +450,10 @@ def test_crop_draws_respect_scale_ratio_and_image_bounds():
 
 
 def test_recipe_is_scaled_to_channels_and_size():
-    gray, rgb_small, rgb_big = (augment.paper_augment_spec(32, 1), augment.paper_augment_spec(32, 3),
-                                augment.paper_augment_spec(224, 3))
+    gray, rgb_small, rgb_big = (
+        augment.paper_augment_spec(32, 1),
+        augment.paper_augment_spec(32, 3),
+        augment.paper_augment_spec(224, 3),
+    )
     assert (gray.saturation, gray.hue, gray.gray_p, gray.brightness, gray.contrast) == (0, 0, 0, 0.4, 0.4)
     assert (rgb_small.blur_p, rgb_big.blur_p, rgb_big.hue, rgb_big.gray_p) == (0, 0.5, 0.1, 0.2)

@@ -1,15 +1,25 @@
 """Retrieval metrics (DESIGN §3) against hand-made cases and a slow per-query Python reference."""
+
 import numpy as np
 import pytest
 import torch
 
 from brcd_dist.models import HashModel
-from brcd_dist.retrieval import (encode_batches, evaluate_paradigms, hamming_distances_packed, hamming_topk,
-                                 mean_average_precision, pack_words, pr_curve, precision_at_k, stable_topk_by_key,
-                                 stable_topk_by_sort)
-
+from brcd_dist.retrieval import (
+    encode_batches,
+    evaluate_paradigms,
+    hamming_distances_packed,
+    hamming_topk,
+    mean_average_precision,
+    pack_words,
+    pr_curve,
+    precision_at_k,
+    stable_topk_by_key,
+    stable_topk_by_sort,
+)
 
 # ----------------------------------------------------------------------------- slow references
+
 
 def ref_ranking(q, db):
     """Per query: database indices sorted by (Hamming distance, index)."""
@@ -50,13 +60,17 @@ METHODS = ["popcount", "matmul"]  # the CPU path and the other-device path, both
 @pytest.mark.parametrize("method", METHODS)
 def test_ties_are_broken_by_database_index(method):
     q = np.array([[1, 1, 1, 1]], np.float32)
-    db = np.array([[-1, -1, -1, -1],  # 0: distance 4
-                   [1, 1, 1, 1],      # 1: distance 0
-                   [1, 1, 1, -1],     # 2: distance 1
-                   [1, 1, 1, 1],      # 3: distance 0
-                   [-1, 1, 1, 1],     # 4: distance 1
-                   [1, 1, 1, 1]],     # 5: distance 0
-                  np.float32)
+    db = np.array(
+        [
+            [-1, -1, -1, -1],  # 0: distance 4
+            [1, 1, 1, 1],  # 1: distance 0
+            [1, 1, 1, -1],  # 2: distance 1
+            [1, 1, 1, 1],  # 3: distance 0
+            [-1, 1, 1, 1],  # 4: distance 1
+            [1, 1, 1, 1],
+        ],  # 5: distance 0
+        np.float32,
+    )
     assert hamming_topk(q, db, 6, method=method).tolist() == [[1, 3, 5, 2, 4, 0]]
     assert hamming_topk(q, db, 4, method=method).tolist() == [[1, 3, 5, 2]]
 
@@ -111,6 +125,7 @@ def test_codes_that_are_not_plus_minus_one_are_refused():
 
 # ----------------------------------------------------------------------------- mAP@K, P@K
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_map_matches_reference_on_tie_heavy_int_labels(method):
     rng = np.random.default_rng(2)
@@ -159,14 +174,19 @@ def test_precision_at_k_matches_reference():
 
 # ----------------------------------------------------------------------------- precision-recall by radius
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_pr_curve_by_hamming_radius_hand_computed(method):
     q = np.array([[1, 1, 1, 1]], np.float32)
-    db = np.array([[1, 1, 1, 1],      # distance 0, relevant
-                   [1, 1, 1, -1],     # distance 1, not relevant
-                   [-1, 1, 1, 1],     # distance 1, relevant
-                   [-1, -1, -1, -1]],  # distance 4, relevant
-                  np.float32)
+    db = np.array(
+        [
+            [1, 1, 1, 1],  # distance 0, relevant
+            [1, 1, 1, -1],  # distance 1, not relevant
+            [-1, 1, 1, 1],  # distance 1, relevant
+            [-1, -1, -1, -1],
+        ],  # distance 4, relevant
+        np.float32,
+    )
     pr = pr_curve(q, db, np.array([0]), np.array([0, 1, 0, 0]), method=method)
     assert pr["radius"].tolist() == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(pr["precision"], [1, 2 / 3, 2 / 3, 2 / 3, 3 / 4])
@@ -174,11 +194,14 @@ def test_pr_curve_by_hamming_radius_hand_computed(method):
 
 
 def test_pr_curve_averages_only_queries_where_each_value_is_defined():
-    q = np.array([[1, 1, 1, 1],
-                  [1, 1, -1, -1]], np.float32)  # query 1: label 5, relevant to nothing
-    db = np.array([[1, 1, 1, -1],    # distance 1 / 1, relevant to query 0
-                   [-1, -1, -1, -1]],  # distance 4 / 2
-                  np.float32)
+    q = np.array([[1, 1, 1, 1], [1, 1, -1, -1]], np.float32)  # query 1: label 5, relevant to nothing
+    db = np.array(
+        [
+            [1, 1, 1, -1],  # distance 1 / 1, relevant to query 0
+            [-1, -1, -1, -1],
+        ],  # distance 4 / 2
+        np.float32,
+    )
     pr = pr_curve(q, db, np.array([0, 5]), np.array([0, 1]))
     # radius 0: nothing retrieved by either query -> undefined; radius 1: query 0 -> 1, query 1 -> 0
     assert np.isnan(pr["precision"][0])
@@ -189,11 +212,12 @@ def test_pr_curve_averages_only_queries_where_each_value_is_defined():
 
 # ----------------------------------------------------------------------------- paradigms, encoding
 
+
 def test_evaluate_paradigms_routes_student_and_teacher_codes():
     """DB labels [0, 1, 1], query label 0, mAP@3: the position of item 0 in each ranking gives the answer."""
     sq = np.array([[1, 1, 1, 1]], np.float32)
     student_db = np.array([[-1, -1, -1, -1], [1, 1, 1, 1], [1, 1, 1, -1]], np.float32)  # ranks 1, 2, 0
-    teacher_db = np.array([[1, 1, 1, 1], [-1, 1, 1, 1], [-1, -1, 1, 1]], np.float32)    # ranks 0, 1, 2
+    teacher_db = np.array([[1, 1, 1, 1], [-1, 1, 1, 1], [-1, -1, 1, 1]], np.float32)  # ranks 0, 1, 2
     tq = np.array([[-1, 1, 1, 1]], np.float32)  # teacher db distances 1, 0, 1: ranks 1, 0, 2 (tie by index)
     codes = {"student": {"query": sq, "database": student_db}, "teacher": {"query": tq, "database": teacher_db}}
     got = evaluate_paradigms(codes, np.array([0]), np.array([0, 1, 1]), 3)
@@ -206,8 +230,10 @@ def test_encode_batches_concatenates_codes_keys_and_labels_in_order():
     torch.manual_seed(0)
     model = HashModel("mobilenetv3_small_050", 16, in_chans=1, img_size=32)
     images = torch.randn(5, 1, 32, 32)
-    batches = [{"image": images[:3], "key": ["a", "b", "c"], "label": torch.tensor([0, 1, 2])},
-               {"image": images[3:], "key": ["d", "e"], "label": torch.tensor([3, 4])}]
+    batches = [
+        {"image": images[:3], "key": ["a", "b", "c"], "label": torch.tensor([0, 1, 2])},
+        {"image": images[3:], "key": ["d", "e"], "label": torch.tensor([3, 4])},
+    ]
     codes, keys, labels = encode_batches(model, batches, "cpu")
     assert codes.dtype == np.float32 and codes.shape == (5, 16)
     np.testing.assert_array_equal(codes, model.encode(images).numpy())

@@ -1,6 +1,7 @@
 """Runs are not silently reused or replaced (issue 13 point 4): a run name resumes only under its own config,
 default names are unique, an alias moves only to a version at least as good as its holder, and the teacher copy
 is atomic."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,10 +68,20 @@ def test_distill_refuses_a_reused_name_before_ray(tmp_path):
     storage = tmp_path / "runs"
     _checkpoint(storage, "mine", "0123456789abcdef")
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(repo / "jobs" / "distill.py"), f"train.storage_path={storage}",
-                           "train.name=mine", f"data.shards_dir={tmp_path / 'shards'}"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
-                                                                            "PYTHONPATH": str(repo)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "jobs" / "distill.py"),
+            f"train.storage_path={storage}",
+            "train.name=mine",
+            f"data.shards_dir={tmp_path / 'shards'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)},
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: train.name='mine': ")
     assert not (tmp_path / "shards").exists() and not (tmp_path / "mlflow.db").exists()
@@ -81,10 +92,17 @@ def test_default_run_names_are_unique_within_a_second():
     assert len(names) == 100 and all(n.startswith("distill-") for n in names)
 
 
-@pytest.mark.parametrize("holder, new, force, moves", [
-    (None, 0.5, False, True), (0.6, 0.6, False, True), (0.6, 0.7, False, True),
-    (0.6, 0.5, False, False), (0.6, None, False, False), (0.6, 0.5, True, True),
-])
+@pytest.mark.parametrize(
+    "holder, new, force, moves",
+    [
+        (None, 0.5, False, True),
+        (0.6, 0.6, False, True),
+        (0.6, 0.7, False, True),
+        (0.6, 0.5, False, False),
+        (0.6, None, False, False),
+        (0.6, 0.5, True, True),
+    ],
+)
 def test_alias_moves_only_to_a_version_at_least_as_good(holder, new, force, moves):
     assert alias_may_move(holder, new, force) is moves
 
@@ -94,6 +112,7 @@ def test_registry_alias_stays_on_the_better_version(tmp_path, monkeypatch):
 
     from brcd_dist import tracking
     from brcd_dist.models import HashModel
+
     monkeypatch.chdir(tmp_path)
     cfg = Config()
     cfg.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -102,8 +121,11 @@ def test_registry_alias_stays_on_the_better_version(tmp_path, monkeypatch):
     run_id = tracking.start_run(cfg, run_name="guard")
     uri = tracking.log_hash_model(run_id, model, "student", torch.zeros(2, 1, 32, 32))
     for score, force, holds in ((0.6, False, 0), (0.5, False, 0), (0.5, True, 2)):
-        versions.append(tracking.register_model(uri, "guarded", "candidate", {"test_query.sshp_map": score},
-                                                "student", force_alias=force))
+        versions.append(
+            tracking.register_model(
+                uri, "guarded", "candidate", {"test_query.sshp_map": score}, "student", force_alias=force
+            )
+        )
         client = tracking.client._client(cfg.tracking.uri)
         holder = client.get_model_version_by_alias("guarded", "candidate").version
         assert str(holder) == versions[holds]
@@ -114,11 +136,17 @@ def test_atomic_copy_leaves_the_old_file_when_the_disk_fills(tmp_path):
     src.write_bytes(b"x" * 1_000_000)
     dst.write_bytes(b"old")
     # RLIMIT_FSIZE stands in for a full disk: writes past 100 kB fail (SIGXFSZ ignored -> EFBIG)
-    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
-            "from brcd_dist.run_guard import atomic_copy; atomic_copy(sys.argv[1], sys.argv[2])")
-    done = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+        "from brcd_dist.run_guard import atomic_copy; atomic_copy(sys.argv[1], sys.argv[2])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert done.returncode != 0 and "File too large" in done.stderr
     assert dst.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt", "teacher.pt"]

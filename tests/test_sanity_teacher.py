@@ -16,10 +16,12 @@ One thread: on the shared 2-core machine under load (load average 7-11), 40 step
 torch.set_num_threads(2) and 10-14 s with 1 (two OpenMP threads wait on each other whenever one is
 descheduled). The module took 18 s at load average 6.5 and 64 s at 13 (1 thread).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FASHION_MNIST
 
 from brcd_dist.codes import probs_and_codes
 from brcd_dist.config import ModelConfig
@@ -27,8 +29,6 @@ from brcd_dist.data import eval_batches, load_manifest, train_batches, write_sha
 from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import build_hash_model
 from brcd_dist.retrieval import encode_batches, mean_average_precision
-
-from conftest import FASHION_MNIST
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,10 +47,13 @@ def _loader_kwargs() -> dict:
 
 def _map_at_k(model, manifest) -> tuple[float, torch.Tensor, torch.Tensor]:
     """mAP@TOPK of test queries against the database, both encoded by `model`; also the two label arrays."""
+
     def encode(split):
-        codes, _, labels = encode_batches(model, eval_batches(manifest, split, batch_size=250, **_loader_kwargs()),
-                                          "cpu")
+        codes, _, labels = encode_batches(
+            model, eval_batches(manifest, split, batch_size=250, **_loader_kwargs()), "cpu"
+        )
         return codes, labels
+
     (q, q_labels), (db, db_labels) = encode("test_query"), encode("database")
     return mean_average_precision(q, db, q_labels, db_labels, TOPK), q_labels, db_labels
 
@@ -65,8 +68,15 @@ def sanity_run(tmp_path_factory) -> dict:
     torch.set_num_threads(1)  # see the module docstring
     try:
         shards = tmp_path_factory.mktemp("sanity_shards")
-        write_shards(shards, "fashion_mnist", FASHION_MNIST, train_per_class=96, max_images=2000,
-                     samples_per_shard=500, progress=False)
+        write_shards(
+            shards,
+            "fashion_mnist",
+            FASHION_MNIST,
+            train_per_class=96,
+            max_images=2000,
+            samples_per_shard=500,
+            progress=False,
+        )
         manifest = load_manifest(shards)
         torch.manual_seed(SEED)
         model = build_hash_model(ModelConfig(name=ARCH), bits=BITS, in_chans=IN_CHANS, img_size=IMAGE_SIZE)
@@ -75,8 +85,7 @@ def sanity_run(tmp_path_factory) -> dict:
         losses, step, epoch = [], 0, 0
         while step < STEPS:
             model.train()
-            for batch in train_batches(manifest, "train", batch_size=BATCH, epoch=epoch, seed=SEED,
-                                       **_loader_kwargs()):
+            for batch in train_batches(manifest, "train", batch_size=BATCH, epoch=epoch, seed=SEED, **_loader_kwargs()):
                 n = len(batch["key"])
                 p, s = probs_and_codes(model(torch.cat([batch["view1"], batch["view2"]])))
                 loss = cibhash_loss(p[:n], s[:n], p[n:], s[n:], tau=TAU)
@@ -92,11 +101,18 @@ def sanity_run(tmp_path_factory) -> dict:
     finally:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(SEED)
-    random_map = mean_average_precision(_random_codes(len(q_labels), g), _random_codes(len(db_labels), g),
-                                        q_labels, db_labels, TOPK)
+    random_map = mean_average_precision(
+        _random_codes(len(q_labels), g), _random_codes(len(db_labels), g), q_labels, db_labels, TOPK
+    )
     print(f"mAP@{TOPK}: trained {trained_map:.4f}, untrained {untrained_map:.4f}, random codes {random_map:.4f}")
-    return dict(trained=trained_map, untrained=untrained_map, random=random_map, losses=losses,
-                n_query=len(q_labels), n_db=len(db_labels))
+    return dict(
+        trained=trained_map,
+        untrained=untrained_map,
+        random=random_map,
+        losses=losses,
+        n_query=len(q_labels),
+        n_db=len(db_labels),
+    )
 
 
 def test_setting_is_the_one_measured(sanity_run):

@@ -4,6 +4,7 @@ Shards are read back here with Python's tarfile, not with our reader, so the che
 brcd_dist.data.reading. Fashion-MNIST tests use the real IDX files, a subset (max_images) where writing all
 75,000 images would only make the test slower; the split of the full files is checked without writing.
 """
+
 import gzip
 import io
 import runpy
@@ -27,8 +28,9 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(train_per_class=20, val_fraction=0.5, samples_per_shard=150, max_images=1000, progress=False)
 
-needs_fmnist = pytest.mark.skipif(not Path(FMNIST, "train-images-idx3-ubyte.gz").is_file(),
-                                  reason="apt-get install dataset-fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not Path(FMNIST, "train-images-idx3-ubyte.gz").is_file(), reason="apt-get install dataset-fashion-mnist"
+)
 
 
 def read_tar(path):
@@ -75,6 +77,7 @@ def make_image_folder(root: Path, n_per_class=(7, 5, 6), size=(40, 30), val: boo
 
 # ----------------------------------------------------------------------------- IDX
 
+
 def test_read_idx_parses_header_and_data(tmp_path):
     data = bytes(range(24))
     path = tmp_path / "x-idx3-ubyte.gz"
@@ -105,6 +108,7 @@ def test_fashion_mnist_idx_files_have_the_known_shapes(fmnist_arrays):
 
 # ----------------------------------------------------------------------------- split
 
+
 @needs_fmnist
 def test_full_fashion_mnist_split_follows_design_protocol(fmnist_arrays):
     """DESIGN §3: 500 per class from the 60k, database = all 60k, 10k test images -> 5k + 5k queries."""
@@ -130,6 +134,7 @@ def test_split_depends_on_seed_only_where_it_should():
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST shards
+
 
 @needs_fmnist
 def test_fashion_mnist_shards_hold_what_the_manifest_says(fmnist_small, fmnist_arrays):
@@ -201,10 +206,22 @@ def test_same_parameters_reuse_intact_shards_and_rewrite_damaged_ones(tmp_path):
 
 # ----------------------------------------------------------------------------- ImageFolder
 
+
 def test_image_folder_without_split_folders_holds_out_queries_by_seed(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
-    m = write_shards(tmp_path / "s", "imagefolder", str(root), seed=0, train_per_class=3, val_fraction=0.5,
-                     samples_per_shard=4, in_chans=3, shorter_side=27, holdout_fraction=0.2, progress=False)
+    m = write_shards(
+        tmp_path / "s",
+        "imagefolder",
+        str(root),
+        seed=0,
+        train_per_class=3,
+        val_fraction=0.5,
+        samples_per_shard=4,
+        in_chans=3,
+        shorter_side=27,
+        holdout_fraction=0.2,
+        progress=False,
+    )
     assert m.classes == ["class_a", "class_b", "class_c"] and (m.in_chans, m.image_size) == (3, 27)
     held = m.splits["val_query"].keys + m.splits["test_query"].keys
     assert len(held) == 1 + 1 + 1  # round(0.2 * n_c) per class, at least one: 7, 5, 6 images
@@ -225,8 +242,18 @@ def test_image_folder_without_split_folders_holds_out_queries_by_seed(tmp_path):
 
 def test_image_folder_with_train_and_val_uses_them(tmp_path):
     root = make_image_folder(tmp_path / "imgs", val=True, size=(64, 48))
-    m = write_shards(tmp_path / "s", "imagefolder", str(root), seed=0, train_per_class=2, val_fraction=0.5,
-                     samples_per_shard=5, in_chans=1, shorter_side=36, progress=False)
+    m = write_shards(
+        tmp_path / "s",
+        "imagefolder",
+        str(root),
+        seed=0,
+        train_per_class=2,
+        val_fraction=0.5,
+        samples_per_shard=5,
+        in_chans=1,
+        shorter_side=36,
+        progress=False,
+    )
     assert sorted(m.splits["database"].keys) == [f"train-{i:05d}" for i in range(18)]
     assert sorted(m.splits["val_query"].keys + m.splits["test_query"].keys) == [f"val-{i:05d}" for i in range(7)]
     assert m.splits["val_query"].count == 4  # round(0.5 * 7)
@@ -238,8 +265,17 @@ def test_image_folder_with_train_and_val_uses_them(tmp_path):
 
 def test_jpeg_and_png_sources_are_stored_byte_for_byte_when_no_resize_is_asked(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
-    m = write_shards(tmp_path / "s", "imagefolder", str(root), seed=0, train_per_class=3, samples_per_shard=4,
-                     in_chans=3, shorter_side=0, progress=False)
+    m = write_shards(
+        tmp_path / "s",
+        "imagefolder",
+        str(root),
+        seed=0,
+        train_per_class=3,
+        samples_per_shard=4,
+        in_chans=3,
+        shorter_side=0,
+        progress=False,
+    )
     assert m.image_size == 0
     files = sorted(p for p in root.rglob("*.*"))
     for key, data, _ in read_split(tmp_path / "s", m.splits["database"]):
@@ -248,6 +284,7 @@ def test_jpeg_and_png_sources_are_stored_byte_for_byte_when_no_resize_is_asked(t
 
 def test_resize_keeps_a_jpeg_source_jpeg_at_the_asked_shorter_side(tmp_path):
     from brcd_dist.data.imagefolder import encode_for_shard
+
     path = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
     ext, data = encode_for_shard(path, 3, 256)
@@ -258,18 +295,22 @@ def test_resize_keeps_a_jpeg_source_jpeg_at_the_asked_shorter_side(tmp_path):
 
 def test_sources_other_than_jpeg_png_webp_are_stored_as_png(tmp_path):
     from brcd_dist.data.imagefolder import encode_for_shard
+
     path = tmp_path / "x.bmp"
     Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(path)
     ext, data = encode_for_shard(path, 3, 0)
     assert ext == "png" and Image.open(io.BytesIO(data)).size == (12, 10)
 
 
-@pytest.mark.parametrize("n,cap,readers,sizes", [
-    (10, 4, 0, [4, 4, 2]),  # no minimum: full shards, the rest last
-    (10, 4, 5, [2, 2, 2, 2, 2]),  # 5 readers: 5 shards of 2, not 3 of up to 4
-    (11, 4, 2, [4, 4, 3]),  # the cap still holds: 3 shards, near-equal
-    (3, 4, 8, [1, 1, 1]),  # never an empty shard
-])
+@pytest.mark.parametrize(
+    "n,cap,readers,sizes",
+    [
+        (10, 4, 0, [4, 4, 2]),  # no minimum: full shards, the rest last
+        (10, 4, 5, [2, 2, 2, 2, 2]),  # 5 readers: 5 shards of 2, not 3 of up to 4
+        (11, 4, 2, [4, 4, 3]),  # the cap still holds: 3 shards, near-equal
+        (3, 4, 8, [1, 1, 1]),  # never an empty shard
+    ],
+)
 def test_shard_sizes_give_every_reader_a_shard_within_the_cap(n, cap, readers, sizes):
     assert shard_sizes(n, cap, readers) == sizes
 
@@ -285,6 +326,7 @@ def test_readers_cut_every_split_into_at_least_that_many_shards_and_other_reader
 
 def test_encoding_in_a_process_pool_gives_the_same_shards(tmp_path, monkeypatch):
     import brcd_dist.data.shards as shards
+
     root = make_image_folder(tmp_path / "imgs", n_per_class=(12, 10, 10))
     kw = dict(seed=0, train_per_class=3, samples_per_shard=7, in_chans=3, shorter_side=27, progress=False)
     serial = write_shards(tmp_path / "a", "imagefolder", str(root), num_procs=1, **kw)
@@ -323,8 +365,14 @@ def run_make_shards(args, monkeypatch) -> int:
 
 def test_make_shards_cli_prints_counts_and_refuses_another_seed(tmp_path, monkeypatch, capsys):
     root = make_image_folder(tmp_path / "imgs")
-    args = ["data.source=imagefolder", f"data.source_path={root}", f"data.shards_dir={tmp_path / 's'}",
-            "data.train_per_class=2", "data.samples_per_shard=8", "data.in_chans=3"]
+    args = [
+        "data.source=imagefolder",
+        f"data.source_path={root}",
+        f"data.shards_dir={tmp_path / 's'}",
+        "data.train_per_class=2",
+        "data.samples_per_shard=8",
+        "data.in_chans=3",
+    ]
     assert run_make_shards(args, monkeypatch) == 0
     out = capsys.readouterr().out
     assert "database" in out and " 15 images" in out and "done in" in out

@@ -1,6 +1,7 @@
 """brcd_dist.storage against local files and a real S3-compatible store (SeaweedFS on 127.0.0.1, see
 tests/object_store.py): the same calls for every location, atomic writes, and reads that survive a link that
 cuts every connection."""
+
 from __future__ import annotations
 
 import hashlib
@@ -91,6 +92,7 @@ def test_read_only_locations_refuse_writes():
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     """GET with `Range: bytes=N-` over one in-memory object (what object stores and CDNs answer)."""
+
     data = b""
 
     def do_GET(self):  # noqa: N802 - the http.server hook's name
@@ -106,6 +108,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
 
 def test_http_read_through_a_cutting_link_resumes_with_range_requests():
     from object_store import CuttingProxy
+
     _RangeHandler.data = os.urandom(400_000)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

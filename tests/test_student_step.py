@@ -1,5 +1,6 @@
 """train/student_stage.student_step on CPU with plain torch modules (no DeepSpeed, no Ray): one step's losses
 from a teacher whose codes are set by hand (logits = the first 8 pixels), two clusters (all +1, all −1)."""
+
 from __future__ import annotations
 
 import torch
@@ -37,6 +38,7 @@ def batch() -> dict:
     def view(signs):
         x = torch.rand(len(signs), 1, 4, 4, generator=g) + 0.5  # |pixel| >= 0.5: the sign is set by `signs`
         return x * torch.tensor(signs).view(-1, 1, 1, 1)
+
     return {"view1": view(VIEW1_SIGNS), "view2": view(VIEW2_SIGNS), "key": KEYS}
 
 
@@ -44,8 +46,16 @@ def clustering() -> Clustering:
     centroids = torch.stack([torch.ones(BITS), -torch.ones(BITS)])
     masks = torch.ones(2, BITS)
     masks[1, :3] = 0
-    return Clustering(centroids=centroids, masks=masks, agreement=torch.ones(2, BITS), counts=torch.tensor([2, 2]),
-                      pseudo_labels=PSEUDO, inertia=[0.0], n_mask_fallback=0, backend="torch")
+    return Clustering(
+        centroids=centroids,
+        masks=masks,
+        agreement=torch.ones(2, BITS),
+        counts=torch.tensor([2, 2]),
+        pseudo_labels=PSEUDO,
+        inertia=[0.0],
+        n_mask_fallback=0,
+        backend="torch",
+    )
 
 
 def config(kd_weight=0.5, lambda_self=2.0) -> Config:
@@ -62,9 +72,18 @@ def test_loss_is_weighted_kd_on_hand_built_inputs_plus_weighted_self_term():
     t2 = torch.tensor(VIEW2_SIGNS).view(-1, 1).expand(-1, BITS)
     p1, s1 = probs_and_codes(student(b["view1"]))
     p2, s2 = probs_and_codes(student(b["view2"]))
-    inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t1, t2=t2, labels=torch.tensor([0, 0, 1, 1]),
-                      view_clusters1=torch.tensor([0, 0, 1, 1]), view_clusters2=torch.tensor([0, 1, 1, 1]),
-                      masks=clustering().masks)
+    inputs = KDInputs(
+        s1=s1,
+        s2=s2,
+        p1=p1,
+        p2=p2,
+        t1=t1,
+        t2=t2,
+        labels=torch.tensor([0, 0, 1, 1]),
+        view_clusters1=torch.tensor([0, 0, 1, 1]),
+        view_clusters2=torch.tensor([0, 1, 1, 1]),
+        masks=clustering().masks,
+    )
     kd = kd_loss("brcd", inputs, cfg.brcd)
     own = cibhash_loss(p1, s1, p2, s2, tau=cfg.brcd.tau)
     torch.testing.assert_close(out["kd"], kd.detach())
@@ -86,7 +105,7 @@ def test_gradient_reaches_the_student_and_not_the_teacher():
 
 
 def test_a_key_the_clustering_does_not_know_gets_its_first_views_nearest_centroid():
-    """"c" missing from the pseudo-labels (a shard changed since k-means): its label is view 1's nearest centroid
+    """ "c" missing from the pseudo-labels (a shard changed since k-means): its label is view 1's nearest centroid
     (1), the same value the full dict holds, so the step's losses equal the full-dict step's; never a KeyError."""
     full = clustering()
     partial = Clustering(**{**full.__dict__, "pseudo_labels": {k: v for k, v in PSEUDO.items() if k != "c"}})

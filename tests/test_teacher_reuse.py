@@ -1,4 +1,5 @@
 """Teacher reuse (brcd_dist/teacher_reuse.py): which config changes make another teacher, and keeping/finding one."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,20 +16,46 @@ def cfg(tmp_path, *overrides):
     return load_config(DEFAULT_CONFIG, [f"train.storage_path={tmp_path}", *overrides])
 
 
-@pytest.mark.parametrize("override", ["brcd.alpha=0.5", "brcd.delta=0.3", "brcd.clusters=20", "student.name=resnet18",
-                                      "train.epochs=3", "train.lr=0.01", "train.checkpoint_every=7", "eval.topk=10",
-                                      "train.name=other", "tracking.enabled=false"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "brcd.alpha=0.5",
+        "brcd.delta=0.3",
+        "brcd.clusters=20",
+        "student.name=resnet18",
+        "train.epochs=3",
+        "train.lr=0.01",
+        "train.checkpoint_every=7",
+        "eval.topk=10",
+        "train.name=other",
+        "tracking.enabled=false",
+    ],
+)
 def test_student_side_settings_keep_the_teacher_key(tmp_path, override):
-    assert teacher_reuse.teacher_key(cfg(tmp_path, override), DIGEST) == teacher_reuse.teacher_key(cfg(tmp_path),
-                                                                                                     DIGEST)
+    assert teacher_reuse.teacher_key(cfg(tmp_path, override), DIGEST) == teacher_reuse.teacher_key(
+        cfg(tmp_path), DIGEST
+    )
 
 
-@pytest.mark.parametrize("override", ["teacher.name=resnet10t", "teacher.head=mlp", "brcd.bits=32", "brcd.tau=0.5",
-                                      "train.teacher_epochs=5", "train.teacher_lr=0.01", "train.seed=1",
-                                      "train.batch_size=32", "train.workers=1", "train.teacher_split=train"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "teacher.name=resnet10t",
+        "teacher.head=mlp",
+        "brcd.bits=32",
+        "brcd.tau=0.5",
+        "train.teacher_epochs=5",
+        "train.teacher_lr=0.01",
+        "train.seed=1",
+        "train.batch_size=32",
+        "train.workers=1",
+        "train.teacher_split=train",
+    ],
+)
 def test_teacher_side_settings_change_the_teacher_key(tmp_path, override):
-    assert teacher_reuse.teacher_key(cfg(tmp_path, override), DIGEST) != teacher_reuse.teacher_key(cfg(tmp_path),
-                                                                                                     DIGEST)
+    assert teacher_reuse.teacher_key(cfg(tmp_path, override), DIGEST) != teacher_reuse.teacher_key(
+        cfg(tmp_path), DIGEST
+    )
 
 
 def test_other_data_changes_the_teacher_key(tmp_path):
@@ -37,6 +64,7 @@ def test_other_data_changes_the_teacher_key(tmp_path):
 
 def test_a_kept_teacher_is_found_by_its_key_and_loads_with_its_weights(tmp_path):
     from brcd_dist.models import HashModel, load_hash_model
+
     c = cfg(tmp_path)
     key = teacher_reuse.teacher_key(c, DIGEST)
     assert teacher_reuse.find_teacher(c, key) is None
@@ -49,7 +77,9 @@ def test_a_kept_teacher_is_found_by_its_key_and_loads_with_its_weights(tmp_path)
     assert teacher_reuse.with_teacher(c, path).teacher.uri == path
 
 
-@pytest.mark.parametrize("override", ["teacher.uri=models:/brcd-teacher@champion", "train.teacher_epochs=0",
-                                      "train.storage_path=s3://bucket/runs"])
+@pytest.mark.parametrize(
+    "override",
+    ["teacher.uri=models:/brcd-teacher@champion", "train.teacher_epochs=0", "train.storage_path=s3://bucket/runs"],
+)
 def test_no_reuse_for_a_given_untrained_or_remotely_kept_teacher(tmp_path, override):
     assert not teacher_reuse.reusable(load_config(DEFAULT_CONFIG, [f"train.storage_path={tmp_path}", override]))

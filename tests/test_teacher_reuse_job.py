@@ -1,6 +1,7 @@
 """A second jobs/distill.py with the same teacher config, data and seed reuses the first run's teacher (issue 15):
 two tiny runs (conftest's) on the session's Ray, in one storage path, the second differing in a student-side
 setting only; then a third with --retrain-teacher trains again."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,6 +27,7 @@ def trained_teacher(storage, name) -> bool:
     from test_distill_tracking import final_checkpoint
 
     from brcd_dist.driver import read_outputs
+
     state = read_outputs(final_checkpoint(storage / name)).state
     return any("teacher/epoch_loss" in row for row in state.history["train"])
 
@@ -35,6 +37,7 @@ def test_second_run_reuses_the_teacher_and_retrain_teacher_trains_it(local_ray, 
 
     from brcd_dist.driver import read_outputs
     from brcd_dist.models import load_hash_model
+
     storage = tmp_path / "runs"
 
     def run(name, *extra):
@@ -48,7 +51,8 @@ def test_second_run_reuses_the_teacher_and_retrain_teacher_trains_it(local_ray, 
     second = run("second", "brcd.alpha=0.5")
     assert f"teacher: reusing {kept}" in second and not trained_teacher(storage, "second")
     reused = read_outputs(final_checkpoint(storage / "second")).teacher
-    assert all(torch.equal(a, b) for a, b in zip(reused.state_dict().values(),
-                                                  load_hash_model(kept).state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reused.state_dict().values(), load_hash_model(kept).state_dict().values())
+    )
     third = run("third", "--retrain-teacher")
     assert "reusing" not in third and trained_teacher(storage, "third")

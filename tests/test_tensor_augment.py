@@ -9,6 +9,7 @@ Tolerances, in uint8 levels (0-255) of the un-normalised view, measured on crops
 - PIL's hue shift goes through 8-bit HSV (hue quantised to 1/256 of a turn), the tensor path rotates exactly:
   a few levels on saturated pixels, so for hue-jittered views mean < 0.7 and under 10% of pixels above 2.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +23,7 @@ SEED, EPOCH = 0, 1
 @pytest.fixture(scope="module")
 def photos():
     from sklearn.datasets import load_sample_images
+
     return load_sample_images().images
 
 
@@ -31,7 +33,7 @@ def crops(photos, n, size, mode):
     for i in range(n):
         h, w = size
         top, left = int(rng.integers(0, 427 - h)), int(rng.integers(0, 640 - w))
-        out.append(Image.fromarray(photos[i % 2][top:top + h, left:left + w]).convert(mode))
+        out.append(Image.fromarray(photos[i % 2][top : top + h, left : left + w]).convert(mode))
     return out
 
 

@@ -4,6 +4,7 @@ Each test names its store explicitly (a copy of one initialised empty store: MLf
 Logging a model takes seconds too, so it happens once per module (`logged_student`); the tests that read it do
 not change what they read.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,11 +96,19 @@ def logged_student(tmp_path_factory, empty_store_file):
     version = tracking.register_model(model_uri, "brcd-student", "candidate", {"map_sshp": 0.61}, role="student")
     tracking.end_run(run_id)
     mlflow.set_tracking_uri(None)
-    return dict(uri=uri, run_id=run_id, model=model, model_uri=model_uri, version=version,
-                log_s=log_s, training_after_log=training_after_log)
+    return dict(
+        uri=uri,
+        run_id=run_id,
+        model=model,
+        model_uri=model_uri,
+        version=version,
+        log_s=log_s,
+        training_after_log=training_after_log,
+    )
 
 
 # ----------------------------------------------------------------------------- URIs and pre-flight checks
+
 
 def test_empty_uri_resolves_to_sqlite_file_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -172,6 +181,7 @@ def test_registry_names_are_not_checked_when_registering_is_off(uri):
 
 # ----------------------------------------------------------------------------- runs
 
+
 def test_run_holds_config_params_tags_metrics_and_artifacts(tmp_path, uri):
     cfg = make_config(uri, experiment="distill")
     run_id = tracking.start_run(cfg, run_name="r1", manifest_digest="sha256:abc", tags={"stage": "student"})
@@ -195,10 +205,12 @@ def test_run_holds_config_params_tags_metrics_and_artifacts(tmp_path, uri):
     history = client.get_metric_history(run_id, "loss/total")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 2.5), (1, 2.0)]
     files = {f.path for f in client.list_artifacts(run_id)} | {
-        f.path for d in ("eval", "checkpoints") for f in client.list_artifacts(run_id, d)}
+        f.path for d in ("eval", "checkpoints") for f in client.list_artifacts(run_id, d)
+    }
     assert {"config.yaml", "eval/map.json", "checkpoints/state.txt"} <= files
     assert json.loads(Path(client.download_artifacts(run_id, "eval/map.json", str(tmp_path))).read_text()) == {
-        "sshp": 0.61}
+        "sshp": 0.61
+    }
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "distill").as_uri())  # beside the database
 
 
@@ -294,6 +306,7 @@ def test_end_run_rejects_an_unknown_status():
 
 # ----------------------------------------------------------------------------- models and registry
 
+
 def test_registered_model_loads_by_alias_in_a_fresh_process_with_the_same_outputs(logged_student, tmp_path):
     model = logged_student["model"].eval()
     x = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(1))  # batch 5: example had batch 2
@@ -308,9 +321,14 @@ def test_registered_model_loads_by_alias_in_a_fresh_process_with_the_same_output
         with torch.no_grad():
             np.save(out_path, model(torch.from_numpy(np.load(x_path))).numpy())
     """)
-    done = subprocess.run([sys.executable, "-c", script, logged_student["uri"], str(tmp_path / "x.npy"),
-                           str(tmp_path / "y.npy")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-c", script, logged_student["uri"], str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=0, atol=1e-5)
 
@@ -319,8 +337,9 @@ def test_logged_model_is_found_by_its_run_uri(logged_student):
     """runs:/<run>/<name> only resolves if the model sits in its run's experiment (not MLflow's Default)."""
     model = logged_student["model"].eval()
     x = torch.randn(3, 1, 32, 32)
-    loaded = tracking.load_model(f"runs:/{logged_student['run_id']}/student", exported=True,
-                                 tracking_uri=logged_student["uri"])
+    loaded = tracking.load_model(
+        f"runs:/{logged_student['run_id']}/student", exported=True, tracking_uri=logged_student["uri"]
+    )
     with torch.no_grad():
         np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=0, atol=1e-5)
 
@@ -348,10 +367,12 @@ def test_registered_version_has_alias_tags_and_role(logged_student):
 
 def test_registering_again_moves_the_alias_to_the_new_version(logged_student):
     uri = logged_student["uri"]
-    first = tracking.register_model(logged_student["model_uri"], "brcd-student-b", "best", {}, "student",
-                                    tracking_uri=uri)
-    second = tracking.register_model(logged_student["model_uri"], "brcd-student-b", "best", {}, "student",
-                                     tracking_uri=uri)
+    first = tracking.register_model(
+        logged_student["model_uri"], "brcd-student-b", "best", {}, "student", tracking_uri=uri
+    )
+    second = tracking.register_model(
+        logged_student["model_uri"], "brcd-student-b", "best", {}, "student", tracking_uri=uri
+    )
     assert (first, second) == ("1", "2")
     assert str(MlflowClient(tracking_uri=uri).get_model_version_by_alias("brcd-student-b", "best").version) == "2"
 
@@ -359,8 +380,9 @@ def test_registering_again_moves_the_alias_to_the_new_version(logged_student):
 def test_registering_a_teacher_under_a_student_name_is_refused(logged_student):
     uri = logged_student["uri"]
     with pytest.raises(TrackingError, match="holds student models"):
-        tracking.register_model(logged_student["model_uri"], "brcd-student", "candidate", {}, "teacher",
-                                tracking_uri=uri)
+        tracking.register_model(
+            logged_student["model_uri"], "brcd-student", "candidate", {}, "teacher", tracking_uri=uri
+        )
     assert len(MlflowClient(tracking_uri=uri).search_model_versions("name = 'brcd-student'")) == 1
 
 
@@ -372,6 +394,7 @@ def test_hash_model_comes_back_as_a_hash_model_with_the_same_codes(logged_studen
 
 
 # ----------------------------------------------------------------------------- plots
+
 
 def _png_size(path: Path) -> tuple[int, int]:
     with Image.open(path) as im:
@@ -389,12 +412,16 @@ def example_figures():
     agreement = rng.random((10, 64))
     recall = np.linspace(0, 1, 11)
     return {
-        "loss": plots.loss_curves({"total": rng.random(50), "brcd": (np.arange(0, 100, 2), rng.random(50))},
-                                  smooth=5),
-        "map": plots.map_curves([1, 2, 3], {"sshp": [0.5, 0.6, 0.62], "ashp": [0.55, 0.63, 0.66], "teacher": 0.7},
-                                topk=1000),
-        "pr": plots.pr_curves({"sshp": (1 - 0.5 * recall, recall),
-                               "teacher": {"radius": np.arange(11), "precision": 1 - 0.3 * recall, "recall": recall}}),
+        "loss": plots.loss_curves({"total": rng.random(50), "brcd": (np.arange(0, 100, 2), rng.random(50))}, smooth=5),
+        "map": plots.map_curves(
+            [1, 2, 3], {"sshp": [0.5, 0.6, 0.62], "ashp": [0.55, 0.63, 0.66], "teacher": 0.7}, topk=1000
+        ),
+        "pr": plots.pr_curves(
+            {
+                "sshp": (1 - 0.5 * recall, recall),
+                "teacher": {"radius": np.arange(11), "precision": 1 - 0.3 * recall, "recall": recall},
+            }
+        ),
         "masks": plots.bit_agreement_heatmap(agreement, agreement >= 0.5, delta=0.5),
         "throughput": plots.throughput_bars({"teacher": 398.0, "student": 729.0}),
     }
@@ -420,5 +447,4 @@ def test_heatmap_puts_a_dot_on_exactly_the_kept_bits():
 def test_figure_is_logged_as_a_run_artifact(uri):
     run_id = tracking.start_run(make_config(uri))
     tracking.log_figure(run_id, plots.throughput_bars({"teacher": 1.0, "student": 2.0}), "plots/throughput.png")
-    assert [f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id, "plots")] == [
-        "plots/throughput.png"]
+    assert [f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id, "plots")] == ["plots/throughput.png"]

@@ -8,6 +8,7 @@ else by scanning the host for GCS processes, and fails where it sees several: th
 forever. jobs/tune.py hands a given --address to every Ray worker as RAY_ADDRESS; a sweep that started a second
 instance beside the session's (or beside anyone else's on a shared machine) would have no address to hand on.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -66,8 +66,9 @@ def run_tune(args: list[str], cwd: Path, timeout_s: float, own_temp_dir: Path) -
     # os.environ holds RAY_AUTH_MODE=token once the session's Ray is up: the sweep then sends the host's token
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([sys.executable, str(TUNE), *args], cwd=cwd, env=env, stdout=fo, stderr=fe,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(TUNE), *args], cwd=cwd, env=env, stdout=fo, stderr=fe, start_new_session=True
+        )
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -77,22 +78,34 @@ def run_tune(args: list[str], cwd: Path, timeout_s: float, own_temp_dir: Path) -
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            pytest.fail(f"jobs/tune.py ran past {timeout_s} s; other Ray instances on the host: "
-                        f"{len(other_ray_instances(own_temp_dir))}\n--- stdout tail ---\n"
-                        f"{out.read_text()[-4000:]}\n--- stderr tail ---\n{err.read_text()[-4000:]}")
+            pytest.fail(
+                f"jobs/tune.py ran past {timeout_s} s; other Ray instances on the host: "
+                f"{len(other_ray_instances(own_temp_dir))}\n--- stdout tail ---\n"
+                f"{out.read_text()[-4000:]}\n--- stderr tail ---\n{err.read_text()[-4000:]}"
+            )
     return proc.returncode, out.read_text(), err.read_text()
 
 
 @pytest.fixture(scope="module")
 def sweep(local_ray, tiny_shards, tmp_path_factory) -> Sweep:
     import ray
+
     cwd = tmp_path_factory.mktemp("tune")
     overrides = tiny_overrides(tiny_shards, cwd / "runs", NAME) + [
         "train.checkpoint_every=100",  # only the epoch-end checkpoints
         "train.cpus_per_worker=0.5",  # a trial (0.01 CPU) and its 2 workers fit the session's 2 CPUs
-        "tracking.enabled=true", f"tracking.uri=sqlite:///{cwd}/mlflow.db"]
-    args = ["--samples", str(SAMPLES), "--clusters", ",".join(map(str, CLUSTERS)),
-            "--address", ray.get_runtime_context().gcs_address, *overrides]
+        "tracking.enabled=true",
+        f"tracking.uri=sqlite:///{cwd}/mlflow.db",
+    ]
+    args = [
+        "--samples",
+        str(SAMPLES),
+        "--clusters",
+        ",".join(map(str, CLUSTERS)),
+        "--address",
+        ray.get_runtime_context().gcs_address,
+        *overrides,
+    ]
     t0 = time.perf_counter()
     code, stdout, stderr = run_tune(args, cwd, TIMEOUT_S, local_ray.temp_dir)
     return Sweep(cwd=cwd, returncode=code, stdout=stdout, stderr=stderr, seconds=time.perf_counter() - t0)
@@ -102,6 +115,7 @@ def sweep(local_ray, tiny_shards, tmp_path_factory) -> Sweep:
 def mlflow_runs(sweep):
     """(client, the sweep's parent run, its child runs, the rows of its trials.json)."""
     from mlflow import MlflowClient
+
     assert sweep.returncode == 0, sweep.stderr[-4000:]
     client = MlflowClient(tracking_uri=sweep.uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -109,8 +123,9 @@ def mlflow_runs(sweep):
     assert len(parents) == 1
     parent = parents[0]
     children = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    rows = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json",
-                                                     str(sweep.cwd / "download"))).read_text())["trials"]
+    rows = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "trials.json", str(sweep.cwd / "download"))).read_text()
+    )["trials"]
     return client, parent, children, rows
 
 
@@ -123,8 +138,8 @@ def test_sweep_exits_0_and_prints_one_row_per_trial(sweep):
     lines = sweep.stdout.splitlines()
     header = [i for i, line in enumerate(lines) if line.startswith("trial ") and f"best {METRIC}" in line]
     assert len(header) == 1, sweep.stdout[-4000:]
-    rows = [TRIAL_ROW.match(line) for line in lines[header[0] + 2:header[0] + 2 + SAMPLES]]
-    assert all(rows), lines[header[0]:header[0] + 2 + SAMPLES]
+    rows = [TRIAL_ROW.match(line) for line in lines[header[0] + 2 : header[0] + 2 + SAMPLES]]
+    assert all(rows), lines[header[0] : header[0] + 2 + SAMPLES]
     assert len({m.group(1) for m in rows}) == SAMPLES
     print(f"sweep of {SAMPLES} trials: {sweep.seconds:.0f} s")
 
@@ -149,8 +164,9 @@ def test_each_trial_is_a_child_run_with_its_test_map_and_student_or_killed_by_as
         assert child.info.status == "FINISHED"
         for key in TEST_MAPS:
             assert 0.0 <= child.data.metrics[key] <= 1.0, key
-        models = client.search_logged_models([child.info.experiment_id],
-                                             filter_string=f"source_run_id = '{child.info.run_id}'")
+        models = client.search_logged_models(
+            [child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
+        )
         assert [m.name for m in models] == ["student"]
 
 
@@ -190,14 +206,28 @@ def test_teacher_is_trained_once_and_every_trial_uses_it(sweep, mlflow_runs):
     assert {c.data.params["teacher.uri"] for c in children} == {str(teacher.resolve())}
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--clusters", "1,4", "error: brcd.clusters=1: "),
-    ("--alpha", "0:2", "error: brcd.alpha=2.0: "),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--clusters", "1,4", "error: brcd.clusters=1: "),
+        ("--alpha", "0:2", "error: brcd.alpha=2.0: "),
+    ],
+)
 def test_out_of_range_search_bound_fails_with_one_line_before_anything_starts(tmp_path, option, value, message):
-    done = subprocess.run([sys.executable, str(TUNE), option, value, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                           f"train.storage_path={tmp_path}/runs"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(TUNE),
+            option,
+            value,
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"train.storage_path={tmp_path}/runs",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.splitlines()

@@ -1,5 +1,6 @@
 """The nearest-centroid step of distributed_kmeans on each rank's shard, by backend: a FAISS flat index (CPU or
 GPU) or pseudo_labels.nearest_centroids (plain torch, used on the GPU when FAISS has none)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +14,7 @@ BACKENDS = ("faiss-gpu", "faiss-cpu", "torch-cuda", "torch-cpu")
 def _faiss():
     try:
         import faiss
+
         return faiss
     except ImportError:
         return None
@@ -38,6 +40,7 @@ class CentroidAssigner:
             faiss = _faiss()
             if backend == "faiss-gpu":
                 import faiss.contrib.torch_utils  # noqa: F401  lets FAISS GPU indexes read torch CUDA tensors in place
+
                 self._res = faiss.StandardGpuResources()
                 cfg = faiss.GpuIndexFlatConfig()
                 cfg.device = device.index or 0
@@ -45,8 +48,9 @@ class CentroidAssigner:
             else:
                 self.index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
 
-    def __call__(self, x: torch.Tensor, x_sq: torch.Tensor | None, centroids: np.ndarray
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, x_sq: torch.Tensor | None, centroids: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] == 0:
             return torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, device=x.device)
         if self.backend.startswith("torch"):

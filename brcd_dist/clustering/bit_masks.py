@@ -7,6 +7,7 @@ Stats are split from masks so that a distributed run can all_reduce (sums, count
 values are integers, exact in float64, so the masks do not depend on how the training split is sharded.
 The authors' release applied two np.where in a row, which made every mask all zeros for δ < 1; tests pin this.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,8 @@ def bit_agreement(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def bit_masks_from_stats(sums: torch.Tensor, counts: torch.Tensor, delta: float) -> tuple[torch.Tensor, int]:
-    """(sums, counts) -> (masks (k, L) float32 {0,1}, n_fallback): m_kb = 1 iff |μ_kb| >= δ; empty masks keep all bits."""
+    """(sums, counts) -> (masks (k, L) float32 {0,1}, n_fallback): m_kb = 1 iff |μ_kb| >= δ; empty masks keep all
+    bits."""
     keep = bit_agreement(sums, counts) >= delta
     fallback = (counts == 0) | ~keep.any(dim=1)
     keep[fallback] = True

@@ -6,13 +6,15 @@ per iteration). Works with torch.distributed uninitialised (world size 1), with 
 
 Exactness: sums and counts are float64, so the centroids equal those of one process on the rank-order concatenation
 of the shards whenever the float64 sums are exact: always for ±1 codes (integer sums), and for float data up to
-float64 rounding (the sum order differs; on a GPU index_add_'s atomics also vary it from run to run). The global order of the points, which seeds the initialisation, is the
+float64 rounding (the sum order differs; on a GPU index_add_'s atomics also vary it from run to run). The global
+order of the points, which seeds the initialisation, is the
 rank-order concatenation of the shards (rank 0's points first), found by an all_gather of the shard sizes.
 
 Iteration t assigns every point to its nearest centroid of C_t (inertia J_t = Σ squared L2 distance, FAISS's
 `obj[t]`), then moves the centroids to the means: C_{t+1}. After the last update one more assignment pass makes the
 returned assignments those of the returned centroids, so `inertia` holds J_0..J_T (T = iterations).
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,19 +38,28 @@ _SUM_CHUNK = 1 << 16  # rows per block when summing, so that no float64 copy of 
 @dataclass
 class KMeansState:
     """Checkpointable progress: the centroids at the start of iteration `iteration` (= updates done so far)."""
+
     centroids: np.ndarray  # (k, d) float32
     iteration: int = 0
     inertia: list[float] = field(default_factory=list)  # J_0..J_{iteration-1}
     n_splits: int = 0  # empty-cluster splits so far
 
     def to_dict(self) -> dict:
-        return {"centroids": np.asarray(self.centroids, dtype=np.float32), "iteration": int(self.iteration),
-                "inertia": [float(v) for v in self.inertia], "n_splits": int(self.n_splits)}
+        return {
+            "centroids": np.asarray(self.centroids, dtype=np.float32),
+            "iteration": int(self.iteration),
+            "inertia": [float(v) for v in self.inertia],
+            "n_splits": int(self.n_splits),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "KMeansState":
-        return cls(centroids=np.asarray(data["centroids"], dtype=np.float32), iteration=int(data["iteration"]),
-                   inertia=[float(v) for v in data.get("inertia", [])], n_splits=int(data.get("n_splits", 0)))
+        return cls(
+            centroids=np.asarray(data["centroids"], dtype=np.float32),
+            iteration=int(data["iteration"]),
+            inertia=[float(v) for v in data.get("inertia", [])],
+            n_splits=int(data.get("n_splits", 0)),
+        )
 
 
 @dataclass
@@ -62,6 +73,7 @@ class KMeansResult:
 
 
 # ----------------------------------------------------------------------------- collectives
+
 
 class _Comm:
     """The few collectives k-means needs, on the device the process group's backend wants."""
@@ -95,6 +107,7 @@ class _Comm:
 
 # ----------------------------------------------------------------------------- input checks
 
+
 def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm: _Comm) -> np.ndarray:
     """Check the inputs of all ranks together, so that every rank raises the same error instead of one rank
     leaving a collective that the others wait in. Returns the shard sizes of all ranks (rank order)."""
@@ -105,8 +118,20 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
     init_k, init_d = (init.shape if init.ndim == 2 else (-1, -1)) if init is not None else (k, d)
     st = np.asarray(state.centroids) if state is not None else None
     st_k, st_d = (st.shape if st.ndim == 2 else (-1, -1)) if st is not None else (k, d)
-    mine = {"ndim": len(shape), "n": n, "d": d, "finite": int(finite), "k": k, "iters": iters, "seed": seed,
-            "init_k": init_k, "init_d": init_d, "state_k": st_k, "state_d": st_d, "bad_arg": int(bool(bad_arg))}
+    mine = {
+        "ndim": len(shape),
+        "n": n,
+        "d": d,
+        "finite": int(finite),
+        "k": k,
+        "iters": iters,
+        "seed": seed,
+        "init_k": init_k,
+        "init_d": init_d,
+        "state_k": st_k,
+        "state_d": st_d,
+        "bad_arg": int(bool(bad_arg)),
+    }
     table = comm.all_gather(torch.tensor(list(mine.values()), dtype=torch.int64)).numpy()  # (ranks, columns)
     col = dict(zip(mine, table.T))  # column name -> one value per rank
     ndims, ns, ds, fin, ks, its, seeds = (col[c] for c in ("ndim", "n", "d", "finite", "k", "iters", "seed"))
@@ -128,7 +153,10 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
     if iters < 0:
         fail(f"iters={iters}: must be >= 0")
     if (ds != ds[0]).any() or ds[0] < 1:
-        fail(f"the dimension d must be the same (>= 1) on every rank, even a rank without data; d per rank: {ds.tolist()}")
+        fail(
+            "the dimension d must be the same (>= 1) on every rank, even a rank without data; "
+            f"d per rank: {ds.tolist()}"
+        )
     total = int(ns.sum())
     if k > total:
         fail(f"k={k} is larger than the number of points ({total} over {comm.size} ranks: {ns.tolist()})")
@@ -142,6 +170,7 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
 
 
 # ----------------------------------------------------------------------------- initialisation
+
 
 def _fetch_point(x: torch.Tensor, local_index: int | None, comm: _Comm) -> torch.Tensor:
     """The point that one rank owns (local_index not None there), as float64 on every rank; exact (x + 0 = x)."""
@@ -161,7 +190,7 @@ def _sq_dist_to(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Exact per-row float64 ||x - c||²: elementwise, so a point's value does not depend on its shard."""
     out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], _SUM_CHUNK):
-        out[s:s + _SUM_CHUNK] = ((x[s:s + _SUM_CHUNK].double() - c) ** 2).sum(dim=1)
+        out[s : s + _SUM_CHUNK] = ((x[s : s + _SUM_CHUNK].double() - c) ** 2).sum(dim=1)
     return out
 
 
@@ -212,8 +241,10 @@ def _init_kmeanspp(x, k, rng, offsets, comm) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- update
 
-def _local_stats(x: torch.Tensor, x_cols: np.ndarray | None, labels: torch.Tensor, dis: torch.Tensor, k: int,
-                 with_sums: bool) -> torch.Tensor:
+
+def _local_stats(
+    x: torch.Tensor, x_cols: np.ndarray | None, labels: torch.Tensor, dis: torch.Tensor, k: int, with_sums: bool
+) -> torch.Tensor:
     """float64 [sums (k·d), counts (k), inertia (1)] of this rank's points (only [inertia] without sums).
 
     Sums run over the points in their local order. On the CPU numpy does the work on one thread: torch and FAISS
@@ -227,7 +258,7 @@ def _local_stats(x: torch.Tensor, x_cols: np.ndarray | None, labels: torch.Tenso
         if with_sums:
             sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
             for s in range(0, n, _SUM_CHUNK):
-                sums.index_add_(0, labels[s:s + _SUM_CHUNK], x[s:s + _SUM_CHUNK].double())
+                sums.index_add_(0, labels[s : s + _SUM_CHUNK], x[s : s + _SUM_CHUNK].double())
             local = [sums.flatten(), torch.bincount(labels, minlength=k).double()] + local
         return torch.cat(local)
     lab = labels.numpy()
@@ -262,6 +293,7 @@ def _update(sums: np.ndarray, counts: np.ndarray, old: np.ndarray, spherical: bo
 
 # ----------------------------------------------------------------------------- the loop
 
+
 def _converged(inertia: list[float], tol: float) -> bool:
     """Relative change of the inertia below tol (tol = 0: never)."""
     if len(inertia) < 2:
@@ -271,10 +303,20 @@ def _converged(inertia: list[float], tol: float) -> bool:
     return change < tol
 
 
-def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: int = 0, spherical: bool = False,
-                       state: KMeansState | None = None, group=None,
-                       on_iteration: Callable[[KMeansState], None] | None = None,
-                       init: str | np.ndarray = "k-means++", backend: str | None = None) -> KMeansResult:
+def distributed_kmeans(
+    x,
+    k: int,
+    *,
+    iters: int = 25,
+    tol: float = 1e-4,
+    seed: int = 0,
+    spherical: bool = False,
+    state: KMeansState | None = None,
+    group=None,
+    on_iteration: Callable[[KMeansState], None] | None = None,
+    init: str | np.ndarray = "k-means++",
+    backend: str | None = None,
+) -> KMeansResult:
     """Lloyd's k-means of the points of all ranks; call it on every rank of `group` with that rank's shard.
 
     x: (n_local, d) float32 numpy or torch (CPU or CUDA); a rank without data passes (0, d).
@@ -292,7 +334,9 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
     x = torch.as_tensor(x).to(torch.float32).contiguous()
     init_arr = np.asarray(init, dtype=np.float32) if not isinstance(init, str) else None
     backend = backend or choose_backend()
-    bad_arg = ""  # raised on every rank by _validate, so that a rank with a bad argument does not leave the others hanging
+    bad_arg = (
+        ""  # raised on every rank by _validate, so that a rank with a bad argument does not leave the others hanging
+    )
     if isinstance(init, str) and init not in INITS:
         bad_arg = f"init={init!r}: allowed {', '.join(INITS)} or a (k, d) array"
     elif backend not in BACKENDS:
@@ -304,12 +348,16 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
     shard_sizes = _validate(x, k, iters, seed, init_arr, state, bad_arg, comm)
     offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
 
-    device = torch.device("cuda", torch.cuda.current_device()) if backend in ("faiss-gpu", "torch-cuda") else \
-        torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend in ("faiss-gpu", "torch-cuda")
+        else torch.device("cpu")
+    )
     x = x.to(device)
     d = x.shape[1]
-    log.info("k-means: rank %d/%d assigns %d points (d=%d, k=%d) with %s", comm.rank, comm.size, x.shape[0], d, k,
-             backend)
+    log.info(
+        "k-means: rank %d/%d assigns %d points (d=%d, k=%d) with %s", comm.rank, comm.size, x.shape[0], d, k, backend
+    )
     assign = CentroidAssigner(backend, d, spherical, device)
     x_sq = _sq_dist_to(x, torch.zeros(d, dtype=torch.float64, device=device)) if spherical else None
     x_cols = np.ascontiguousarray(x.numpy().T) if device.type == "cpu" else None  # see _local_stats
@@ -335,7 +383,7 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
         if t >= iters or _converged(inertia, tol):
             break
         packed = packed.cpu().numpy()
-        centroids, splits = _update(packed[:k * d].reshape(k, d), packed[k * d:k * d + k], centroids, spherical)
+        centroids, splits = _update(packed[: k * d].reshape(k, d), packed[k * d : k * d + k], centroids, spherical)
         n_splits += splits
         t += 1
         if splits:
@@ -344,7 +392,18 @@ def distributed_kmeans(x, k: int, *, iters: int = 25, tol: float = 1e-4, seed: i
             on_iteration(KMeansState(centroids.copy(), t, list(inertia), n_splits))
 
     if comm.rank == 0:
-        log.info("k-means: %d iterations, inertia %.6g -> %.6g, %d empty-cluster splits", t, inertia[0], inertia[-1],
-                 n_splits)
-    return KMeansResult(centroids=centroids, assignments=labels.cpu().numpy(), inertia=inertia, iterations=t,
-                        n_splits=n_splits, backend=backend)
+        log.info(
+            "k-means: %d iterations, inertia %.6g -> %.6g, %d empty-cluster splits",
+            t,
+            inertia[0],
+            inertia[-1],
+            n_splits,
+        )
+    return KMeansResult(
+        centroids=centroids,
+        assignments=labels.cpu().numpy(),
+        inertia=inertia,
+        iterations=t,
+        n_splits=n_splits,
+        backend=backend,
+    )

@@ -4,6 +4,7 @@ k-means gives every training image its cluster c(i); a teacher code of an augmen
 nearest centroid. This is that lookup: plain torch, chunked so that the (rows x k) score block stays small, on
 whatever device the codes are on. distributed_kmeans uses nearest_centroids as its GPU path when FAISS has no GPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,9 @@ def _as_float_tensor(a, device=None) -> torch.Tensor:
     return t.to(device=device if device is not None else t.device, dtype=torch.float32)
 
 
-def nearest_centroids(x, centroids, spherical: bool = False, chunk_size: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_centroids(
+    x, centroids, spherical: bool = False, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, d) points, (k, d) centroids -> (labels (N,) int64, squared L2 distance to that centroid (N,) float32).
 
     L2: argmin ||x - c||², computed as ||c||² - 2 x.c like FAISS's flat index. spherical: argmax of the cosine
@@ -45,7 +47,9 @@ def nearest_centroids(x, centroids, spherical: bool = False, chunk_size: int | N
     x = _as_float_tensor(x)
     c = _as_float_tensor(centroids, x.device)
     if x.ndim != 2 or c.ndim != 2 or x.shape[1] != c.shape[1]:
-        raise ValueError(f"nearest_centroids: x {tuple(x.shape)} and centroids {tuple(c.shape)} must be (N, d) and (k, d)")
+        raise ValueError(
+            f"nearest_centroids: x {tuple(x.shape)} and centroids {tuple(c.shape)} must be (N, d) and (k, d)"
+        )
     if c.shape[0] == 0:
         raise ValueError("nearest_centroids: no centroids")
     if spherical:
@@ -57,15 +61,15 @@ def nearest_centroids(x, centroids, spherical: bool = False, chunk_size: int | N
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     with _full_fp32(x.device):
         for s in range(0, n, step):
-            xb = x[s:s + step]
+            xb = x[s : s + step]
             ip = xb @ c.T
             if spherical:
                 best_ip, lab = ip.max(dim=1)  # unit-norm centroids: max cosine == max inner product
                 best = c_sq[lab] - 2 * best_ip
             else:
                 best, lab = (c_sq - 2 * ip).min(dim=1)
-            labels[s:s + step] = lab
-            dist[s:s + step] = ((xb * xb).sum(dim=1) + best).clamp_min(0)
+            labels[s : s + step] = lab
+            dist[s : s + step] = ((xb * xb).sum(dim=1) + best).clamp_min(0)
     return labels, dist
 
 

@@ -14,6 +14,7 @@ Unlike ColorJitter, the jitter order is fixed (brightness, contrast, saturation,
 random.Random(seed, epoch, key): a sample's views do not depend on the rank or loader worker that read it, and
 torch's global RNG is untouched.
 """
+
 from __future__ import annotations
 
 import math
@@ -134,6 +135,7 @@ def to_float_batch(arrays: list[np.ndarray]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- ops
 
+
 def gaussian_blur3(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """3x3 Gaussian blur with a per-image sigma (N,), reflect padding, as torchvision's gaussian_blur."""
     n, c, h, w = x.shape
@@ -161,6 +163,7 @@ def normalise(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the two transforms
+
 
 def view_rng(seed: int, epoch: int, key: str) -> random.Random:
     """The random source of one sample's views in one epoch (crc32 is stable across processes; hash() is not)."""

@@ -8,6 +8,7 @@ Where a batch is decoded and augmented (DESIGN §5, "the data path feeds a GPU")
   torchvision.io.decode_jpeg(device=...) and augments it there with the same tensor_augment code.
 Both ways draw each view's parameters from (seed, epoch, key), so the two see the same views.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,9 @@ from brcd_dist.data import tensor_augment
 JPEG_EXTS = ("jpg", "jpeg")
 # torchvision 0.29 warns on every decode that TorchCodec will take image decoding over; torchcodec is not a
 # dependency yet (its nvJPEG batch decoder is the successor to move to), so the warning is silenced here.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 
 def _mode(in_chans: int) -> ImageReadMode:
@@ -52,8 +54,9 @@ def loader_payload(data: bytes, ext: str, in_chans: int, *, decode_later: bool) 
     return decode_uint8(data, in_chans)
 
 
-def decode_batch(payloads: list[torch.Tensor], in_chans: int, device: torch.device | str
-                 ) -> tuple[list[torch.Tensor], list[int]]:
+def decode_batch(
+    payloads: list[torch.Tensor], in_chans: int, device: torch.device | str
+) -> tuple[list[torch.Tensor], list[int]]:
     """Loader payloads -> ((C, H, W) uint8 images on `device`, indices of the payloads that did not decode).
     JPEG bytes are decoded together in one call (nvJPEG's batched decoder on CUDA); a batch that fails is
     decoded one by one, so one damaged image costs only itself."""
@@ -78,8 +81,16 @@ def decode_batch(payloads: list[torch.Tensor], in_chans: int, device: torch.devi
     return [im for im in out if im is not None], bad
 
 
-def views_on_device(batch: dict[str, Any], *, train: bool, image_size: int, in_chans: int, seed: int, epoch: int,
-                    device: torch.device | str) -> tuple[dict[str, Any], list[str]]:
+def views_on_device(
+    batch: dict[str, Any],
+    *,
+    train: bool,
+    image_size: int,
+    in_chans: int,
+    seed: int,
+    epoch: int,
+    device: torch.device | str,
+) -> tuple[dict[str, Any], list[str]]:
     """A batch whose "images" are loader payloads -> the batch with "view1"/"view2" (train) or "image" on
     `device`, and the keys of the images that did not decode (dropped from the batch)."""
     images, bad = decode_batch(batch.pop("images"), in_chans, device)
@@ -90,7 +101,8 @@ def views_on_device(batch: dict[str, Any], *, train: bool, image_size: int, in_c
         batch["label"] = batch["label"][keep]
     if train:
         batch["view1"], batch["view2"] = tensor_augment.TensorTwoViews(image_size, in_chans, seed, epoch)(
-            images, batch["key"])
+            images, batch["key"]
+        )
     else:
         batch["image"] = tensor_augment.eval_batch(images, image_size, in_chans)
     return batch, dropped  # labels stay on the CPU, as in the loader-worker path

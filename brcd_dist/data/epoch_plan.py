@@ -12,6 +12,7 @@ half the samples of the fullest (fewer shards than ranks, or a tiny last shard) 
 near-equal shards, at least ranks x loader workers of them (data.shard_readers). An evaluation plan
 (shuffle=False) takes any balance: ranks take different step counts there, and a rank may have nothing to read.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,14 +24,16 @@ import numpy as np
 @dataclass(frozen=True)
 class ShardPart:
     """Samples at positions p of shard `shard` with p % stride == residue; `count` of them."""
+
     shard: int
     residue: int
     stride: int
     count: int
 
 
-def plan_epoch(shard_counts: list[int], world_size: int, *, epoch: int = 0, seed: int = 0,
-               shuffle: bool = True) -> list[list[ShardPart]]:
+def plan_epoch(
+    shard_counts: list[int], world_size: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = True
+) -> list[list[ShardPart]]:
     """Per rank, the shard parts it reads, in reading order. shuffle=False: manifest order, same every epoch."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: must be >= 1")
@@ -43,9 +46,11 @@ def plan_epoch(shard_counts: list[int], world_size: int, *, epoch: int = 0, seed
         plan[r].append(ShardPart(int(i), 0, 1, int(shard_counts[i])))
         loads[r] += int(shard_counts[i])
     if shuffle and 2 * min(loads) < max(loads):
-        raise ValueError(f"{n} shards of {min(shard_counts, default=0)}-{max(shard_counts, default=0)} samples over "
-                         f"{world_size} ranks leave a rank {min(loads)} samples against {max(loads)}: re-make the "
-                         f"shards with data.shard_readers >= {world_size} x data.loader_workers (jobs/make_shards.py)")
+        raise ValueError(
+            f"{n} shards of {min(shard_counts, default=0)}-{max(shard_counts, default=0)} samples over "
+            f"{world_size} ranks leave a rank {min(loads)} samples against {max(loads)}: re-make the "
+            f"shards with data.shard_readers >= {world_size} x data.loader_workers (jobs/make_shards.py)"
+        )
     return plan
 
 

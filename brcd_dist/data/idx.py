@@ -3,6 +3,7 @@
 Format: 2 zero bytes, a type code (0x08 = uint8), the number of dimensions, then each dimension as a big-endian
 int32, then the data in C order.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -11,8 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
@@ -36,7 +47,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     dtype_code, ndim = data[2], data[3]
     if dtype_code != 0x08:
         raise IdxFormatError(f"{path}: IDX type 0x{dtype_code:02x} not supported (only 0x08 = uint8)")
-    shape = struct.unpack(f">{ndim}i", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}i", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise IdxFormatError(f"{path}: {body.size} bytes of data for shape {shape} (truncated file?)")
@@ -52,8 +63,9 @@ def load_fashion_mnist(directory: str | Path) -> dict[str, np.ndarray]:
         if not path.is_file() and (directory / fname[:-3]).is_file():
             path = directory / fname[:-3]  # un-gzipped copy
         if not path.is_file():
-            raise FileNotFoundError(f"{directory / fname}: Fashion-MNIST file not found "
-                                    "(apt-get install dataset-fashion-mnist)")
+            raise FileNotFoundError(
+                f"{directory / fname}: Fashion-MNIST file not found (apt-get install dataset-fashion-mnist)"
+            )
         out[name] = read_idx(path)
     for part in ("train", "test"):
         n_img, n_lab = len(out[f"{part}_images"]), len(out[f"{part}_labels"])

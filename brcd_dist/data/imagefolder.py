@@ -1,4 +1,5 @@
 """ImageFolder-style sources: one sub-folder per class, with or without train/ and val/ above them."""
+
 from __future__ import annotations
 
 import io
@@ -39,8 +40,9 @@ def scan_class_folders(root: str | Path, classes: list[str] | None = None) -> tu
     """Class names (sorted sub-folder names, or the given ones) and the images under them."""
     root = Path(root)
     if classes is None:
-        classes = sorted(p.name for p in root.iterdir()
-                         if p.is_dir() and not p.name.startswith(".") and _inside(p, root))
+        classes = sorted(
+            p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _inside(p, root)
+        )
     if not classes:
         raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/IMAGE or ROOT/train/CLASS/IMAGE)")
     files, labels = [], []
@@ -68,8 +70,9 @@ READABLE_EXTS = ("jpg", "jpeg", "png", "webp")  # sample extensions the shard re
 JPEG_QUALITY = 90  # re-encoded (resized) JPEGs: FFCV's default; 256-px ImageNet crops at about 26 KB
 
 
-def encode_for_shard(path: str | Path, in_chans: int, shorter_side: int,
-                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, bytes]:
+def encode_for_shard(
+    path: str | Path, in_chans: int, shorter_side: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[str, bytes]:
     """Image file -> (extension, bytes) as a shard stores it: the file's own bytes when it is JPEG, PNG or WebP in
     L or RGB and needs no resize; else decoded once, converted (L for in_chans=1, RGB for 3), shorter side reduced
     to `shorter_side` (never enlarged; 0 = keep the size), and re-encoded in its own format (PNG for others).
@@ -99,8 +102,9 @@ def encode_for_shard(path: str | Path, in_chans: int, shorter_side: int,
     return ext, buf.getvalue()
 
 
-def encode_for_shard_or_reason(path: str | Path, in_chans: int, shorter_side: int,
-                               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, bytes] | str:
+def encode_for_shard_or_reason(
+    path: str | Path, in_chans: int, shorter_side: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[str, bytes] | str:
     """encode_for_shard, or a one-line reason for an image that cannot be used (corrupt, empty, above the pixel
     cap): such an image is skipped, counted and named, never the end of a shard run."""
     try:

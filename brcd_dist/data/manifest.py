@@ -4,6 +4,7 @@ Readers plan every epoch from it without opening a shard: per-shard counts give 
 (reading.py), keys and labels let the evaluation align codes with labels (DESIGN §1, §3). It lives with the
 shards, wherever they are (a local directory, s3://, gs://: brcd_dist.storage), so a worker needs nothing local.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,17 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "database", "val_query", "test_query")
 # Parameters that decide the contents of the shards: a directory made with other values is refused, never mixed.
-CONTENT_PARAMS = ("source", "seed", "train_per_class", "val_fraction", "samples_per_shard", "in_chans",
-                  "image_size", "holdout_fraction", "max_images")
+CONTENT_PARAMS = (
+    "source",
+    "seed",
+    "train_per_class",
+    "val_fraction",
+    "samples_per_shard",
+    "in_chans",
+    "image_size",
+    "holdout_fraction",
+    "max_images",
+)
 
 
 class ShardsMismatchError(ValueError):
@@ -112,7 +122,8 @@ def check_same_params(existing: Manifest, wanted: dict[str, Any], shards_dir: st
         if k in wanted and getattr(existing, k) != wanted[k]:
             raise ShardsMismatchError(
                 f"{shards_dir} holds shards made with {k}={getattr(existing, k)!r}, asked for {k}={wanted[k]!r}: "
-                "use another data.shards_dir / data.shards_url or delete that one")
+                "use another data.shards_dir / data.shards_url or delete that one"
+            )
 
 
 def file_sha256(path: str | os.PathLike) -> str:

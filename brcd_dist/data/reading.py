@@ -4,7 +4,8 @@ Pipeline of one rank:
   epoch_plan (same on every rank) -> this rank's shard parts
   -> M DataLoader workers, each a webdataset pipeline over its share of the parts (nodesplitter: our rank
      selection, rank/world passed in, torch.distributed not needed; workersplitter: torch worker info)
-  -> keep the part's sample positions, shuffle buffer (train), decode (JPEG, PNG, WebP), augment, collate into small chunks
+  -> keep the part's sample positions, shuffle buffer (train), decode (JPEG, PNG, WebP), augment, collate into
+     small chunks
   -> main process: cut the chunk stream into exactly the planned batches (train) or batches of B (eval).
 Batching in the main process is what lets every rank yield exactly S batches whatever the workers' shares.
 
@@ -19,6 +20,7 @@ runs short of samples for its S steps, it still yields S batches: what is left s
 steps when that gives each at least 2 samples; otherwise every remaining step gets what is left topped up to
 B with samples of the last batch (repeats: counted in `.stats.padded_steps`).
 """
+
 from __future__ import annotations
 
 import io
@@ -51,6 +53,7 @@ MAX_LOGGED_ERRORS = 20  # per pass; the counters count every skipped sample
 @dataclass
 class ReadStats:
     """Damage seen in one pass: read after the epoch as `batches.stats`."""
+
     bad_samples: int = 0  # undecodable image or label, or a sample missing its image or label
     missing_samples: int = 0  # samples the manifest promises that never arrived (truncated or unreadable shard)
     padded_steps: int = 0  # train: steps filled by repeating samples because the rank ran short
@@ -61,8 +64,13 @@ class ReadStats:
         return self.bad_samples + self.missing_samples
 
     def as_dict(self) -> dict[str, Any]:
-        return {"bad_samples": self.bad_samples, "missing_samples": self.missing_samples,
-                "padded_steps": self.padded_steps, "skipped": self.skipped, "errors": list(self.errors)}
+        return {
+            "bad_samples": self.bad_samples,
+            "missing_samples": self.missing_samples,
+            "padded_steps": self.padded_steps,
+            "skipped": self.skipped,
+            "errors": list(self.errors),
+        }
 
 
 def image_bytes(sample: dict) -> tuple[str, bytes]:
@@ -104,6 +112,7 @@ class IncompleteReadError(RuntimeError):
 def open_shards(hashes: dict[str, str]):
     """webdataset stage: {"url"} -> {"url", "stream"} through brcd_dist.storage (retry + byte-range re-open),
     the shard's sha256 checked when the tar reader is done with it."""
+
     def stage(src):
         for item in src:
             url = item["url"]
@@ -113,15 +122,29 @@ def open_shards(hashes: dict[str, str]):
                 stream.raw.finish()  # the tar reader stops at the end-of-archive blocks: hash the rest too
             finally:
                 stream.close()
+
     return stage
 
 
 class ShardStream(IterableDataset):
     """One rank's samples as chunks of decoded, transformed tensors (runs inside DataLoader workers)."""
 
-    def __init__(self, urls: list[str], parts: list[ShardPart], *, train: bool, image_size: int, in_chans: int,
-                 seed: int, epoch: int, rank: int, chunk_size: int, shuffle_buffer: int,
-                 augment_in_loader: bool = True, hashes: dict[str, str] | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        parts: list[ShardPart],
+        *,
+        train: bool,
+        image_size: int,
+        in_chans: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        chunk_size: int,
+        shuffle_buffer: int,
+        augment_in_loader: bool = True,
+        hashes: dict[str, str] | None = None,
+    ):
         self.urls, self.parts, self.train = urls, parts, train
         self.augment_in_loader = augment_in_loader  # False: ship uint8 payloads, the device decodes (decoding.py)
         self.hashes = hashes or {}  # url -> sha256 from the manifest
@@ -175,10 +198,13 @@ class ShardStream(IterableDataset):
         """Transform and collate items (key, label, image); carry the damage counted since the previous
         chunk (`sent`: the counts reported so far)."""
         keys = [k for k, _, _ in items]
-        out: dict[str, Any] = {"key": keys, "label": torch.tensor([y for _, y, _ in items], dtype=torch.long),
-                               "bad_samples": stats.bad_samples - sent["bad"],
-                               "missing_samples": stats.missing_samples - sent["missing"],
-                               "errors": stats.errors[sent["errors"]:]}
+        out: dict[str, Any] = {
+            "key": keys,
+            "label": torch.tensor([y for _, y, _ in items], dtype=torch.long),
+            "bad_samples": stats.bad_samples - sent["bad"],
+            "missing_samples": stats.missing_samples - sent["missing"],
+            "errors": stats.errors[sent["errors"] :],
+        }
         sent.update(bad=stats.bad_samples, missing=stats.missing_samples, errors=len(stats.errors))
         if items:
             images = [im for _, _, im in items]
@@ -186,7 +212,8 @@ class ShardStream(IterableDataset):
                 out["images"] = images  # uint8 payloads; decoded and augmented on the device per batch
             elif self.train:
                 out["view1"], out["view2"] = tensor_augment.TensorTwoViews(
-                    self.image_size, self.in_chans, self.seed, self.epoch)(images, keys)
+                    self.image_size, self.in_chans, self.seed, self.epoch
+                )(images, keys)
             else:
                 out["image"] = tensor_augment.eval_batch(images, self.image_size, self.in_chans)
         return out
@@ -205,9 +232,13 @@ class ShardStream(IterableDataset):
             return True
 
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls), RankShards(rank_urls), split_by_loader_worker,
-            open_shards(self.hashes), pipelinefilter(tar_file_expander)(handler=on_error),
-            pipelinefilter(group_by_keys)(handler=on_error))
+            wds.SimpleShardList(self.urls),
+            RankShards(rank_urls),
+            split_by_loader_worker,
+            open_shards(self.hashes),
+            pipelinefilter(tar_file_expander)(handler=on_error),
+            pipelinefilter(group_by_keys)(handler=on_error),
+        )
         samples = self._kept_samples(pipeline, my_parts, stats)
         if self.train:
             samples = self._shuffled(samples, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}"))
@@ -217,8 +248,9 @@ class ShardStream(IterableDataset):
                 items.append(self._decode(sample))
             except Exception as exn:  # a damaged sample: count it, keep reading
                 stats.bad_samples += 1
-                stats.errors.append(f"{sample.get('__key__')} in {sample.get('__url__')}: "
-                                    f"{type(exn).__name__}: {exn}"[:500])
+                stats.errors.append(
+                    f"{sample.get('__key__')} in {sample.get('__url__')}: {type(exn).__name__}: {exn}"[:500]
+                )
             if len(items) >= self.chunk_size:
                 yield self._chunk(items, stats, sent)
                 items = []
@@ -229,8 +261,16 @@ class ShardStream(IterableDataset):
 class ShardBatches:
     """Iterable over one epoch's batches of one rank; len() is the planned step count."""
 
-    def __init__(self, dataset: ShardStream, *, sizes: list[int] | None, batch_size: int, num_workers: int,
-                 split: str, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        dataset: ShardStream,
+        *,
+        sizes: list[int] | None,
+        batch_size: int,
+        num_workers: int,
+        split: str,
+        device: torch.device | str = "cpu",
+    ):
         self.dataset, self.sizes, self.batch_size = dataset, sizes, batch_size
         self.device = torch.device(device)
         self.num_workers, self.split = num_workers, split
@@ -246,7 +286,8 @@ class ShardBatches:
             first = self.stats.errors[0] if self.stats.errors else "no detail"
             raise IncompleteReadError(
                 f"split {self.split}, rank {self.dataset.rank}: {self.stats.missing_samples} samples missing and "
-                f"{self.stats.bad_samples} undecodable after retries; first: {first}")
+                f"{self.stats.bad_samples} undecodable after retries; first: {first}"
+            )
 
     def _absorb(self, chunk: dict[str, Any]) -> None:
         self.stats.bad_samples += chunk["bad_samples"]
@@ -263,8 +304,15 @@ class ShardBatches:
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Decode and augment a batch of loader payloads on self.device (decoding.py)."""
         d = self.dataset
-        out, dropped = views_on_device(dict(batch), train=d.train, image_size=d.image_size, in_chans=d.in_chans,
-                                       seed=d.seed, epoch=d.epoch, device=self.device)
+        out, dropped = views_on_device(
+            dict(batch),
+            train=d.train,
+            image_size=d.image_size,
+            in_chans=d.in_chans,
+            seed=d.seed,
+            epoch=d.epoch,
+            device=self.device,
+        )
         for key in dropped:
             self.stats.bad_samples += 1
             msg = f"{key}: undecodable on {self.device}"
@@ -277,9 +325,14 @@ class ShardBatches:
         self.stats = ReadStats()
         # an own generator: DataLoader draws its workers' base seed from it, not from torch's global RNG
         generator = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + self.dataset.epoch)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator,
-                            prefetch_factor=4 if self.num_workers > 0 else None,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=generator,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+            pin_memory=self.device.type == "cuda",
+        )
         buffer = _Buffer()
         steps = len(self.sizes) if self.sizes is not None else None
         step, last = 0, None
@@ -302,9 +355,15 @@ class ShardBatches:
         else:
             yield from self._fill_short(buffer, steps - step, last)
         if self.stats.skipped or self.stats.padded_steps:
-            log.warning("split %s, rank %d: %d samples skipped (%d undecodable, %d missing), %d padded steps",
-                        self.split, self.dataset.rank, self.stats.skipped, self.stats.bad_samples,
-                        self.stats.missing_samples, self.stats.padded_steps)
+            log.warning(
+                "split %s, rank %d: %d samples skipped (%d undecodable, %d missing), %d padded steps",
+                self.split,
+                self.dataset.rank,
+                self.stats.skipped,
+                self.stats.bad_samples,
+                self.stats.missing_samples,
+                self.stats.padded_steps,
+            )
 
     def _fill_short(self, buffer: "_Buffer", remaining: int, last):
         """The rank ran short (damaged data): still yield `remaining` batches, so collectives stay in step."""
@@ -321,8 +380,10 @@ class ShardBatches:
         if last is not None and m < self.batch_size:
             pool.add(_Buffer.head(last, self.batch_size - m))
         if not len(pool):
-            raise RuntimeError(f"split {self.split}, rank {self.dataset.rank}: no readable sample this epoch, "
-                               f"cannot take the {remaining} steps the other ranks take")
+            raise RuntimeError(
+                f"split {self.split}, rank {self.dataset.rank}: no readable sample this epoch, "
+                f"cannot take the {remaining} steps the other ranks take"
+            )
         batch = pool.take(len(pool))
         for _ in range(remaining):
             self.stats.padded_steps += 1
@@ -331,6 +392,7 @@ class ShardBatches:
 
 class _Buffer:
     """Chunks waiting to be cut into batches."""
+
     TENSOR_KEYS = ("view1", "view2", "image", "label")
     LIST_KEYS = ("key", "images")  # images: uint8 payloads for the device (decoding.py)
 
@@ -391,10 +453,24 @@ def _chunk_size(batch_size: int) -> int:
     return max(8, min(batch_size, 64))
 
 
-def train_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
-                  num_workers: int, image_size: int, in_chans: int, epoch: int, seed: int,
-                  shards_url: str = "", max_steps: int = 0, shuffle_buffer: int = 1000,
-                  device: torch.device | str = "cpu", augment_on_device: bool | None = None) -> ShardBatches:
+def train_batches(
+    manifest: Manifest,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int,
+    image_size: int,
+    in_chans: int,
+    epoch: int,
+    seed: int,
+    shards_url: str = "",
+    max_steps: int = 0,
+    shuffle_buffer: int = 1000,
+    device: torch.device | str = "cpu",
+    augment_on_device: bool | None = None,
+) -> ShardBatches:
     """One epoch of two-view batches {"view1", "view2": (B,C,H,W) float, "key": list[str], "label": (B,) long}.
 
     Every sample of the split once per epoch across ranks (the first max_steps batches' worth when
@@ -408,26 +484,57 @@ def train_batches(manifest: Manifest, split: str, *, rank: int, world_size: int,
     steps = steps_per_epoch(plan, batch_size, max_steps)
     sizes = batch_sizes(rank_count(plan[rank]), steps, batch_size)
     urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
-    dataset = ShardStream(urls, plan[rank], train=True, image_size=image_size, in_chans=in_chans, seed=seed,
-                          epoch=epoch, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=shuffle_buffer,
-                          augment_in_loader=not _on_device(device, augment_on_device),
-                          hashes=_hashes(manifest, info.shards, urls))
-    return ShardBatches(dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split,
-                        device=device)
+    dataset = ShardStream(
+        urls,
+        plan[rank],
+        train=True,
+        image_size=image_size,
+        in_chans=in_chans,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        chunk_size=_chunk_size(batch_size),
+        shuffle_buffer=shuffle_buffer,
+        augment_in_loader=not _on_device(device, augment_on_device),
+        hashes=_hashes(manifest, info.shards, urls),
+    )
+    return ShardBatches(
+        dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split, device=device
+    )
 
 
-def eval_batches(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
-                 num_workers: int, image_size: int, in_chans: int, shards_url: str = "",
-                 device: torch.device | str = "cpu", augment_on_device: bool | None = None) -> ShardBatches:
+def eval_batches(
+    manifest: Manifest,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int,
+    image_size: int,
+    in_chans: int,
+    shards_url: str = "",
+    device: torch.device | str = "cpu",
+    augment_on_device: bool | None = None,
+) -> ShardBatches:
     """Deterministic single-view batches {"image", "key", "label"}; each sample exactly once across ranks,
     no padding, so ranks may take different step counts (no collectives inside encoding)."""
     _check(manifest, split, rank, world_size, batch_size)
     info = manifest.splits[split]
     plan = plan_epoch(info.shard_counts, world_size, shuffle=False)
     urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
-    dataset = ShardStream(urls, plan[rank], train=False, image_size=image_size, in_chans=in_chans, seed=0,
-                          epoch=0, rank=rank, chunk_size=_chunk_size(batch_size), shuffle_buffer=0,
-                          augment_in_loader=not _on_device(device, augment_on_device),
-                          hashes=_hashes(manifest, info.shards, urls))
-    return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split,
-                        device=device)
+    dataset = ShardStream(
+        urls,
+        plan[rank],
+        train=False,
+        image_size=image_size,
+        in_chans=in_chans,
+        seed=0,
+        epoch=0,
+        rank=rank,
+        chunk_size=_chunk_size(batch_size),
+        shuffle_buffer=0,
+        augment_in_loader=not _on_device(device, augment_on_device),
+        hashes=_hashes(manifest, info.shards, urls),
+    )
+    return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split, device=device)

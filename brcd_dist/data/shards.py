@@ -11,6 +11,7 @@ byte-identical shards (and hashes) again.
 Shard sizes: `samples_per_shard` at most; with `readers` > 0 (the expected ranks x loader workers), a split
 has at least that many shards (near-equal sizes), so that every loader worker of every rank has its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,17 @@ from tqdm import tqdm
 from brcd_dist import storage
 from brcd_dist.data import imagefolder, splits
 from brcd_dist.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
-from brcd_dist.data.manifest import (Manifest, SplitInfo, ShardsMismatchError, check_same_params, file_sha256,
-                                     load_manifest, manifest_location, manifest_path, save_manifest)
+from brcd_dist.data.manifest import (
+    Manifest,
+    ShardsMismatchError,
+    SplitInfo,
+    check_same_params,
+    file_sha256,
+    load_manifest,
+    manifest_location,
+    manifest_path,
+    save_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,7 @@ POOL_MIN_IMAGES = 1000  # fewer images: encoding in this process beats starting 
 @dataclass
 class _ImageSet:
     """One side of a source (training or test images): keys, labels, and how to get image i's stored bytes."""
+
     keys: list[str]
     labels: np.ndarray
     encode_many: Callable[[np.ndarray], Iterable[tuple[str, bytes]]]  # indices -> (extension, bytes), in order
@@ -75,6 +86,7 @@ def _limit(n: int, max_images: int) -> int:
 
 # ----------------------------------------------------------------------------- sources
 
+
 def _png_gray(image: np.ndarray) -> tuple[str, bytes]:
     buf = io.BytesIO()
     Image.fromarray(image, mode="L").save(buf, format="PNG")
@@ -95,18 +107,26 @@ def _fashion_mnist(path: str, max_images: int) -> _Source:
                 if i not in cache:
                     cache[i] = _png_gray(images[i])
                 yield cache[i]
+
         return _ImageSet(_keys(part, range(n), len(arrays[f"{part}_images"])), labels, encode_many)
 
     return _Source(list(FASHION_MNIST_CLASSES), FASHION_MNIST_SIZE, 1, side("train"), side("test"))
 
 
-def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.ndarray, in_chans: int,
-                 shorter_side: int, num_procs: int,
-                 max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _ImageSet:
+def _folder_side(
+    images: imagefolder.ImageList,
+    keys: list[str],
+    positions: np.ndarray,
+    in_chans: int,
+    shorter_side: int,
+    num_procs: int,
+    max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
+) -> _ImageSet:
     paths = [str(images.root / images.files[p]) for p in positions]
     # (extension, bytes), or the reason (str) why an image is skipped: corrupt, empty or above the pixel cap
-    encode = partial(imagefolder.encode_for_shard_or_reason, in_chans=in_chans, shorter_side=shorter_side,
-                     max_pixels=max_pixels)
+    encode = partial(
+        imagefolder.encode_for_shard_or_reason, in_chans=in_chans, shorter_side=shorter_side, max_pixels=max_pixels
+    )
 
     def encode_many(indices: np.ndarray) -> Iterator[tuple[str, bytes]]:
         todo = [paths[int(i)] for i in indices]
@@ -118,11 +138,21 @@ def _folder_side(images: imagefolder.ImageList, keys: list[str], positions: np.n
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         with multiprocessing.get_context(method).Pool(num_procs) as pool:
             yield from pool.imap(encode, todo, chunksize=16)
+
     return _ImageSet([keys[p] for p in positions], images.labels[positions], encode_many, paths)
 
 
-def _image_folder(path: str, *, shorter_side: int, in_chans: int, holdout_fraction: float, seed: int,
-                  max_images: int, num_procs: int, max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> _Source:
+def _image_folder(
+    path: str,
+    *,
+    shorter_side: int,
+    in_chans: int,
+    holdout_fraction: float,
+    seed: int,
+    max_images: int,
+    num_procs: int,
+    max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
+) -> _Source:
     """train/ + val/ when both exist (keys 'train-N', 'val-N'); else one folder, split by the seed ('img-N')."""
     size = shorter_side
     root = Path(path)
@@ -130,20 +160,32 @@ def _image_folder(path: str, *, shorter_side: int, in_chans: int, holdout_fracti
         classes, train = imagefolder.scan_class_folders(root / "train")
         _, val = imagefolder.scan_class_folders(root / "val", classes)
         n_tr, n_te = _limit(len(train.files), max_images), _limit(len(val.files), max_images)
-        tr_keys, te_keys = _keys("train", range(len(train.files)), len(train.files)), _keys("val", range(len(val.files)), len(val.files))
-        return _Source(classes, size, in_chans,
-                       _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs, max_pixels),
-                       _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs, max_pixels))
+        tr_keys, te_keys = (
+            _keys("train", range(len(train.files)), len(train.files)),
+            _keys("val", range(len(val.files)), len(val.files)),
+        )
+        return _Source(
+            classes,
+            size,
+            in_chans,
+            _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs, max_pixels),
+            _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs, max_pixels),
+        )
     classes, allimg = imagefolder.scan_class_folders(root)
     keys = _keys("img", range(len(allimg.files)), len(allimg.files))
     kept, held = splits.holdout_split(allimg.labels, holdout_fraction, seed)
-    kept, held = kept[:_limit(len(kept), max_images)], held[:_limit(len(held), max_images)]
-    return _Source(classes, size, in_chans,
-                   _folder_side(allimg, keys, kept, in_chans, size, num_procs, max_pixels),
-                   _folder_side(allimg, keys, held, in_chans, size, num_procs, max_pixels))
+    kept, held = kept[: _limit(len(kept), max_images)], held[: _limit(len(held), max_images)]
+    return _Source(
+        classes,
+        size,
+        in_chans,
+        _folder_side(allimg, keys, kept, in_chans, size, num_procs, max_pixels),
+        _folder_side(allimg, keys, held, in_chans, size, num_procs, max_pixels),
+    )
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def shard_sizes(n: int, samples_per_shard: int, readers: int = 0) -> list[int]:
     """How many samples each shard of an n-sample split holds. readers = 0: samples_per_shard each, the rest in
@@ -162,6 +204,7 @@ def _shard_keys(uri: str) -> list[str]:
     """The sample keys of a written shard, in order (a resumed run re-lists a kept shard: some of its images may
     have been skipped when it was written)."""
     import tarfile
+
     keys: list[str] = []
     with storage.open_read(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
@@ -171,8 +214,17 @@ def _shard_keys(uri: str) -> list[str]:
     return keys
 
 
-def _write_split(out: str, name: str, images: _ImageSet, order: np.ndarray, samples_per_shard: int,
-                 readers: int, bar: tqdm, done: dict[str, str], on_shard: Callable[[str, str], None]) -> tuple[SplitInfo, dict[str, str]]:
+def _write_split(
+    out: str,
+    name: str,
+    images: _ImageSet,
+    order: np.ndarray,
+    samples_per_shard: int,
+    readers: int,
+    bar: tqdm,
+    done: dict[str, str],
+    on_shard: Callable[[str, str], None],
+) -> tuple[SplitInfo, dict[str, str]]:
     """Write the split's shards to `out` (local or object store), each uploaded as soon as it is complete.
     `done`: shards an earlier, unfinished run wrote and that are there with that sha256: kept, not re-encoded.
     An image that cannot be encoded (corrupt, empty, above the pixel cap) is skipped, counted and named."""
@@ -205,8 +257,9 @@ def _write_split(out: str, name: str, images: _ImageSet, order: np.ndarray, samp
                         skipped.append(item)
                         continue
                     ext, data = item
-                    sink.write({"__key__": images.keys[int(j)], ext: data,
-                                "cls": str(int(images.labels[int(j)])).encode()})
+                    sink.write(
+                        {"__key__": images.keys[int(j)], ext: data, "cls": str(int(images.labels[int(j)])).encode()}
+                    )
                     written.append(int(j))
                     n += 1
             counts.append(n)
@@ -218,29 +271,59 @@ def _write_split(out: str, name: str, images: _ImageSet, order: np.ndarray, samp
                 os.remove(tmp)
             on_shard(fname, hashes[fname])
     if skipped:
-        log.warning("split %s: %d image(s) skipped (unreadable, empty or above data.max_image_pixels), first: %s",
-                    name, len(skipped), skipped[0])
-    info = SplitInfo(count=len(written), shards=names, shard_counts=counts,
-                     keys=[images.keys[i] for i in written], labels=[int(images.labels[i]) for i in written])
+        log.warning(
+            "split %s: %d image(s) skipped (unreadable, empty or above data.max_image_pixels), first: %s",
+            name,
+            len(skipped),
+            skipped[0],
+        )
+    info = SplitInfo(
+        count=len(written),
+        shards=names,
+        shard_counts=counts,
+        keys=[images.keys[i] for i in written],
+        labels=[int(images.labels[i]) for i in written],
+    )
     return info, hashes
 
 
-def _stored_params(source: str, *, seed: int, train_per_class: int, val_fraction: float, samples_per_shard: int,
-                   in_chans: int, shorter_side: int, holdout_fraction: float, max_images: int) -> dict:
+def _stored_params(
+    source: str,
+    *,
+    seed: int,
+    train_per_class: int,
+    val_fraction: float,
+    samples_per_shard: int,
+    in_chans: int,
+    shorter_side: int,
+    holdout_fraction: float,
+    max_images: int,
+) -> dict:
     """The manifest's content parameters for a request, known before reading the source. The manifest's
     image_size is the stored shorter side: 28 for Fashion-MNIST, `shorter_side` for an ImageFolder (0: as the
     source's files are)."""
     image_size = shorter_side
     if source == "fashion_mnist":
         in_chans, image_size, holdout_fraction = 1, FASHION_MNIST_SIZE, 0.0  # stored as is; readers convert
-    return dict(source=source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
-                samples_per_shard=samples_per_shard, in_chans=in_chans, image_size=image_size,
-                holdout_fraction=holdout_fraction, max_images=max_images)
+    return dict(
+        source=source,
+        seed=seed,
+        train_per_class=train_per_class,
+        val_fraction=val_fraction,
+        samples_per_shard=samples_per_shard,
+        in_chans=in_chans,
+        image_size=image_size,
+        holdout_fraction=holdout_fraction,
+        max_images=max_images,
+    )
 
 
 def _intact(out: str, name: str, sha256: str | None) -> bool:
-    return sha256 is not None and storage.is_file(storage.join(out, name)) \
+    return (
+        sha256 is not None
+        and storage.is_file(storage.join(out, name))
         and storage.file_sha256(storage.join(out, name)) == sha256
+    )
 
 
 def verify_shards(manifest: Manifest, shards_dir: str | os.PathLike) -> list[str]:
@@ -257,8 +340,12 @@ def _load_progress(out: str, wanted: dict) -> dict[str, str]:
     if progress.get("params") != wanted:
         return {}
     kept = {n: h for n, h in progress.get("sha256", {}).items() if _intact(out, n, h)}
-    log.info("%s: resuming: %d of the earlier run's %d shard(s) are there intact", out, len(kept),
-             len(progress.get("sha256", {})))
+    log.info(
+        "%s: resuming: %d of the earlier run's %d shard(s) are there intact",
+        out,
+        len(kept),
+        len(progress.get("sha256", {})),
+    )
     return kept
 
 
@@ -278,11 +365,24 @@ def _dir_lock(directory: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *, seed: int = 0,
-                 train_per_class: int = 500, val_fraction: float = 0.5, samples_per_shard: int = 1000,
-                 in_chans: int = 1, shorter_side: int = 0, holdout_fraction: float = DEFAULT_HOLDOUT,
-                 max_images: int = 0, readers: int = 0, num_procs: int = 1, progress: bool = True,
-                 max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS) -> Manifest:
+def write_shards(
+    shards_dir: str | os.PathLike,
+    source: str,
+    source_path: str,
+    *,
+    seed: int = 0,
+    train_per_class: int = 500,
+    val_fraction: float = 0.5,
+    samples_per_shard: int = 1000,
+    in_chans: int = 1,
+    shorter_side: int = 0,
+    holdout_fraction: float = DEFAULT_HOLDOUT,
+    max_images: int = 0,
+    readers: int = 0,
+    num_procs: int = 1,
+    progress: bool = True,
+    max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
+) -> Manifest:
     """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir: a local directory or
     an object store location (s3://bucket/prefix, gs://...), each shard uploaded as soon as it is written.
 
@@ -298,9 +398,17 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r}: shards can be made from {', '.join(SOURCES)}")
     out = str(shards_dir) if not storage.is_local(str(shards_dir)) else os.path.abspath(shards_dir)
-    wanted = _stored_params(source, seed=seed, train_per_class=train_per_class, val_fraction=val_fraction,
-                            samples_per_shard=samples_per_shard, in_chans=in_chans, shorter_side=shorter_side,
-                            holdout_fraction=holdout_fraction, max_images=max_images)
+    wanted = _stored_params(
+        source,
+        seed=seed,
+        train_per_class=train_per_class,
+        val_fraction=val_fraction,
+        samples_per_shard=samples_per_shard,
+        in_chans=in_chans,
+        shorter_side=shorter_side,
+        holdout_fraction=holdout_fraction,
+        max_images=max_images,
+    )
     with _dir_lock(out):
         done: dict[str, str] = {}
         if storage.is_file(manifest_path(out)):
@@ -321,29 +429,58 @@ def write_shards(shards_dir: str | os.PathLike, source: str, source_path: str, *
         def on_shard(fname: str, sha: str) -> None:  # record each finished shard: a killed run resumes after it
             progress["sha256"][fname] = sha
             storage.write_bytes(storage.join(out, PROGRESS_NAME), json.dumps(progress).encode())
+
         if source == "fashion_mnist":
             src = _fashion_mnist(source_path, max_images)
         else:
-            src = _image_folder(source_path, shorter_side=shorter_side, in_chans=in_chans,
-                                holdout_fraction=holdout_fraction, seed=seed, max_images=max_images,
-                                num_procs=num_procs, max_pixels=max_image_pixels)
-        orders = splits.make_splits(src.train.labels, len(src.test.labels), train_per_class=train_per_class,
-                                    val_fraction=val_fraction, seed=seed)
+            src = _image_folder(
+                source_path,
+                shorter_side=shorter_side,
+                in_chans=in_chans,
+                holdout_fraction=holdout_fraction,
+                seed=seed,
+                max_images=max_images,
+                num_procs=num_procs,
+                max_pixels=max_image_pixels,
+            )
+        orders = splits.make_splits(
+            src.train.labels,
+            len(src.test.labels),
+            train_per_class=train_per_class,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
         sides = {"train": src.train, "database": src.train, "val_query": src.test, "test_query": src.test}
         infos, hashes = {}, {}
-        with tqdm(total=sum(len(o) for o in orders.values()), desc=f"shards -> {out}", unit="img",
-                  disable=not progress, mininterval=1.0) as bar:
+        with tqdm(
+            total=sum(len(o) for o in orders.values()),
+            desc=f"shards -> {out}",
+            unit="img",
+            disable=not progress,
+            mininterval=1.0,
+        ) as bar:
             for name, order in orders.items():
                 bar.set_postfix_str(name)
-                infos[name], h = _write_split(out, name, sides[name], order, samples_per_shard, readers, bar,
-                                              done, on_shard)
+                infos[name], h = _write_split(
+                    out, name, sides[name], order, samples_per_shard, readers, bar, done, on_shard
+                )
                 hashes.update(h)
-        manifest = Manifest(source=source, source_path=str(source_path), seed=seed,
-                            train_per_class=train_per_class, val_fraction=val_fraction,
-                            samples_per_shard=samples_per_shard, num_classes=len(src.classes),
-                            classes=list(src.classes), image_size=src.image_size, in_chans=src.in_chans,
-                            splits=infos, sha256=hashes, holdout_fraction=wanted["holdout_fraction"],
-                            max_images=max_images)
+        manifest = Manifest(
+            source=source,
+            source_path=str(source_path),
+            seed=seed,
+            train_per_class=train_per_class,
+            val_fraction=val_fraction,
+            samples_per_shard=samples_per_shard,
+            num_classes=len(src.classes),
+            classes=list(src.classes),
+            image_size=src.image_size,
+            in_chans=src.in_chans,
+            splits=infos,
+            sha256=hashes,
+            holdout_fraction=wanted["holdout_fraction"],
+            max_images=max_images,
+        )
         save_manifest(manifest, out)
         if storage.is_file(storage.join(out, PROGRESS_NAME)):
             storage.remove(storage.join(out, PROGRESS_NAME))
@@ -357,11 +494,13 @@ def check_same_layout(existing: Manifest, samples_per_shard: int, readers: int, 
         # skipped images (corrupt, empty, above the pixel cap) leave a split short of the count it was cut for: its
         # shard count then lies between what `readers` gives for the images kept and for twice as many
         most = len(shard_sizes(2 * split.count, samples_per_shard, readers))
-        if split.shard_counts != want and not (len(want) <= len(split.shard_counts) <= most
-                                               and max(split.shard_counts, default=0) <= samples_per_shard):
+        if split.shard_counts != want and not (
+            len(want) <= len(split.shard_counts) <= most and max(split.shard_counts, default=0) <= samples_per_shard
+        ):
             raise ShardsMismatchError(
                 f"{shards_dir} holds {len(split.shard_counts)} {name} shards, asked for {len(want)} "
-                f"(data.shard_readers={readers}): use another data.shards_dir or delete that one")
+                f"(data.shard_readers={readers}): use another data.shards_dir or delete that one"
+            )
 
 
 def ensure_shards(cfg) -> Manifest:
@@ -377,16 +516,37 @@ def ensure_shards(cfg) -> Manifest:
         return load_manifest(where)
     if d.shards_url and storage.is_file(manifest_path(where)):
         manifest = load_manifest(where)
-        check_same_params(manifest, _stored_params(
-            d.source, seed=d.split_seed, train_per_class=d.train_per_class, val_fraction=d.val_fraction,
-            samples_per_shard=d.samples_per_shard, in_chans=d.in_chans, shorter_side=d.shard_shorter_side,
-            holdout_fraction=DEFAULT_HOLDOUT, max_images=0), where)
+        check_same_params(
+            manifest,
+            _stored_params(
+                d.source,
+                seed=d.split_seed,
+                train_per_class=d.train_per_class,
+                val_fraction=d.val_fraction,
+                samples_per_shard=d.samples_per_shard,
+                in_chans=d.in_chans,
+                shorter_side=d.shard_shorter_side,
+                holdout_fraction=DEFAULT_HOLDOUT,
+                max_images=0,
+            ),
+            where,
+        )
         return manifest
-    return write_shards(where, d.source, d.source_path, seed=d.split_seed,
-                        train_per_class=d.train_per_class, val_fraction=d.val_fraction,
-                        samples_per_shard=d.samples_per_shard, in_chans=d.in_chans,
-                        shorter_side=d.shard_shorter_side, readers=d.shard_readers,
-                        num_procs=os.cpu_count() or 1, progress=True, max_image_pixels=d.max_image_pixels)
+    return write_shards(
+        where,
+        d.source,
+        d.source_path,
+        seed=d.split_seed,
+        train_per_class=d.train_per_class,
+        val_fraction=d.val_fraction,
+        samples_per_shard=d.samples_per_shard,
+        in_chans=d.in_chans,
+        shorter_side=d.shard_shorter_side,
+        readers=d.shard_readers,
+        num_procs=os.cpu_count() or 1,
+        progress=True,
+        max_image_pixels=d.max_image_pixels,
+    )
 
 
 __all__ = ["write_shards", "ensure_shards", "verify_shards", "ShardsMismatchError", "SOURCES"]

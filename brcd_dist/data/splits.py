@@ -4,6 +4,7 @@ Each part draws from its own generator, seeded by (seed, part): changing train_p
 query split, and the same seed gives the same split on any machine (numpy's PCG64 is stable across versions).
 The authors' code drew the train subset before setting a seed; here it is seeded and stored (DESIGN §2).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,9 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return kept, held_out
 
 
-def make_splits(train_labels: np.ndarray, n_test: int, *, train_per_class: int, val_fraction: float,
-                seed: int) -> dict[str, np.ndarray]:
+def make_splits(
+    train_labels: np.ndarray, n_test: int, *, train_per_class: int, val_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
     """{'train', 'database'}: indices into the training images; {'val_query', 'test_query'}: into the test images."""
     val, test = query_split(n_test, val_fraction, seed)
     return {

@@ -13,6 +13,7 @@ tests/test_tensor_augment.py pins the distance to the PIL path on real photos.
 Input: a list of (C, H, W) uint8 tensors (C = in_chans; sizes may differ), all on one device. Output: (N, C, S, S)
 float32, normalised, on that device. Crops are per image (sizes differ), the colour ops are batched.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,14 @@ from brcd_dist.data.augment import (
 LUMA = (0.299, 0.587, 0.114)  # PIL's convert("L"): (R*19595 + G*38470 + B*7471 + 2**15) >> 16
 
 
-def crop_resize(images: list[torch.Tensor], boxes: list[tuple[float, float, float, float]], size: int,
-                flips: list[bool] | None = None, *, fixed_point: bool | None = None) -> torch.Tensor:
+def crop_resize(
+    images: list[torch.Tensor],
+    boxes: list[tuple[float, float, float, float]],
+    size: int,
+    flips: list[bool] | None = None,
+    *,
+    fixed_point: bool | None = None,
+) -> torch.Tensor:
     """Each image's box (left, top, right, bottom; integer pixels) resized to (size, size), antialiased bilinear,
     rounded to uint8 levels, mirrored where flips says: (N, C, size, size) float32 in [0, 255].
     fixed_point (None: on a CPU): torch's uint8 kernel, else float32 then rounded (what a GPU runs)."""

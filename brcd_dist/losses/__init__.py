@@ -11,6 +11,7 @@ What each baseline compares (student side; the teacher side is always the teache
 Single-batch baselines are applied to each view's batch separately and averaged over the two views.
 The returned value is unweighted: the caller multiplies by brcd_cfg.kd_weight.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,6 +30,20 @@ from brcd_dist.losses.relational import pkt_loss, rkd_loss, sp_loss
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["KDInputs", "brcd_loss", "cibhash_loss", "crd_loss", "distill_kl_loss", "individual_cos_loss",
-           "individual_l2_loss", "kd_loss", "kd_names", "kl_bits_loss", "kl_codes_loss", "pkt_loss", "register_kd",
-           "rkd_loss", "sp_loss"]
+__all__ = [
+    "KDInputs",
+    "brcd_loss",
+    "cibhash_loss",
+    "crd_loss",
+    "distill_kl_loss",
+    "individual_cos_loss",
+    "individual_l2_loss",
+    "kd_loss",
+    "kd_names",
+    "kl_bits_loss",
+    "kl_codes_loss",
+    "pkt_loss",
+    "register_kd",
+    "rkd_loss",
+    "sp_loss",
+]

@@ -35,6 +35,7 @@ Variants (issue 16; the defaults, listed first, are DESIGN §2 and the behaviour
   is 0, so a row is log(1 + n_i·e^{−α_i·cos(s_i, t_i)/τ}) with n_i its negatives: an individual-only pull, which is
   what the paper's reported BRCD computed. Needs bit_mask (it is a mask); masks are then not read.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,27 +50,53 @@ NEGATIVES = ("all", "authors")
 _EPS = 1e-8  # floor of a normalised cosine's denominator, as nn.CosineSimilarity
 
 
-def check_variant(mask_normalization: str = "kept", mask_sides: str = "anchor", cosine: str = "dot",
-                  negatives: str = "all", authors_release: bool = False, bit_mask: bool = True) -> None:
+def check_variant(
+    mask_normalization: str = "kept",
+    mask_sides: str = "anchor",
+    cosine: str = "dot",
+    negatives: str = "all",
+    authors_release: bool = False,
+    bit_mask: bool = True,
+) -> None:
     """Raise ValueError naming the first bad variant value (or combination) and what is allowed."""
-    for key, value, allowed in (("mask_normalization", mask_normalization, MASK_NORMALIZATIONS),
-                                ("mask_sides", mask_sides, MASK_SIDES), ("cosine", cosine, COSINES),
-                                ("negatives", negatives, NEGATIVES)):
+    for key, value, allowed in (
+        ("mask_normalization", mask_normalization, MASK_NORMALIZATIONS),
+        ("mask_sides", mask_sides, MASK_SIDES),
+        ("cosine", cosine, COSINES),
+        ("negatives", negatives, NEGATIVES),
+    ):
         if value not in allowed:
             raise ValueError(f"{key}={value!r}: allowed: {', '.join(allowed)}")
     if cosine == "normalised" and mask_normalization != "kept":
-        raise ValueError(f"mask_normalization={mask_normalization!r}: cosine='normalised' has its own normaliser, "
-                         "allowed: kept")
+        raise ValueError(
+            f"mask_normalization={mask_normalization!r}: cosine='normalised' has its own normaliser, allowed: kept"
+        )
     if authors_release and not bit_mask:
         raise ValueError("authors_release=True: the all-zero mask of the authors' release needs bit_mask=True")
 
 
-def brcd_loss(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor,
-              labels: torch.Tensor, view_clusters1: torch.Tensor, view_clusters2: torch.Tensor,
-              masks: torch.Tensor | None, *, alpha: float, tau: float, structural: bool = True,
-              cluster_removal: bool = True, bit_mask: bool = True, reduction: str = "mean",
-              mask_normalization: str = "kept", mask_sides: str = "anchor", cosine: str = "dot",
-              negatives: str = "all", authors_release: bool = False) -> torch.Tensor:
+def brcd_loss(
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    t1: torch.Tensor,
+    t2: torch.Tensor,
+    labels: torch.Tensor,
+    view_clusters1: torch.Tensor,
+    view_clusters2: torch.Tensor,
+    masks: torch.Tensor | None,
+    *,
+    alpha: float,
+    tau: float,
+    structural: bool = True,
+    cluster_removal: bool = True,
+    bit_mask: bool = True,
+    reduction: str = "mean",
+    mask_normalization: str = "kept",
+    mask_sides: str = "anchor",
+    cosine: str = "dot",
+    negatives: str = "all",
+    authors_release: bool = False,
+) -> torch.Tensor:
     """s1, s2: student ±1 codes (B, L) of views 1, 2; t1, t2: teacher codes; labels: c(i) (B,) long;
     view_clusters1/2: nearest-centroid cluster of t1/t2 (B,); masks: (K, L) {0,1} (may be None if not bit_mask,
     or with authors_release). Returns the mean over the 2B rows, or the (2B,) row losses when reduction="none"."""
@@ -85,9 +112,9 @@ def brcd_loss(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
     t1, t2 = t1.detach().to(s1.dtype), t2.detach().to(s1.dtype)  # frozen teacher (DESIGN §2)
     labels = labels.to(device)
 
-    anchors = torch.cat([s1, s2])                      # (2B, L)
-    own_view_teacher = torch.cat([t1, t2])             # individual-space target: same image, same view
-    other_view_teacher = torch.cat([t2, t1])           # structural target: same image, other view
+    anchors = torch.cat([s1, s2])  # (2B, L)
+    own_view_teacher = torch.cat([t1, t2])  # individual-space target: same image, same view
+    other_view_teacher = torch.cat([t2, t1])  # structural target: same image, other view
     other_view_cluster = torch.cat([view_clusters2, view_clusters1]).to(device)
     row_image = torch.arange(b, device=device).repeat(2)
     row_label = labels.repeat(2)
@@ -100,7 +127,7 @@ def brcd_loss(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
     else:
         masks = None
         row_mask = torch.ones_like(anchors)
-    candidates = torch.cat([s1, s2, t1, t2])           # (4B, L)
+    candidates = torch.cat([s1, s2, t1, t2])  # (4B, L)
     cand_image = torch.arange(b, device=device).repeat(4)
     cand_label = labels.repeat(4)
 
@@ -118,8 +145,7 @@ def brcd_loss(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
         elif default_similarity:
             structural_sim = (anchors * other_view_teacher * row_mask).sum(dim=1) / row_mask.sum(dim=1)
         else:  # t'_i is image i's code: its own mask is the anchor's under both mask_sides
-            structural_sim = _pair_similarity(anchors, other_view_teacher, row_mask, n_bits, mask_normalization,
-                                              cosine)
+            structural_sim = _pair_similarity(anchors, other_view_teacher, row_mask, n_bits, mask_normalization, cosine)
         positive = row_alpha * positive + (1 - row_alpha) * structural_sim
     positive = positive / tau
 
@@ -137,12 +163,11 @@ def brcd_loss(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
         similarity = masked_cosine(anchors, candidates, row_mask)
     else:
         cand_mask = masks[cand_label] if (masks is not None and mask_sides == "both") else None
-        similarity = _matrix_similarity(anchors, candidates, row_mask, cand_mask, n_bits, mask_normalization,
-                                        cosine)
+        similarity = _matrix_similarity(anchors, candidates, row_mask, cand_mask, n_bits, mask_normalization, cosine)
     negative_logits = (similarity / tau).masked_fill(~keep, float("-inf"))
 
     logits = torch.cat([positive.unsqueeze(1), negative_logits], dim=1)
-    rows = torch.logsumexp(logits, dim=1) - positive   # −log softmax of the positive
+    rows = torch.logsumexp(logits, dim=1) - positive  # −log softmax of the positive
     return rows if reduction == "none" else rows.mean()
 
 
@@ -158,8 +183,9 @@ def _require_bits(kept: torch.Tensor) -> torch.Tensor:
     return kept
 
 
-def _pair_similarity(a: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, n_bits: int, normalization: str,
-                     cosine: str) -> torch.Tensor:
+def _pair_similarity(
+    a: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, n_bits: int, normalization: str, cosine: str
+) -> torch.Tensor:
     """Similarity of a_r and z_r, both under mask_r: (R, L) x3 -> (R,)."""
     if cosine == "normalised":
         _require_bits(mask.sum(dim=1))
@@ -168,18 +194,25 @@ def _pair_similarity(a: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, n_bit
     return (a * z * mask).sum(dim=1) / denominator
 
 
-def _matrix_similarity(a: torch.Tensor, z: torch.Tensor, row_mask: torch.Tensor, cand_mask: torch.Tensor | None,
-                       n_bits: int, normalization: str, cosine: str) -> torch.Tensor:
+def _matrix_similarity(
+    a: torch.Tensor,
+    z: torch.Tensor,
+    row_mask: torch.Tensor,
+    cand_mask: torch.Tensor | None,
+    n_bits: int,
+    normalization: str,
+    cosine: str,
+) -> torch.Tensor:
     """(R, C) similarities of anchors a (R, L) to candidates z (C, L). cand_mask None: every code under its row's
     mask (one-sided); else a_r under row_mask_r and z_c under cand_mask_c (two-sided)."""
-    kept_a = _require_bits(row_mask.sum(dim=1, keepdim=True))               # (R, 1)
+    kept_a = _require_bits(row_mask.sum(dim=1, keepdim=True))  # (R, 1)
     if cand_mask is None:
         numerator = (a * row_mask) @ z.T
-        z_norm_sq = row_mask @ (z * z).T                                     # (R, C): ‖z_c ⊙ m_r‖²
+        z_norm_sq = row_mask @ (z * z).T  # (R, C): ‖z_c ⊙ m_r‖²
         kept_z = kept_a
     else:
         numerator = (a * row_mask) @ (z * cand_mask).T
-        z_norm_sq = (z * z * cand_mask).sum(dim=1).unsqueeze(0)              # (1, C): ‖z_c ⊙ m_c‖²
+        z_norm_sq = (z * z * cand_mask).sum(dim=1).unsqueeze(0)  # (1, C): ‖z_c ⊙ m_c‖²
         kept_z = _require_bits(cand_mask.sum(dim=1)).unsqueeze(0)
     if cosine == "normalised":
         a_norm = torch.sqrt((a * a * row_mask).sum(dim=1, keepdim=True))
@@ -191,9 +224,18 @@ def _matrix_similarity(a: torch.Tensor, z: torch.Tensor, row_mask: torch.Tensor,
 
 def variant_kwargs(cfg) -> dict:
     """The brcd_loss keyword arguments a BRCDConfig selects (everything but the batch)."""
-    return {"alpha": cfg.alpha, "tau": cfg.tau, "structural": cfg.structural, "cluster_removal": cfg.cluster_removal,
-            "bit_mask": cfg.bit_mask, "mask_normalization": cfg.mask_normalization, "mask_sides": cfg.mask_sides,
-            "cosine": cfg.cosine, "negatives": cfg.negatives, "authors_release": cfg.authors_release}
+    return {
+        "alpha": cfg.alpha,
+        "tau": cfg.tau,
+        "structural": cfg.structural,
+        "cluster_removal": cfg.cluster_removal,
+        "bit_mask": cfg.bit_mask,
+        "mask_normalization": cfg.mask_normalization,
+        "mask_sides": cfg.mask_sides,
+        "cosine": cfg.cosine,
+        "negatives": cfg.negatives,
+        "authors_release": cfg.authors_release,
+    }
 
 
 def _needs(cfg) -> tuple[str, ...]:
@@ -203,5 +245,6 @@ def _needs(cfg) -> tuple[str, ...]:
 
 @register_kd("brcd", needs=_needs)
 def _brcd(x: KDInputs, cfg) -> torch.Tensor:
-    return brcd_loss(x.s1, x.s2, x.t1, x.t2, x.labels, x.view_clusters1, x.view_clusters2, x.masks,
-                     **variant_kwargs(cfg))
+    return brcd_loss(
+        x.s1, x.s2, x.t1, x.t2, x.labels, x.view_clusters1, x.view_clusters2, x.masks, **variant_kwargs(cfg)
+    )

@@ -4,6 +4,7 @@ L = NT-Xent(s1, s2; τ) + kl_weight · ½ (KL(p1 ‖ sg p2) + KL(p2 ‖ sg p1)):
 student's L_self (DESIGN §2). As in the authors' code, the second argument of each Bernoulli KL is detached, the KL
 is summed over bits and averaged over the batch, and log terms carry ε = 1e-8.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ def bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return kl.sum(dim=1).mean()
 
 
-def cibhash_loss(p1: torch.Tensor, s1: torch.Tensor, p2: torch.Tensor, s2: torch.Tensor,
-                 tau: float = 0.3, kl_weight: float = 0.001) -> torch.Tensor:
+def cibhash_loss(
+    p1: torch.Tensor, s1: torch.Tensor, p2: torch.Tensor, s2: torch.Tensor, tau: float = 0.3, kl_weight: float = 0.001
+) -> torch.Tensor:
     """p = bit probabilities, s = ±1 codes (STE) of views 1 and 2, each (B, L) -> scalar."""
     kl = 0.5 * (bernoulli_kl(p1, p2.detach()) + bernoulli_kl(p2, p1.detach()))
     return nt_xent_loss(s1, s2, tau) + kl_weight * kl

@@ -3,6 +3,7 @@
 Row i: anchor student_i, positive teacher_i, negatives teacher_j (j != i) of the same batch; cosine / τ logits,
 cross-entropy. Student and teacher codes share the L-bit space, so CRD's projection heads are not needed.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ against its −1 entries, e^{±1/T}: a weak, near-uniform target whose only info
 authors apply it to view 1 only; here, like every single-batch baseline, it is averaged over the two views (the
 same expectation, half the variance).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def distill_kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     log_p_student = F.log_softmax(student / temperature, dim=1)
     p_teacher = F.softmax(teacher.detach().to(student.dtype) / temperature, dim=1)
     kl = F.kl_div(log_p_student, p_teacher, reduction="sum") / student.shape[0]
-    return kl * temperature ** 2
+    return kl * temperature**2
 
 
 @register_kd("distill_kl")

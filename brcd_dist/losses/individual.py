@@ -1,4 +1,5 @@
 """Individual-space KD baselines: pull each student code towards the teacher's code of the same image and view."""
+
 from __future__ import annotations
 
 import torch

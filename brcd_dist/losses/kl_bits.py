@@ -6,6 +6,7 @@ averaged over rows (the same convention as CIBHash's KL term); no temperature (T
 - kl_codes: the target is the teacher's binary code, q = (1 + t)/2 smoothed by ε towards ½:
   q_ε = (1 − ε)·(1 + t)/2 + ε/2 ∈ {ε/2, 1 − ε/2}, so it sees what BRCD sees (the ±1 codes) and no more.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ A new file in brcd_dist/losses/ is imported by the package (`losses/__init__.py`
 adding a baseline touches that one file; config validation reads `kd_names()`. `needs` names the optional KDInputs
 fields the term reads (a tuple, or a function of the BRCDConfig returning one); they are checked before it runs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ class KDInputs:
     """One two-view batch. s/t: student/teacher ±1 codes (B, L); p/q: student/teacher bit probabilities (B, L).
     labels: pseudo-labels c(i) (B,); view_clusters1/2: nearest-centroid cluster of t1/t2 (B,); masks: (K, L).
     Fields after t2 are only needed by the losses that use them (q: kl_bits; the rest: brcd)."""
+
     s1: torch.Tensor
     s2: torch.Tensor
     p1: torch.Tensor
@@ -61,11 +63,13 @@ _FIRST = ("brcd", "none")
 
 def register_kd(name: str, needs: Needs = ()) -> Callable[[KDFunction], KDFunction]:
     """Decorator: register `fn` as the KD term `name`. A name registered twice raises (two files claiming it)."""
+
     def decorate(fn: KDFunction) -> KDFunction:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"register_kd: {name!r} is already registered by {_REGISTRY[name].fn.__module__}")
         _REGISTRY[name] = KDEntry(name, fn, needs)
         return fn
+
     return decorate
 
 
@@ -92,7 +96,12 @@ def _none(x: KDInputs, cfg: BRCDConfig) -> torch.Tensor:
     return x.s1.new_zeros(())
 
 
-def per_view(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a1: torch.Tensor, a2: torch.Tensor,
-             b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def per_view(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    a1: torch.Tensor,
+    a2: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
     """A single-batch loss applied to each view's batch separately and averaged over the two views."""
     return 0.5 * (loss(a1, b1) + loss(a2, b2))

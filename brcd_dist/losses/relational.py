@@ -7,6 +7,7 @@
 - SP (Tung & Mori, ICCV 2019): row-L2-normalised Gram matrices, squared Frobenius difference / B².
 Each takes one batch of student and teacher embeddings (B, L); the teacher side is detached.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ def _triplet_angles(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(e, e.transpose(1, 2)).reshape(-1)
 
 
-def rkd_loss(student: torch.Tensor, teacher: torch.Tensor,
-             distance_weight: float = 25.0, angle_weight: float = 50.0) -> torch.Tensor:
+def rkd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0
+) -> torch.Tensor:
     teacher = teacher.detach()
     distance = F.smooth_l1_loss(_normalised_distances(student), _normalised_distances(teacher))
     angle = F.smooth_l1_loss(_triplet_angles(student), _triplet_angles(teacher))

@@ -15,20 +15,81 @@ Each function takes an optional `tracking_uri`; without it MLflow's current URI 
 API) make the URI the process's own; MLflow exports it as MLFLOW_TRACKING_URI, so child processes started
 afterwards inherit it.
 """
+
 from __future__ import annotations
 
-from brcd_dist.tracking.client import (MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, MAX_TAG_VALUE, TrackingError,
-                                       resolve_tracking_uri, set_tracking_uri)
-from brcd_dist.tracking.log import (flush, log_artifact, log_dict, log_figure, log_metrics, log_params, log_text,
-                                    set_tags)
+from brcd_dist.tracking.client import (
+    MAX_PARAM_VALUE,
+    MAX_PARAMS_PER_BATCH,
+    MAX_TAG_VALUE,
+    TrackingError,
+    resolve_tracking_uri,
+    set_tracking_uri,
+)
+from brcd_dist.tracking.log import (
+    flush,
+    log_artifact,
+    log_dict,
+    log_figure,
+    log_metrics,
+    log_params,
+    log_text,
+    set_tags,
+)
 from brcd_dist.tracking.preflight import check_tracking
-from brcd_dist.tracking.registry import (HASH_MODEL_FILE, ROLE_TAG, ROLES, load_model, log_hash_model,
-                                         pip_requirements, register_model)
-from brcd_dist.tracking.runs import (ERROR_TAG, GIT_TAG, MANIFEST_TAG, PARENT_TAG, RUN_STATUSES, end_run, fail_run,
-                                     failing_run, git_commit, start_run)
+from brcd_dist.tracking.registry import (
+    HASH_MODEL_FILE,
+    ROLE_TAG,
+    ROLES,
+    load_model,
+    log_hash_model,
+    pip_requirements,
+    register_model,
+)
+from brcd_dist.tracking.runs import (
+    ERROR_TAG,
+    GIT_TAG,
+    MANIFEST_TAG,
+    PARENT_TAG,
+    RUN_STATUSES,
+    end_run,
+    fail_run,
+    failing_run,
+    git_commit,
+    start_run,
+)
 
-__all__ = ["MAX_PARAM_VALUE", "MAX_PARAMS_PER_BATCH", "MAX_TAG_VALUE", "TrackingError", "resolve_tracking_uri",
-           "set_tracking_uri", "flush", "log_artifact", "log_dict", "log_figure", "log_metrics", "log_params",
-           "log_text", "set_tags", "check_tracking", "HASH_MODEL_FILE", "ROLE_TAG", "ROLES", "load_model",
-           "log_hash_model", "pip_requirements", "register_model", "ERROR_TAG", "GIT_TAG", "MANIFEST_TAG",
-           "PARENT_TAG", "RUN_STATUSES", "end_run", "fail_run", "failing_run", "git_commit", "start_run"]
+__all__ = [
+    "MAX_PARAM_VALUE",
+    "MAX_PARAMS_PER_BATCH",
+    "MAX_TAG_VALUE",
+    "TrackingError",
+    "resolve_tracking_uri",
+    "set_tracking_uri",
+    "flush",
+    "log_artifact",
+    "log_dict",
+    "log_figure",
+    "log_metrics",
+    "log_params",
+    "log_text",
+    "set_tags",
+    "check_tracking",
+    "HASH_MODEL_FILE",
+    "ROLE_TAG",
+    "ROLES",
+    "load_model",
+    "log_hash_model",
+    "pip_requirements",
+    "register_model",
+    "ERROR_TAG",
+    "GIT_TAG",
+    "MANIFEST_TAG",
+    "PARENT_TAG",
+    "RUN_STATUSES",
+    "end_run",
+    "fail_run",
+    "failing_run",
+    "git_commit",
+    "start_run",
+]

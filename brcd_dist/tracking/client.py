@@ -1,4 +1,5 @@
 """The tracking store: URIs, cached clients, MLflow's server-side limits and the one-line error of this package."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,10 +34,12 @@ def _param_value(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- URIs and clients
 
+
 def resolve_tracking_uri(uri: str) -> str:
     """'' -> sqlite:///<root>/mlflow.db (MLflow 3's own default, made absolute so workers share one file; the root
     is storage.output_root(): the cwd, but not the temporary working dir of a submitted Ray job)."""
     from brcd_dist.storage import output_root
+
     return uri if uri else f"sqlite:///{output_root()}/mlflow.db"
 
 
@@ -61,7 +64,7 @@ def _sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI (relative paths are relative to the cwd), else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = urllib.parse.unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    path = urllib.parse.unquote(uri[len("sqlite:///") :].split("?", 1)[0])
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -91,5 +94,6 @@ def _probe_server(uri: str, timeout_s: float) -> None:
         reason = type(e).__name__ + (": connection refused" if "refused" in str(e).lower() else "")
         raise TrackingError(f"tracking server {uri} unreachable ({reason}); start it or set tracking.uri") from None
     if resp.status_code != 200:
-        raise TrackingError(f"tracking server {uri} answered {url} with HTTP {resp.status_code}; "
-                            "is tracking.uri an MLflow server?")
+        raise TrackingError(
+            f"tracking server {uri} answered {url} with HTTP {resp.status_code}; is tracking.uri an MLflow server?"
+        )

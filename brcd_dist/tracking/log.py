@@ -1,4 +1,5 @@
 """Logging to a run by its id: metrics, params, tags, files, text, dicts and figures."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int, *, synchronous: bool = True,
-                tracking_uri: str | None = None) -> None:
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int, *, synchronous: bool = True, tracking_uri: str | None = None
+) -> None:
     """One batch call for all values of a step (one round trip, one sqlite transaction).
 
     synchronous=False queues the batch for MLflow's background thread, which merges queued steps into few
@@ -38,7 +40,7 @@ def flush() -> None:
 def log_params(run_id: str, params: dict[str, Any], *, tracking_uri: str | None = None) -> None:
     items = [Param(k, _param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        _client(tracking_uri).log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        _client(tracking_uri).log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
 
 def set_tags(run_id: str, tags: dict[str, Any], *, tracking_uri: str | None = None) -> None:
@@ -46,8 +48,9 @@ def set_tags(run_id: str, tags: dict[str, Any], *, tracking_uri: str | None = No
     _client(tracking_uri).log_batch(run_id, tags=items)
 
 
-def log_artifact(run_id: str, path: str | os.PathLike, artifact_path: str | None = None, *,
-                 tracking_uri: str | None = None) -> None:
+def log_artifact(
+    run_id: str, path: str | os.PathLike, artifact_path: str | None = None, *, tracking_uri: str | None = None
+) -> None:
     """A local file or directory into the run's artifacts (under artifact_path)."""
     path = Path(path)
     client = _client(tracking_uri)

@@ -1,4 +1,5 @@
 """The pre-flight check of a job: the store answers and the registry names are usable, before any run or worker."""
+
 from __future__ import annotations
 
 import urllib.parse
@@ -6,8 +7,15 @@ import urllib.parse
 from mlflow.exceptions import MlflowException
 
 from brcd_dist.config import TrackingConfig
-from brcd_dist.tracking.client import (TrackingError, _cached_client, _no_http_retries, _one_line, _probe_server,
-                                       _sqlite_path, resolve_tracking_uri)
+from brcd_dist.tracking.client import (
+    TrackingError,
+    _cached_client,
+    _no_http_retries,
+    _one_line,
+    _probe_server,
+    _sqlite_path,
+    resolve_tracking_uri,
+)
 from brcd_dist.tracking.registry import _registry_clash
 
 
@@ -22,8 +30,10 @@ def check_tracking(cfg: TrackingConfig, timeout_s: float = 3.0) -> str:
     if not cfg.enabled:
         return uri
     if cfg.register and cfg.student_name == cfg.teacher_name:
-        raise TrackingError(f"tracking.student_name and tracking.teacher_name are both {cfg.student_name!r}; "
-                            "student and teacher need their own registered models")
+        raise TrackingError(
+            f"tracking.student_name and tracking.teacher_name are both {cfg.student_name!r}; "
+            "student and teacher need their own registered models"
+        )
     scheme = urllib.parse.urlparse(uri).scheme
     db = _sqlite_path(uri)
     if scheme in ("http", "https"):
@@ -37,14 +47,21 @@ def check_tracking(cfg: TrackingConfig, timeout_s: float = 3.0) -> str:
         with _no_http_retries(timeout_s):
             client = _cached_client(uri)
             exp = client.get_experiment_by_name(cfg.experiment)
-            clashes = ([_registry_clash(client, name, role)
-                        for role, name in (("student", cfg.student_name), ("teacher", cfg.teacher_name))]
-                       if cfg.register else [])
+            clashes = (
+                [
+                    _registry_clash(client, name, role)
+                    for role, name in (("student", cfg.student_name), ("teacher", cfg.teacher_name))
+                ]
+                if cfg.register
+                else []
+            )
     except MlflowException as e:
         raise TrackingError(f"tracking store {uri} cannot be used: {_one_line(e.message)}") from None
     if exp is not None and exp.lifecycle_stage == "deleted":
-        raise TrackingError(f"experiment {cfg.experiment!r} is deleted in {uri}; restore it "
-                            f"(mlflow experiments restore -x {exp.experiment_id}) or set tracking.experiment")
+        raise TrackingError(
+            f"experiment {cfg.experiment!r} is deleted in {uri}; restore it "
+            f"(mlflow experiments restore -x {exp.experiment_id}) or set tracking.experiment"
+        )
     for clash in clashes:
         if clash:
             raise TrackingError(clash)

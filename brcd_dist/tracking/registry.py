@@ -1,4 +1,5 @@
 """Hash models in MLflow: export and log one into a run, register it under NAME@alias with its role, load it back."""
+
 from __future__ import annotations
 
 import copy
@@ -44,6 +45,7 @@ def _public_version(package: str) -> str:
     from importlib.metadata import version
 
     from packaging.version import Version
+
     return Version(version(package)).public  # torch '2.14.1+cu130' -> '2.14.1': pip indexes have no local labels
 
 
@@ -55,6 +57,7 @@ def pip_requirements() -> list[str]:
 def _hash_model_checkpoint(model: Any, directory: str) -> list[str]:
     """[checkpoint path] for a brcd_dist HashModel (so load_model can rebuild the class, with encode), else []."""
     from brcd_dist.models import HashModel, save_hash_model  # local: models imports timm (seconds)
+
     if not isinstance(model, HashModel):
         return []
     path = os.path.join(directory, HASH_MODEL_FILE)
@@ -62,8 +65,14 @@ def _hash_model_checkpoint(model: Any, directory: str) -> list[str]:
     return [path]
 
 
-def log_hash_model(run_id: str, model: torch.nn.Module, artifact_path: str, input_example: torch.Tensor, *,
-                   tracking_uri: str | None = None) -> str:
+def log_hash_model(
+    run_id: str,
+    model: torch.nn.Module,
+    artifact_path: str,
+    input_example: torch.Tensor,
+    *,
+    tracking_uri: str | None = None,
+) -> str:
     """Log a hash model into the run as an MLflow model and return its model URI ('models:/m-...').
 
     The model is exported with torch.export (MLflow 3's pt2 format: forward -> logits, loadable without this
@@ -77,8 +86,9 @@ def log_hash_model(run_id: str, model: torch.nn.Module, artifact_path: str, inpu
     client = _client(uri)
     # Left to itself, MLflow 3 files the model under the process's active experiment (Default), not its run's, and
     # runs:/<run_id>/<name> then finds nothing: create the model entry in the run's experiment first.
-    entry = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=artifact_path,
-                                       source_run_id=run_id)
+    entry = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id, name=artifact_path, source_run_id=run_id
+    )
     example = input_example.detach().to("cpu", torch.float32)
     if example.shape[0] < 2:  # torch.export fixes a size-1 dimension: the batch would be frozen at 1
         example = example.expand(2, *example.shape[1:]).contiguous()
@@ -89,19 +99,32 @@ def log_hash_model(run_id: str, model: torch.nn.Module, artifact_path: str, inpu
     try:
         with tempfile.TemporaryDirectory() as tmp:
             info = mlflow_pytorch.log_model(
-                export, input_example=example.numpy(), pip_requirements=pip_requirements(),
-                extra_files=_hash_model_checkpoint(export, tmp) or None, serialization_format="pt2",
-                model_id=entry.model_id, run_id=run_id,
+                export,
+                input_example=example.numpy(),
+                pip_requirements=pip_requirements(),
+                extra_files=_hash_model_checkpoint(export, tmp) or None,
+                serialization_format="pt2",
+                model_id=entry.model_id,
+                run_id=run_id,
                 # MLflow would reload the graph and predict once to check the serving example: about a third of
                 # the logging time. The tests load logged models in a fresh process instead.
-                validate_serving_input=False)
+                validate_serving_input=False,
+            )
     finally:
         export.train(was_training)
     return info.model_uri
 
 
-def register_model(model_uri: str, name: str, alias: str, tags: dict[str, Any], role: str, *,
-                   tracking_uri: str | None = None, force_alias: bool = False) -> str:
+def register_model(
+    model_uri: str,
+    name: str,
+    alias: str,
+    tags: dict[str, Any],
+    role: str,
+    *,
+    tracking_uri: str | None = None,
+    force_alias: bool = False,
+) -> str:
     """Register model_uri as a new version of `name`, tag it, and point `alias` at it when its test mAP (tag
     SCORE_TAGS[role]) is at least the current holder's, or force_alias (run_guard.alias_may_move); returns the
     version.
@@ -128,7 +151,12 @@ def register_model(model_uri: str, name: str, alias: str, tags: dict[str, Any], 
     else:
         logging.getLogger("brcd_dist").warning(
             "models:/%s@%s stays on the version with test mAP %.4f: version %s has %s (force with --force-alias)",
-            name, alias, holder, mv.version, "no score" if new is None else f"{new:.4f}")
+            name,
+            alias,
+            holder,
+            mv.version,
+            "no score" if new is None else f"{new:.4f}",
+        )
     return str(mv.version)
 
 
@@ -141,6 +169,7 @@ def load_model(uri: str, *, exported: bool = False, tracking_uri: str | None = N
     """
     if Path(uri).is_file():  # a checkpoint file: models.load_hash_model, which involves no MLflow
         from brcd_dist.models import load_hash_model
+
         return load_hash_model(uri).eval()
     if tracking_uri:
         set_tracking_uri(tracking_uri)  # models:/NAME@alias resolves through the process's registry URI
@@ -152,6 +181,8 @@ def load_model(uri: str, *, exported: bool = False, tracking_uri: str | None = N
         checkpoint = Path(local, "extra_files", HASH_MODEL_FILE)
         if checkpoint.is_file() and not exported:
             from brcd_dist.models import load_hash_model
+
             return load_hash_model(str(checkpoint)).eval()
         from mlflow import pytorch as mlflow_pytorch
+
         return mlflow_pytorch.load_model(local)  # an exported graph is inference-only already (no .eval() on it)

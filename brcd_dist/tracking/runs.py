@@ -1,4 +1,5 @@
 """Run lifecycle: open a run (config as params, git commit and shard manifest as tags), close it, fail it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,16 @@ from mlflow.exceptions import MlflowException
 from brcd_dist import __version__
 from brcd_dist.config import Config, flatten
 from brcd_dist.redact import redact
-from brcd_dist.tracking.client import (MAX_PARAMS_PER_BATCH, MAX_TAG_VALUE, TrackingError, _client, _one_line,
-                                       _param_value, _sqlite_path, set_tracking_uri)
+from brcd_dist.tracking.client import (
+    MAX_PARAMS_PER_BATCH,
+    MAX_TAG_VALUE,
+    TrackingError,
+    _client,
+    _one_line,
+    _param_value,
+    _sqlite_path,
+    set_tracking_uri,
+)
 from brcd_dist.tracking.log import flush
 
 GIT_TAG = "brcd.git_commit"
@@ -30,8 +39,7 @@ def git_commit(repo_dir: str | os.PathLike | None = None) -> str:
     """HEAD of the checkout that holds this package, or 'unknown' (an installed wheel, no git)."""
     where = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -60,8 +68,14 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return exp.experiment_id
 
 
-def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None,
-              tags: dict[str, Any] | None = None, manifest_digest: str | None = None) -> str:
+def start_run(
+    cfg: Config,
+    *,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    manifest_digest: str | None = None,
+) -> str:
     """Open a run in experiment cfg.tracking.experiment (a child of parent_run_id if given) and return its id.
 
     Logs the flattened config as params and tags the git commit, the shard manifest digest and the parent. The run
@@ -89,7 +103,7 @@ def start_run(cfg: Config, *, run_name: str | None = None, parent_run_id: str | 
     params = [Param(k, _param_value(redact(v))) for k, v in flatten(cfg).items()]
     try:
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+            client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
     except MlflowException as e:
         client.delete_run(run_id)  # a run without its config is worthless: leave none behind
         raise TrackingError(f"cannot log the config to run {run_id}: {_one_line(e.message)}") from None
@@ -106,7 +120,8 @@ def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None =
 def fail_run(run_id: str, error: BaseException | str, *, tracking_uri: str | None = None) -> str:
     """Close the run of a failed job; returns 'deleted', 'failed' or 'killed'.
 
-    Always tags the one-line reason and marks the run FAILED (KILLED for a KeyboardInterrupt). If no metric was logged yet (the job failed before
+    Always tags the one-line reason and marks the run FAILED (KILLED for a KeyboardInterrupt). If no metric was
+    logged yet (the job failed before
     training started), the run is also deleted: MLflow's delete is soft (lifecycle 'deleted'), so listings and
     sweep comparisons show only runs that trained, while the run, its config and its reason stay retrievable
     (`search_runs(run_view_type=ALL)`, `mlflow runs restore`) until `mlflow gc`. A run that trained keeps its

@@ -1,4 +1,5 @@
 """Ray Train + DeepSpeed worker loops (the edge of the library: the only place that imports ray.train and deepspeed)."""
+
 import os
 import sys
 from pathlib import Path
@@ -14,5 +15,6 @@ from brcd_dist.train.progress import quiet_worker_logs, verbose
 quiet_worker_logs()
 if not verbose():
     import torch  # deepspeed imports it next anyway
+
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,6 +1,7 @@
 """Writing a checkpoint: the write + report that every rank makes the same number of times (Ray Train's rule; a
 report is a barrier). What goes into it is train/state.py's: TrainState, and the `CheckpointFiles` record that the
 stages fill in as they finish."""
+
 from __future__ import annotations
 
 import tempfile
@@ -29,5 +30,7 @@ class CheckpointWriter:
             if engine is not None:
                 sync_buffers(engine.module)  # a resumed run loads rank 0's module state on every rank
                 engine.save_checkpoint(str(d / "engine"), tag=ENGINE_TAG)
-            ray.train.report({**metrics, "stage": state.stage, "global_step": state.global_step},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(
+                {**metrics, "stage": state.stage, "global_step": state.global_step},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            )

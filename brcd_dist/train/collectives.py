@@ -1,6 +1,7 @@
 """Plain torch.distributed collectives the stages share (no Ray, no DeepSpeed): each is the identity when no
 process group of more than one rank exists, so the same code runs in one process, on gloo test ranks and under
 Ray Train."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Per-worker context: rank, device, config, shards; the record of what this worker's checkpoints hold, the
 checkpoint writer and the step logger. Imports no Ray: the stages can run on plain torch.distributed ranks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ class WorkerContext:
 
     def loader_kwargs(self) -> dict:
         d = self.cfg.data
-        return dict(rank=self.rank, world_size=self.world_size, num_workers=d.loader_workers,
-                    image_size=d.image_size, in_chans=d.in_chans, shards_url=d.shards_url,
-                    device=self.device)  # a GPU decodes and augments its batches itself (data/decoding.py)
+        return dict(
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=d.loader_workers,
+            image_size=d.image_size,
+            in_chans=d.in_chans,
+            shards_url=d.shards_url,
+            device=self.device,
+        )  # a GPU decodes and augments its batches itself (data/decoding.py)

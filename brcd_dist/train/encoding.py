@@ -1,6 +1,7 @@
 """Encoding a split with one or more hash models in parallel across ranks, then gathering the codes on every
 rank in a fixed order (sorted by __key__), so that Hamming ranking's tie-break by database index is the same
 whatever the number of ranks."""
+
 from __future__ import annotations
 
 import time
@@ -48,8 +49,7 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
     return out, keys, lab, seconds
 
 
-def gather_codes(ctx: WorkerContext, codes: dict, keys: list, labels: np.ndarray, bits: int,
-                 max_items: int = 0):
+def gather_codes(ctx: WorkerContext, codes: dict, keys: list, labels: np.ndarray, bits: int, max_items: int = 0):
     """All ranks' codes (packed to bits for the wire), concatenated and sorted by key; optionally the first
     `max_items` of that order (for quick evaluations)."""
     parts = all_gather_objects(({n: pack_codes(c) for n, c in codes.items()}, keys, labels))

@@ -1,4 +1,5 @@
 """DeepSpeed engines built from our TrainConfig: ZeRO stage, micro-batch, accumulation, bf16 on GPU, fp32 on CPU."""
+
 from __future__ import annotations
 
 import deepspeed
@@ -25,9 +26,9 @@ def deepspeed_config(train: TrainConfig, lr: float, use_gpu: bool) -> dict:
 def make_engine(model: nn.Module, train: TrainConfig, lr: float, use_gpu: bool):
     """Wrap a model in a DeepSpeed engine on the process group that Ray Train already set up."""
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                           config=deepspeed_config(train, lr, use_gpu),
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=deepspeed_config(train, lr, use_gpu), dist_init_required=False
+    )
     return engine
 
 

@@ -1,5 +1,6 @@
 """The epoch/step loop shared by teacher (stage A) and student (stage C) training: streamed two-view batches,
 DeepSpeed step, step metrics, a checkpoint every C steps and at each epoch end, and mid-epoch resume."""
+
 from __future__ import annotations
 
 import time
@@ -16,16 +17,32 @@ from brcd_dist.train.state import TrainState
 LOG_EVERY = 10  # steps between MLflow step-metric writes
 
 
-def run_epochs(ctx: WorkerContext, state: TrainState, engine, *, split: str, epochs: int, prefix: str,
-               step_fn: Callable[[dict], dict], on_epoch_end: Callable[[int], tuple[dict, bool]]) -> None:
+def run_epochs(
+    ctx: WorkerContext,
+    state: TrainState,
+    engine,
+    *,
+    split: str,
+    epochs: int,
+    prefix: str,
+    step_fn: Callable[[dict], dict],
+    on_epoch_end: Callable[[int], tuple[dict, bool]],
+) -> None:
     """Train `engine` for epochs [state.epoch, epochs). `step_fn(batch)` returns named loss tensors with "loss"
     among them; `on_epoch_end(epoch)` returns (metrics, stop). Every rank runs the same number of steps, since
     train_batches has the same length on every rank."""
     cfg = ctx.cfg.train
     progress = EpochProgress(prefix, epochs, chief=ctx.is_chief)
     for epoch in range(state.epoch, epochs):
-        loader = train_batches(ctx.manifest, split, batch_size=cfg.batch_size, epoch=epoch,
-                               seed=cfg.seed, max_steps=cfg.max_steps_per_epoch, **ctx.loader_kwargs())
+        loader = train_batches(
+            ctx.manifest,
+            split,
+            batch_size=cfg.batch_size,
+            epoch=epoch,
+            seed=cfg.seed,
+            max_steps=cfg.max_steps_per_epoch,
+            **ctx.loader_kwargs(),
+        )
         engine.train()
         sums: dict[str, float] = {}
         n_steps, n_images, t0 = 0, 0, time.perf_counter()
@@ -72,4 +89,4 @@ def two_view_forward(engine, batch: dict, device: torch.device):
     v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
     dtype = next(getattr(engine, "module", engine).parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     logits = engine(torch.cat([v1, v2]).to(dtype)).float()
-    return logits[: len(v1)], logits[len(v1):]
+    return logits[: len(v1)], logits[len(v1) :]

@@ -1,6 +1,7 @@
 """Stage D: query and database encoded in parallel across ranks; mAP@K by Hamming ranking in both paradigms
 (SSHP: student encodes both sides; ASHP: teacher encodes the database, student the queries) on rank 0, the
 result broadcast so that every rank takes the same decisions (model selection, early stopping)."""
+
 from __future__ import annotations
 
 from brcd_dist.retrieval import PARADIGMS, evaluate_paradigms, pr_curve
@@ -46,12 +47,16 @@ class Evaluator:
         self.throughput["student_images_per_s"] = rates["student"]
         result = None
         if self.ctx.is_chief:
-            codes = {"student": {"query": s_q["student"], "database": s_db["student"]},
-                     "teacher": {"query": t_q, "database": t_db}}
+            codes = {
+                "student": {"query": s_q["student"], "database": s_db["student"]},
+                "teacher": {"query": t_q, "database": t_db},
+            }
             maps = evaluate_paradigms(codes, q_labels, db_labels, e.topk)
             result = {f"{query_split}/{name}_map": float(v) for name, v in maps.items()}
             if with_curves:
                 routes = {**PARADIGMS, "teacher": ("teacher", "teacher")}
-                result["curves"] = {name: pr_curve(codes[q]["query"], codes[d]["database"], q_labels, db_labels)
-                                    for name, (q, d) in routes.items()}
+                result["curves"] = {
+                    name: pr_curve(codes[q]["query"], codes[d]["database"], q_labels, db_labels)
+                    for name, (q, d) in routes.items()
+                }
         return broadcast_object(result)

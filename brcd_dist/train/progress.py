@@ -7,6 +7,7 @@ worker's output to the driver, which draws them (the driver's `log_to_driver` mu
 the same calls draw plain tqdm bars. BRCD_PROGRESS=0 turns bars and stage lines off; BRCD_VERBOSE=1 (jobs'
 `-v`) keeps Ray's, DeepSpeed's and torch's own log lines, which `quiet_worker_logs` otherwise lowers to errors.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,13 @@ VERBOSE_ENV = "BRCD_VERBOSE"
 # plans), DeepSpeed's set-up; and two whose warnings are noise on CPU machines: torch's extension builder ("No
 # CUDA runtime is found") and DeepSpeed's accelerator guess. Ray Train's own per-report INFO line comes from a
 # logger named by its file: connect_ray's logging_config lowers Ray's processes as a whole.
-NOISY_LOGGERS = {"ray": logging.WARNING, "ray.train": logging.WARNING, "ray.data": logging.WARNING,
-                 "DeepSpeed": logging.ERROR, "torch.utils.cpp_extension": logging.ERROR}
+NOISY_LOGGERS = {
+    "ray": logging.WARNING,
+    "ray.train": logging.WARNING,
+    "ray.data": logging.WARNING,
+    "DeepSpeed": logging.ERROR,
+    "torch.utils.cpp_extension": logging.ERROR,
+}
 
 
 def enabled() -> bool:
@@ -47,6 +53,7 @@ def quiet_worker_logs(root: bool = False) -> None:
 def _in_ray_worker() -> bool:
     try:
         import ray
+
         return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
     except Exception:  # noqa: BLE001 - no Ray, or no runtime context: a plain process
         return False
@@ -55,8 +62,10 @@ def _in_ray_worker() -> bool:
 def _bar(desc: str, total: int | None, unit: str):
     if _in_ray_worker():
         from ray.experimental.tqdm_ray import tqdm
+
         return tqdm(desc=desc, total=total, unit=unit)
     from tqdm.auto import tqdm
+
     return tqdm(desc=desc, total=total, unit=unit, leave=False)
 
 

@@ -1,6 +1,7 @@
 """Model selection on validation mAP (DESIGN §3) and early stopping. The best score and the count of evaluations
 without improvement live in TrainState, so a restarted run continues them; the best weights live here (and in the
 checkpoint's best_student.pt)."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional

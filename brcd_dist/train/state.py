@@ -8,6 +8,7 @@ student at the step it reached. One directory per checkpoint, merged by Ray Trai
   pr_curves.json    precision-recall curves of the test queries       (rank 0)
   engine/           DeepSpeed checkpoint of the model being trained    (every rank)
 """
+
 from __future__ import annotations
 
 import json
@@ -55,6 +56,7 @@ def read_state(directory: Path) -> TrainState:
 @dataclass
 class Clustering:
     """Stage B's output (DESIGN §2): k-means over the teacher's codes of the training split."""
+
     centroids: torch.Tensor  # (K, L) float32
     masks: torch.Tensor  # (K, L) float32 in {0, 1}
     agreement: torch.Tensor  # (K, L) |mu_kb|
@@ -76,6 +78,7 @@ class Clustering:
 @dataclass
 class CheckpointFiles:
     """The finished-stage files rank 0 writes into every checkpoint; a field left None writes no file."""
+
     teacher: Optional[HashModel] = None  # teacher.pt, once stage A is done
     clustering: Optional[Clustering] = None  # clustering.pt, the latest k-means round
     best_student: Optional[dict] = None  # best_student.pt: state_dict of the best student so far (model selection)
@@ -98,7 +101,8 @@ class CheckpointFiles:
             save_hash_model(self.student, d / "student.pt")
             written.append("student.pt")
         if self.curves is not None:
-            (d / "pr_curves.json").write_text(json.dumps(
-                {k: {kk: [float(x) for x in vv] for kk, vv in v.items()} for k, v in self.curves.items()}))
+            (d / "pr_curves.json").write_text(
+                json.dumps({k: {kk: [float(x) for x in vv] for kk, vv in v.items()} for k, v in self.curves.items()})
+            )
             written.append("pr_curves.json")
         return written

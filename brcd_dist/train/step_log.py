@@ -1,4 +1,5 @@
 """Step metrics of the workers into the job's MLflow run: rank 0 logs, the other ranks do nothing."""
+
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ class StepLogger:
             return
         try:
             from brcd_dist import tracking
+
             tracking.log_metrics(self.run_id, metrics, step)
         except Exception as err:  # noqa: BLE001 - logged, training goes on
             log.warning("MLflow log_metrics failed at step %d: %s", step, err)

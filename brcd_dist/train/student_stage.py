@@ -1,6 +1,7 @@
 """Stage C: the student, trained with kd_weight × KD loss (BRCD or a baseline) + λ_self × its own CIBHash
 loss on streamed two-view batches; the frozen teacher's codes of both views computed on the fly without
 gradient; validation mAP every E epochs for model selection and early stopping (DESIGN §2 "Loss")."""
+
 from __future__ import annotations
 
 import copy
@@ -31,13 +32,13 @@ def full_state_dict(engine) -> dict:
     gather = nullcontext()
     if engine.zero_optimization_stage() == 3:
         import deepspeed
+
         gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     with gather:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def student_step(batch: dict, teacher, student, clustering: Clustering, cfg: Config,
-                 device: torch.device) -> dict:
+def student_step(batch: dict, teacher, student, clustering: Clustering, cfg: Config, device: torch.device) -> dict:
     """One training step's losses: the frozen teacher's codes of both views (no gradient), the student's two
     views, each view's nearest centroid, KDInputs, kd_weight × KD + λ_self × CIBHash. `student` is a DeepSpeed
     engine or a plain module; `clustering`'s centroids and masks are on `device`."""
@@ -54,13 +55,29 @@ def student_step(batch: dict, teacher, student, clustering: Clustering, cfg: Con
     # a key the clustering does not know (shards changed since) gets its first view's nearest centroid
     labels = torch.tensor([clustering.pseudo_labels.get(k, -1) for k in batch["key"]], device=device)
     labels = torch.where(labels < 0, view_clusters[:n], labels)
-    inputs = KDInputs(s1=s1, s2=s2, p1=p1, p2=p2, t1=t[:n], t2=t[n:], q1=q[:n], q2=q[n:], labels=labels,
-                      view_clusters1=view_clusters[:n], view_clusters2=view_clusters[n:], masks=clustering.masks)
+    inputs = KDInputs(
+        s1=s1,
+        s2=s2,
+        p1=p1,
+        p2=p2,
+        t1=t[:n],
+        t2=t[n:],
+        q1=q[:n],
+        q2=q[n:],
+        labels=labels,
+        view_clusters1=view_clusters[:n],
+        view_clusters2=view_clusters[n:],
+        masks=clustering.masks,
+    )
     kd = kd_loss(b.kd, inputs, b)
     own = cibhash_loss(p1, s1, p2, s2, tau=b.tau)
     offset = (view_clusters[n:] != labels).float().mean() + (view_clusters[:n] != labels).float().mean()
-    return {"loss": b.kd_weight * kd + b.lambda_self * own, "kd": kd.detach(), "self": own.detach(),
-            "offset_rate": offset.detach() / 2}
+    return {
+        "loss": b.kd_weight * kd + b.lambda_self * own,
+        "kd": kd.detach(),
+        "self": own.detach(),
+        "offset_rate": offset.detach() / 2,
+    }
 
 
 def on_device(clustering: Clustering, device: torch.device) -> Clustering:
@@ -68,8 +85,15 @@ def on_device(clustering: Clustering, device: torch.device) -> Clustering:
     return replace(clustering, centroids=clustering.centroids.to(device), masks=clustering.masks.to(device))
 
 
-def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clustering: Clustering,
-                  evaluator: Evaluator, resume_dir: Optional[Path], codes_cache: dict) -> HashModel:
+def student_stage(
+    ctx: WorkerContext,
+    state: TrainState,
+    teacher: HashModel,
+    clustering: Clustering,
+    evaluator: Evaluator,
+    resume_dir: Optional[Path],
+    codes_cache: dict,
+) -> HashModel:
     cfg, b = ctx.cfg, ctx.cfg.brcd
     # The student's initial weights depend on the seed only, not on what this process ran before (a restart
     # at the start of stage C loads the teacher instead of building and training it).
@@ -106,9 +130,16 @@ def student_stage(ctx: WorkerContext, state: TrainState, teacher: HashModel, clu
             stop = selection.should_stop
         return metrics, stop
 
-    run_epochs(ctx, state, engine, split="train", epochs=cfg.train.epochs, prefix="student",
-               step_fn=lambda batch: student_step(batch, teacher, engine, current, cfg, ctx.device),
-               on_epoch_end=on_epoch_end)
+    run_epochs(
+        ctx,
+        state,
+        engine,
+        split="train",
+        epochs=cfg.train.epochs,
+        prefix="student",
+        step_fn=lambda batch: student_step(batch, teacher, engine, current, cfg, ctx.device),
+        on_epoch_end=on_epoch_end,
+    )
     student = copy.deepcopy(engine.module).float().cpu()
     if selection.best_weights is not None:  # model selection on validation mAP (DESIGN §3)
         student.load_state_dict(selection.best_weights)

@@ -4,6 +4,7 @@ under `brcd.clustering_cache` and reused by later runs with the same teacher: Tu
 Every rank takes rank 0's view of whether a file is there: a rank that loaded it while another recomputed would
 hang the collectives of the recomputation. Rank 0 alone writes, atomically, so that concurrent runs never read
 half a file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from brcd_dist import storage
 from brcd_dist.train.collectives import broadcast_object
 from brcd_dist.train.context import WorkerContext
-from brcd_dist import storage
 
 
 def teacher_digest(teacher) -> str:

@@ -1,5 +1,6 @@
 """Stage A: the teacher. Loaded when the config names one (MLflow URI or checkpoint file), otherwise a timm
 backbone + hash head trained with the CIBHash loss (DESIGN §2 "Teacher")."""
+
 from __future__ import annotations
 
 import logging
@@ -24,11 +25,13 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
         teacher = load_hash_model(state.teacher_uri)
     elif resume_dir is not None and (resume_dir / "teacher.pt").is_file():  # a checkpoint that carries it
         teacher = load_hash_model(resume_dir / "teacher.pt")
-    elif cfg.teacher.uri and (storage.scheme(cfg.teacher.uri) in storage.OBJECT_SCHEMES
-                              or Path(cfg.teacher.uri).is_file()):
+    elif cfg.teacher.uri and (
+        storage.scheme(cfg.teacher.uri) in storage.OBJECT_SCHEMES or Path(cfg.teacher.uri).is_file()
+    ):
         teacher = load_hash_model(cfg.teacher.uri)  # a checkpoint file (local or s3://): no MLflow involved
     elif cfg.teacher.uri:
         from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/...
+
         teacher = load_model(cfg.teacher.uri)
     else:
         teacher = train_teacher(ctx, state, resume_dir)
@@ -60,6 +63,14 @@ def train_teacher(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
         p2, s2 = probs_and_codes(l2)
         return {"loss": cibhash_loss(p1, s1, p2, s2, tau=cfg.brcd.tau)}
 
-    run_epochs(ctx, state, engine, split=cfg.train.teacher_split, epochs=cfg.train.teacher_epochs,
-               prefix="teacher", step_fn=step, on_epoch_end=lambda epoch: ({}, False))
+    run_epochs(
+        ctx,
+        state,
+        engine,
+        split=cfg.train.teacher_split,
+        epochs=cfg.train.teacher_epochs,
+        prefix="teacher",
+        step_fn=step,
+        on_epoch_end=lambda epoch: ({}, False),
+    )
     return engine.module

@@ -1,5 +1,6 @@
 """The function every Ray Train worker runs: stages A–D of DESIGN §1 in order, each skipped when the latest
 checkpoint shows it finished (so a restarted run never redoes the teacher or the clustering)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,8 @@ from brcd_dist.config import config_digest, from_dict
 from brcd_dist.data import load_manifest
 from brcd_dist.data.manifest import manifest_location
 from brcd_dist.models import load_hash_model
-from brcd_dist.train.checkpoint import CheckpointWriter
 from brcd_dist.redact import apply_credential_env
+from brcd_dist.train.checkpoint import CheckpointWriter
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
@@ -34,16 +35,27 @@ def make_context(config: dict) -> WorkerContext:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
     # Where each rank runs (placement checks, e.g. STRICT_SPREAD over nodes, read it from the job's logs).
-    log.info("rank %d of %d: node %s, pid %d", ctx.get_world_rank(), ctx.get_world_size(),
-             ray.get_runtime_context().get_node_id(), os.getpid())
+    log.info(
+        "rank %d of %d: node %s, pid %d",
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.get_runtime_context().get_node_id(),
+        os.getpid(),
+    )
     quiet_worker_logs(root=True)  # after the placement line, which the job's log must keep
     rank, files = ctx.get_world_rank(), CheckpointFiles()
     manifest = load_manifest(manifest_location(cfg.data.shards_dir, cfg.data.shards_url))
-    return WorkerContext(cfg=cfg, manifest=manifest, rank=rank,
-                         world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                         checkpoint_files=files, checkpoint=CheckpointWriter(is_chief=rank == 0, files=files),
-                         step_log=StepLogger(run_id=config.get("run_id"), is_chief=rank == 0),
-                         run_dir=config.get("run_dir", ""))
+    return WorkerContext(
+        cfg=cfg,
+        manifest=manifest,
+        rank=rank,
+        world_size=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        checkpoint_files=files,
+        checkpoint=CheckpointWriter(is_chief=rank == 0, files=files),
+        step_log=StepLogger(run_id=config.get("run_id"), is_chief=rank == 0),
+        run_dir=config.get("run_dir", ""),
+    )
 
 
 def begin_attempt(state: TrainState, resumed: bool) -> list:
@@ -67,8 +79,13 @@ def run_stages(config: dict) -> None:
         resume_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
         state = read_state(resume_dir) if resume_dir else TrainState(config_digest=config_digest(ctx.cfg))
         if resume_dir:
-            log.info("rank %d resumes at stage %s, epoch %d, step %d", ctx.rank, state.stage, state.epoch,
-                     state.step_in_epoch)
+            log.info(
+                "rank %d resumes at stage %s, epoch %d, step %d",
+                ctx.rank,
+                state.stage,
+                state.epoch,
+                state.step_in_epoch,
+            )
         ran = begin_attempt(state, resumed=resume_dir is not None)
 
         # Stage A: teacher.
