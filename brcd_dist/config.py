@@ -54,9 +54,7 @@ class DataConfig:
     source: str = "fashion_mnist"  # where shards are made from: fashion_mnist | imagefolder | shards (already made)
     source_path: str = "/usr/share/datasets/fashion-mnist"  # the IDX files' folder, or the ImageFolder root
     shards_dir: str = "data/fashion_mnist"  # local directory holding manifest.json + shards when shards_url is ""
-    shards_url: str = (
-        ""  # shards + manifest at s3://, gs:// (no shards_dir needed); http(s)://, pipe:...{shard}: shards only
-    )
+    shards_url: str = ""  # shards + manifest at s3://, gs:// (no shards_dir); http(s)://, pipe:...{shard}: shards
     image_size: int = 32  # side of the images the models see, 8..4096
     in_chans: int = 1  # 1 (gray) or 3 (RGB)
     train_per_class: int = 500  # labelled training images of each class (the train split); at most what a class holds
