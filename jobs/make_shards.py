@@ -18,6 +18,7 @@ from _cli import config_from_args, fail, parser, setup_logging
 
 from brcd_dist.data import ShardsMismatchError, write_shards
 from brcd_dist.data.manifest import manifest_location
+from brcd_dist.data.shards import shard_params
 
 
 def main() -> None:
@@ -58,16 +59,9 @@ def main() -> None:
             where,
             d.source,
             d.source_path,
-            seed=d.split_seed,
-            train_per_class=d.train_per_class,
-            val_fraction=d.val_fraction,
-            samples_per_shard=d.samples_per_shard,
-            in_chans=d.in_chans,
-            shorter_side=d.shard_shorter_side,
-            readers=d.shard_readers,
+            **shard_params(d),
             max_images=args.max_images,
             num_procs=args.procs,
-            max_image_pixels=d.max_image_pixels,
         )
     except (ShardsMismatchError, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))

@@ -503,6 +503,20 @@ def check_same_layout(existing: Manifest, samples_per_shard: int, readers: int, 
             )
 
 
+def shard_params(d) -> dict:
+    """write_shards' keyword arguments that come from the config's data section (d: brcd_dist.config.DataConfig)."""
+    return dict(
+        seed=d.split_seed,
+        train_per_class=d.train_per_class,
+        val_fraction=d.val_fraction,
+        samples_per_shard=d.samples_per_shard,
+        in_chans=d.in_chans,
+        shorter_side=d.shard_shorter_side,
+        readers=d.shard_readers,
+        max_image_pixels=d.max_image_pixels,
+    )
+
+
 def ensure_shards(cfg) -> Manifest:
     """The shards a run reads (cfg: brcd_dist.config.Config): made when missing, verified when local.
 
@@ -536,16 +550,9 @@ def ensure_shards(cfg) -> Manifest:
         where,
         d.source,
         d.source_path,
-        seed=d.split_seed,
-        train_per_class=d.train_per_class,
-        val_fraction=d.val_fraction,
-        samples_per_shard=d.samples_per_shard,
-        in_chans=d.in_chans,
-        shorter_side=d.shard_shorter_side,
-        readers=d.shard_readers,
+        **shard_params(d),
         num_procs=os.cpu_count() or 1,
         progress=True,
-        max_image_pixels=d.max_image_pixels,
     )
 
 
