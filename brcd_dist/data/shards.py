@@ -517,6 +517,11 @@ def shard_params(d) -> dict:
     )
 
 
+def _content_params(params: dict) -> dict:
+    """Of shard_params, those the manifest records as its content (readers and the pixel cap are not)."""
+    return {k: v for k, v in params.items() if k not in ("readers", "max_image_pixels")}
+
+
 def ensure_shards(cfg) -> Manifest:
     """The shards a run reads (cfg: brcd_dist.config.Config): made when missing, verified when local.
 
@@ -533,15 +538,7 @@ def ensure_shards(cfg) -> Manifest:
         check_same_params(
             manifest,
             _stored_params(
-                d.source,
-                seed=d.split_seed,
-                train_per_class=d.train_per_class,
-                val_fraction=d.val_fraction,
-                samples_per_shard=d.samples_per_shard,
-                in_chans=d.in_chans,
-                shorter_side=d.shard_shorter_side,
-                holdout_fraction=DEFAULT_HOLDOUT,
-                max_images=0,
+                d.source, **_content_params(shard_params(d)), holdout_fraction=DEFAULT_HOLDOUT, max_images=0
             ),
             where,
         )
