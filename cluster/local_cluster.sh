@@ -18,6 +18,8 @@
 # RAY_AGENT_PORT_HEAD, RAY_AGENT_PORT_WORKER), and `stop` ends only the processes of this cluster (those whose
 # command line names its temp dir, and their children), never every Ray process on the host as `ray stop` does.
 set -euo pipefail
+# Telemetry off: Ray's usage stats and MLflow's (nothing may try to leave the machine).
+export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(dirname "$HERE")"
 VENV_BIN="${VENV_BIN:-$REPO/.venv/bin}"

@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+# Telemetry off in every process the tests start (Ray, MLflow inherit it): nothing may try to leave the machine.
+for _key, _value in (("RAY_USAGE_STATS_ENABLED", "0"), ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
+    os.environ.setdefault(_key, _value)
+
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DEFAULT_CONFIG = REPO / "configs" / "fashion_mnist.yaml"
