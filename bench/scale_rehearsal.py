@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -49,8 +50,21 @@ def role(proc: psutil.Process, root_pid: int) -> str:
     return "other"
 
 
-def measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run cmd; wall, CPU over its process tree, peak RSS per role (max over that role's processes)."""
+# "[encode database (teacher, student)] done: 40 batches in 12.3 s (3.2/s)", Ray's "(pid=..)" prefix allowed
+DONE_LINE = re.compile(r"\[([^\]]+)\] done: .*? in ([0-9.]+) s")
+
+
+def substages(output: str) -> dict[str, float]:
+    """Rank 0's wall seconds per sub-stage from the jobs' '[NAME] done: ... in S s' lines (summed per NAME)."""
+    out: dict[str, float] = {}
+    for name, seconds in DONE_LINE.findall(output):
+        out[name] = out.get(name, 0.0) + float(seconds)
+    return out
+
+
+def measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
+    """Run cmd; wall, CPU over its process tree, peak RSS per role (max over that role's processes), and the
+    sub-stages' wall seconds from its output (kept in `log` when given)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
@@ -81,6 +95,8 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     output = proc.communicate()[0]
     done.set()
     thread.join()
+    if log is not None:
+        log.write_text(output)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
     return {
@@ -88,6 +104,7 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
         "cpu_s": sum(cpu.values()),
         "peak_rss_mb": {r: v / 2**20 for r, v in sorted(rss.items())},
         "processes": len(cpu),
+        "substages_s": substages(output),
     }
 
 
@@ -116,7 +133,7 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
         "data.shard_readers=4",
         "data.loader_workers=1",
     ]
-    r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"])
+    r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"], log=work / f"make_shards_{n}.log")
     rows.append({"n": n, "stage": "make_shards", **r, "bytes": du(shards)})
     if "pipeline" in args.stages:
         runs = work / f"runs_{n}"
@@ -143,7 +160,7 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
             f"train.storage_path={runs}",
             f"train.name=rehearsal_{n}",
         ]
-        r = measured([PY, "jobs/distill.py", *overrides])
+        r = measured([PY, "jobs/distill.py", *overrides], log=work / f"pipeline_{n}.log")
         rows.append({"n": n, "stage": "pipeline", **r, "bytes": du(runs)})
     return rows
 
