@@ -30,7 +30,12 @@ def make_image_folder(
 ) -> Path:
     """ROOT/[train|val/]CLASS/NAME.jpg; size is (width, height) of a landscape image (portrait: swapped)."""
     root = Path(root)
-    photos = _photos()
+    photos = _photos()  # 640x427
+    # small images (the scale rehearsal's 64x48): crop from photos scaled down once, so a crop is not 100x the
+    # output's pixels; a scale of 1 (ImageNet-sized outputs) keeps the images exactly as before
+    scale = min(1.0, 2 * max(size) / 427)
+    if scale < 1.0:
+        photos = [np.asarray(Image.fromarray(p).resize((round(640 * scale), round(427 * scale)))) for p in photos]
     rng = np.random.default_rng(seed)
     parts = [("train", per_class), ("val", val_per_class)] if val_per_class else [("", per_class)]
     for part, count in parts:
@@ -46,6 +51,8 @@ def make_image_folder(
                 w, h = size if rng.random() < 0.7 else size[::-1]
                 ch, cw = int(rng.integers(200, 427)), int(rng.integers(300, 640))
                 top, left = int(rng.integers(0, 427 - ch + 1)), int(rng.integers(0, 640 - cw + 1))
+                if scale < 1.0:
+                    top, left, ch, cw = (round(v * scale) for v in (top, left, ch, cw))
                 crop = photo[top : top + ch, left : left + cw].astype(np.float32) * tint
                 im = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
                 im.save(path, format="JPEG", quality=90)
