@@ -65,6 +65,7 @@ class DataConfig:
     split_seed: int = 0  # seed of the train/database/query split
     loader_workers: int = 1  # data-loading processes per rank (0: in the training process)
     max_image_pixels: int = 40_000_000  # ImageFolder images above this many pixels are skipped unread (0: no cap)
+    max_member_bytes: int = 64 << 20  # shard tar members above this many bytes are skipped unread (0: no cap)
 
     def validate(self, s: str = "data") -> None:
         _choice(f"{s}.source", self.source, DATA_SOURCES)
@@ -84,6 +85,7 @@ class DataConfig:
         )
         _check(self.shard_readers >= 0, f"{s}.shard_readers", self.shard_readers, "must be >= 0 (0: no minimum)")
         _check(self.max_image_pixels >= 0, f"{s}.max_image_pixels", self.max_image_pixels, "must be >= 0 (0: no cap)")
+        _check(self.max_member_bytes >= 0, f"{s}.max_member_bytes", self.max_member_bytes, "must be >= 0 (0: no cap)")
 
 
 @dataclass

@@ -9,16 +9,17 @@ Pipeline of one rank:
   -> main process: cut the chunk stream into exactly the planned batches (train) or batches of B (eval).
 Batching in the main process is what lets every rank yield exactly S batches whatever the workers' shares.
 
-Shards are streamed through brcd_dist.storage: a dropped connection is retried and the shard re-opened at the
-byte already consumed, so the tar stream goes on at the same sample; each shard's sha256 is checked against the
-manifest as it streams (a mismatch stops the pass with ShardIntegrityError naming the shard). Damaged data
-that retrying cannot fix does not stop a training epoch: an undecodable sample is skipped, a shard that stays
-unreadable after the retries (or ends early) is noticed against the manifest's count; both are counted in
-`.stats` and logged. Passes that need every key (encoding for k-means, evaluation) call
-`batches.raise_if_incomplete()`, which fails with one line naming the first damaged shard. If a rank then
-runs short of samples for its S steps, it still yields S batches: what is left spreads over the remaining
-steps when that gives each at least 2 samples; otherwise every remaining step gets what is left topped up to
-B with samples of the last batch (repeats: counted in `.stats.padded_steps`).
+Tar members are read one at a time (tar_samples.py): a member above max_member_bytes (data.max_member_bytes) is
+skipped unread and its sample counted and named as undecodable. Shards are streamed through brcd_dist.storage: a
+dropped connection is retried and the shard re-opened at the byte already consumed, so the tar stream goes on at the
+same sample; each shard's sha256 is checked against the manifest as it streams (a mismatch stops the pass with
+ShardIntegrityError naming the shard). Damaged data that retrying cannot fix does not stop a training epoch: an
+undecodable sample is skipped, a shard that stays unreadable after the retries (or ends early) is noticed against
+the manifest's count; both are counted in `.stats` and logged. Passes that need every key (encoding for k-means,
+evaluation) call `batches.raise_if_incomplete()`, which fails with one line naming the first damaged shard. If a
+rank then runs short of samples for its S steps, it still yields S batches: what is left spreads over the remaining
+steps when that gives each at least 2 samples; otherwise every remaining step gets what is left topped up to B with
+samples of the last batch (repeats: counted in `.stats.padded_steps`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import pipelinefilter
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from brcd_dist import storage
 from brcd_dist.data import tensor_augment
@@ -43,6 +43,7 @@ from brcd_dist.data.decoding import loader_payload, views_on_device
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
 from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, READABLE_EXTS, check_pixels
 from brcd_dist.data.manifest import Manifest, shard_url
+from brcd_dist.data.tar_samples import DEFAULT_MAX_MEMBER_BYTES, tar_samples
 from brcd_dist.redact import redact
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,
         augment_in_loader: bool = True,
         hashes: dict[str, str] | None = None,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ):
         self.urls, self.parts, self.train = urls, parts, train
+        self.max_member_bytes = max_member_bytes  # larger tar members are skipped unread (0: no cap)
         self.augment_in_loader = augment_in_loader  # False: ship uint8 payloads, the device decodes (decoding.py)
         self.hashes = hashes or {}  # url -> sha256 from the manifest
         self.image_size, self.in_chans = image_size, in_chans
@@ -186,6 +189,8 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample) -> tuple[str, int, torch.Tensor]:
         key = sample["__key__"]
+        if "__refused__" in sample:
+            raise ValueError("; ".join(sample["__refused__"]))
         ext, data = image_bytes(sample)
         if "cls" not in sample:
             raise ValueError(f"{key}: missing cls")
@@ -236,8 +241,7 @@ class ShardStream(IterableDataset):
             RankShards(rank_urls),
             split_by_loader_worker,
             open_shards(self.hashes),
-            pipelinefilter(tar_file_expander)(handler=on_error),
-            pipelinefilter(group_by_keys)(handler=on_error),
+            pipelinefilter(tar_samples)(max_member_bytes=self.max_member_bytes, handler=on_error),
         )
         samples = self._kept_samples(pipeline, my_parts, stats)
         if self.train:
@@ -470,6 +474,7 @@ def train_batches(
     shuffle_buffer: int = 1000,
     device: torch.device | str = "cpu",
     augment_on_device: bool | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> ShardBatches:
     """One epoch of two-view batches {"view1", "view2": (B,C,H,W) float, "key": list[str], "label": (B,) long}.
 
@@ -497,6 +502,7 @@ def train_batches(
         shuffle_buffer=shuffle_buffer,
         augment_in_loader=not _on_device(device, augment_on_device),
         hashes=_hashes(manifest, info.shards, urls),
+        max_member_bytes=max_member_bytes,
     )
     return ShardBatches(
         dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split, device=device
@@ -516,6 +522,7 @@ def eval_batches(
     shards_url: str = "",
     device: torch.device | str = "cpu",
     augment_on_device: bool | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> ShardBatches:
     """Deterministic single-view batches {"image", "key", "label"}; each sample exactly once across ranks,
     no padding, so ranks may take different step counts (no collectives inside encoding)."""
@@ -536,5 +543,6 @@ def eval_batches(
         shuffle_buffer=0,
         augment_in_loader=not _on_device(device, augment_on_device),
         hashes=_hashes(manifest, info.shards, urls),
+        max_member_bytes=max_member_bytes,
     )
     return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split, device=device)

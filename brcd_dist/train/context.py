@@ -48,4 +48,5 @@ class WorkerContext:
             in_chans=d.in_chans,
             shards_url=d.shards_url,
             device=self.device,
+            max_member_bytes=d.max_member_bytes,
         )  # a GPU decodes and augments its batches itself (data/decoding.py)
