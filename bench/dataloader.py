@@ -3,7 +3,8 @@
     flock /work/ray.lock .venv/bin/python bench/dataloader.py [--images 256] [--repeats 3] [--size 224]
 
 On one thread (torch.set_num_threads(1), loader in-process: num_workers=0), CPU seconds by process_time, so the
-figures are per core. Measured side by side, `--repeats` rounds interleaved, medians reported:
+figures are per core. Measured side by side, `--repeats` rounds interleaved (reading and bare alternate which
+runs first), medians reported:
 - reading: train_batches over JPEG shards (a synthetic ImageFolder, bench/synthetic_imagefolder.py, written with
   shorter_side=256), decode + two views with tensor_augment, as a CPU training run reads them;
 - bare: the same JPEG bytes held in memory, decoded (decoding.decode_uint8) and augmented (TensorTwoViews) in
@@ -103,7 +104,10 @@ def run(args) -> list[dict]:
 
     rows = []
     for r in range(args.repeats):
-        t_read, t_bare = cpu(reading), cpu(bare)
+        if r % 2:  # alternate which goes first: neither always meets the other's leftovers (heap, caches)
+            t_bare, t_read = cpu(bare), cpu(reading)
+        else:
+            t_read, t_bare = cpu(reading), cpu(bare)
         rows.append(
             dict(
                 what="reading_vs_bare",

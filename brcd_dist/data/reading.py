@@ -39,6 +39,7 @@ from webdataset.filters import pipelinefilter
 
 from brcd_dist import storage
 from brcd_dist.data import tensor_augment
+from brcd_dist.data.allocator import tune_for_augmentation
 from brcd_dist.data.decoding import loader_payload, views_on_device
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
 from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, READABLE_EXTS, check_pixels
@@ -146,8 +147,12 @@ class ShardStream(IterableDataset):
         augment_in_loader: bool = True,
         hashes: dict[str, str] | None = None,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+        chunk_sizes: list[int] | None = None,
     ):
         self.urls, self.parts, self.train = urls, parts, train
+        # the planned batches cut into chunks (_chunk_plan): worker w of M makes chunks [w::M], so with the
+        # DataLoader's round-robin a chunk is a whole batch or a whole part of one, never a slice of two (a copy)
+        self.chunk_sizes = chunk_sizes
         self.max_member_bytes = max_member_bytes  # larger tar members are skipped unread (0: no cap)
         self.augment_in_loader = augment_in_loader  # False: ship uint8 payloads, the device decodes (decoding.py)
         self.hashes = hashes or {}  # url -> sha256 from the manifest
@@ -226,6 +231,8 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.augment_in_loader:
+            tune_for_augmentation()  # no page faults per chunk (allocator.py)
         rank_urls = [self.urls[p.shard] for p in self.parts]
         my_parts = self.parts[worker::workers]  # what split_by_loader_worker gives this worker
         stats, sent = ReadStats(), {"bad": 0, "missing": 0, "errors": 0}
@@ -246,6 +253,8 @@ class ShardStream(IterableDataset):
         samples = self._kept_samples(pipeline, my_parts, stats)
         if self.train:
             samples = self._shuffled(samples, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}"))
+        planned = iter(self.chunk_sizes[worker::workers] if self.chunk_sizes else ())
+        size = next(planned, self.chunk_size)
         items: list = []
         for sample in samples:
             try:
@@ -255,9 +264,9 @@ class ShardStream(IterableDataset):
                 stats.errors.append(
                     f"{sample.get('__key__')} in {sample.get('__url__')}: {type(exn).__name__}: {exn}"[:500]
                 )
-            if len(items) >= self.chunk_size:
+            if len(items) >= size:
                 yield self._chunk(items, stats, sent)
-                items = []
+                items, size = [], next(planned, self.chunk_size)
         # the last chunk carries the counts of the end of the stream (shortfalls are known only then)
         yield self._chunk(items, stats, sent)
 
@@ -457,6 +466,12 @@ def _chunk_size(batch_size: int) -> int:
     return max(8, min(batch_size, 64))
 
 
+def _chunk_plan(sizes: list[int], batch_size: int) -> list[int]:
+    """Each planned batch cut into near-equal chunks of at most _chunk_size(batch_size) samples, in order."""
+    cap = _chunk_size(batch_size)
+    return [c for s in sizes for c in batch_sizes(s, math.ceil(s / cap), cap) if c]
+
+
 def train_batches(
     manifest: Manifest,
     split: str,
@@ -503,6 +518,7 @@ def train_batches(
         augment_in_loader=not _on_device(device, augment_on_device),
         hashes=_hashes(manifest, info.shards, urls),
         max_member_bytes=max_member_bytes,
+        chunk_sizes=_chunk_plan(sizes, batch_size),
     )
     return ShardBatches(
         dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split, device=device
