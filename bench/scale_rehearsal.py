@@ -54,12 +54,20 @@ def role(proc: psutil.Process, root_pid: int) -> str:
 DONE_LINE = re.compile(r"\[([^\]]+)\] done: .*? in ([0-9.]+) s")
 
 
+# an encoding bar at its end, "encode database (teacher): 100%|####| 20.0/20.0 [00:21<00:00, 1.1s/batch]"
+ENCODE_BAR = re.compile(r"(encode [^:\r\n]*?): +100%\|[^|]*\| *[0-9.]+[kM]?/[0-9.]+[kM]? *\[(?:(\d+):)?(\d+):(\d+)<")
+
+
 def substages(output: str) -> dict[str, float]:
-    """Rank 0's wall seconds per sub-stage from the jobs' '[NAME] done: ... in S s' lines (summed per NAME)."""
+    """Rank 0's wall seconds per sub-stage from the jobs' '[NAME] done: ... in S s' lines (summed per NAME) and
+    the encoding bars' final elapsed time (they print no done line)."""
     out: dict[str, float] = {}
     for name, seconds in DONE_LINE.findall(output):
         out[name] = out.get(name, 0.0) + float(seconds)
-    return out
+    bars: dict[str, float] = {}
+    for name, h, m, sec in ENCODE_BAR.findall(output):
+        bars[name] = max(bars.get(name, 0.0), 3600 * int(h or 0) + 60 * int(m) + int(sec))
+    return {**out, **bars}
 
 
 def measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
