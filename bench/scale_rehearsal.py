@@ -12,7 +12,8 @@ between two samples loses at most 0.5 s of CPU in the sum). Images are small (64
 scikit-learn's photos tinted per class), so the pixel work is small and what grows with N is the rest: listing,
 splitting, the manifest, shard I/O, epoch plans, k-means, codes and evaluation. Writes one JSON line per
 (size, stage) to --out and prints a table with each quantity's growth exponent between sizes
-(log ratio / log N ratio: 1 = linear).
+(log ratio / log N ratio: 1 = linear). `--stages retrieval` times the evaluation's Hamming ranking alone at the
+same shapes (no images): the stage that grows worst with N.
 """
 
 from __future__ import annotations
@@ -173,6 +174,33 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
     return rows
 
 
+def retrieval_cost(n: int) -> dict:
+    """The evaluation's retrieval alone at the rehearsal's shapes for N (queries N/20 as held out, database 0.9 N,
+    64-bit codes, 1,000 labels): CPU seconds of mAP@100 for the three paradigms and of one PR curve, one thread.
+    Codes are random: the cost of a Hamming ranking does not depend on them."""
+    import numpy as np
+    import torch
+
+    from brcd_dist.retrieval import evaluate_paradigms, pr_curve
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    q, d = n // 20, n * 9 // 10
+
+    def codes(m: int) -> torch.Tensor:
+        return torch.from_numpy(np.where(rng.random((m, 64)) < 0.5, -1.0, 1.0).astype(np.float32))
+
+    c = {"student": {"query": codes(q), "database": codes(d)}, "teacher": {"query": codes(q), "database": codes(d)}}
+    ql, dl = rng.integers(0, 1000, q), rng.integers(0, 1000, d)
+    t = time.process_time()
+    evaluate_paradigms(c, ql, dl, 100)
+    t_map = time.process_time() - t
+    t = time.process_time()
+    pr_curve(c["student"]["query"], c["student"]["database"], ql, dl)
+    t_pr = time.process_time() - t
+    return {"n": n, "stage": "retrieval", "queries": q, "database": d, "map3_cpu_s": t_map, "pr_curve_cpu_s": t_pr}
+
+
 def growth(rows: list[dict], stage: str, field: str) -> str:
     pts = [(r["n"], r[field]) for r in rows if r["stage"] == stage and r.get(field)]
     if len(pts) < 2:
@@ -183,7 +211,7 @@ def growth(rows: list[dict], stage: str, field: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 8000])
-    p.add_argument("--stages", default="shards,pipeline")
+    p.add_argument("--stages", default="shards,pipeline", help="shards,pipeline | shards | retrieval")
     p.add_argument("--steps", type=int, default=3, help="train.max_steps_per_epoch")
     p.add_argument("--work", default="/tmp/brcd_scale_rehearsal")
     p.add_argument("--out", default="bench/results/scale_rehearsal.jsonl")
@@ -191,6 +219,10 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.stages == "retrieval":  # the evaluation's Hamming ranking alone, no images
+        for n in args.sizes:
+            print(json.dumps(retrieval_cost(n)), flush=True)
+        return
     for n in args.sizes:
         for row in rehearse(n, work, args):
             row["peak_rss_max_mb"] = max(row.get("peak_rss_mb", {0: 0}).values() or [0])
