@@ -8,8 +8,8 @@ started by the module's fixture and stopped at its end, also when a test fails. 
 (.gitignore respected: no .venv); shards and storage are passed as absolute paths.
 
 The README's object-store recipe runs on the same cluster as a user types it (only the sizes made tiny), tracking
-on with its default store: it succeeds, with checkpoints on the bucket and the student registered in
-$BRCD_HOME/mlflow.db, where the README says. The worker node has its own Ray temp dir and directory."""
+on with its default store: it succeeds, with checkpoints on the bucket (the teacher once beside them, the k-means
+cache there too) and the student registered in $BRCD_HOME/mlflow.db, where the README says. The worker node has its own Ray temp dir and directory."""
 
 from __future__ import annotations
 
@@ -276,6 +276,7 @@ def test_readme_object_store_recipe_succeeds_on_the_cluster(cluster, readme_job)
     status = ray_state(cluster, f"str(JobSubmissionClient(address).get_job_status({readme_job.submission_id!r}))")
     assert status == "SUCCEEDED", readme_job.log[-6000:]
     assert readme_job.returncode == 0
+    assert "student SSHP (student → student)" in readme_job.log
 
 
 def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job):
@@ -287,6 +288,20 @@ def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job
     assert latest["metrics"]["stage"] == "done"
     assert "student.pt" in storage.listdir(storage.join(run_dir, latest["checkpoint_dir_name"]))
     assert "teacher.pt" in storage.listdir(run_dir)
+
+
+def test_readme_recipe_writes_the_teacher_once_beside_the_checkpoints_not_into_them(object_store, readme_job):
+    from brcd_dist import storage
+
+    run_dir = object_store.url("runs", "fmnist-1")
+    checkpoints = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")]
+    assert checkpoints and all("teacher.pt" not in storage.listdir(storage.join(run_dir, c)) for c in checkpoints)
+
+
+def test_readme_recipe_caches_the_kmeans_result_on_the_bucket(object_store, readme_job):
+    from brcd_dist import storage
+
+    assert any(n.endswith(".pt") for n in storage.listdir(object_store.url("cache")))
 
 
 def test_readme_recipe_registers_the_student_in_brcd_home_mlflow_db(readme_job):
