@@ -1,8 +1,7 @@
 """jobs/distill.py end to end with its shards read through a link that cuts every connection after 30 kB (shards
 and manifest from data.shards_url on the loopback S3 store, SeaweedFS, tests/object_store.py; no local shard
-directory): it finishes with the fault-free run's student, bit for bit. The job runs as a separate process with
-the store's endpoint (the cutting proxy's) and keys in the standard AWS variables only, attached to the session's
-Ray (--address, as a job on a cluster): the job's runtime_env hands its workers that endpoint.
+directory): it finishes with the fault-free run's student, bit for bit. The job runs as a separate process (its
+own local Ray) with the store's endpoint (the cutting proxy's) and keys in the standard AWS variables only.
 
 The fault-free run with shards, checkpoints and k-means cache all on s3:// is the README's object-store recipe,
 which tests/test_job_submit.py submits to the two-node cluster (teacher once beside the checkpoints, cache on the
@@ -29,8 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _distill(object_store, s3_shards, tmp_path_factory, name: str, extra: list[str], endpoint: str = ""):
-    import ray
-
     overrides = [
         o
         for o in tiny_overrides(tmp_path_factory.mktemp("unused"), "unused", name)
@@ -46,7 +43,7 @@ def _distill(object_store, s3_shards, tmp_path_factory, name: str, extra: list[s
     if endpoint:
         env["AWS_ENDPOINT_URL"] = endpoint
     return subprocess.run(
-        [sys.executable, "jobs/distill.py", "--address", ray.get_runtime_context().gcs_address, *overrides],
+        [sys.executable, "jobs/distill.py", *overrides],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -64,7 +61,7 @@ def _final_student(run_dir: str):
 
 
 @pytest.fixture(scope="module")
-def cut_run(local_ray, object_store, s3_shards, tmp_path_factory):
+def cut_run(object_store, s3_shards, tmp_path_factory):
     """The tiny run (local storage, no cache) with every s3 read through a link that cuts each connection."""
     storage_path = tmp_path_factory.mktemp("cut_runs")
     proxy = CuttingProxy(int(object_store.endpoint.rsplit(":", 1)[1]), cut_after=30_000).start()
