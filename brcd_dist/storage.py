@@ -178,6 +178,17 @@ def size(uri: str) -> int:
     return info.size
 
 
+def modified(uri: str) -> float:
+    """When a file/object was last written, in seconds since the epoch (to the backend's precision: whole
+    seconds on most object stores)."""
+    import pyarrow.fs as pafs
+
+    info = _info(uri)
+    if info.type != pafs.FileType.File or info.mtime is None:
+        raise FileNotFoundError(f"{uri}: no such file")
+    return info.mtime.timestamp()
+
+
 def listdir(uri: str) -> list[str]:
     """Names directly under a directory or prefix (sorted; empty when there is none)."""
     import pyarrow.fs as pafs

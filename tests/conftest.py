@@ -94,10 +94,12 @@ class LocalRay:
 
 
 @pytest.fixture(scope="session")
-def local_ray() -> LocalRay:
+def local_ray(object_store) -> LocalRay:
     """A local Ray instance of this session only: 2 CPUs (one per train worker), its own temp dir (short: Ray's
     socket paths under it must stay < 108 chars) and ports, so that other Ray instances on the host neither
-    see nor disturb it; the dashboard runs for the state API (list_actors) that the fault test uses."""
+    see nor disturb it; the dashboard runs for the state API (list_actors) that the fault test uses. Started
+    after the session's object store, so that its processes (Ray Train's controller, Tune's trials) find the
+    store by the standard AWS variables, as a cluster's nodes find theirs (a run may keep its checkpoints there)."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="brcd-ray-")
@@ -131,18 +133,21 @@ class TinyRun:
         return Path(self.cfg.train.storage_path) / self.cfg.train.name
 
 
-def run_tiny(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 0, during=None) -> TinyRun:
-    """The tiny run under TorchTrainer on the session's Ray; `during(run_dir, finished)`, if given, runs in a
-    thread beside it (the fault test's killer) and should return once the threading.Event `finished` is set."""
+def run_tiny(shards_dir: Path, storage: Path | str, name: str, *, max_failures: int = 0, during=None) -> TinyRun:
+    """The tiny run under TorchTrainer on the session's Ray (`storage` a local path or an s3:// URI);
+    `during(run_dir, finished)`, if given, runs in a thread beside it (the fault test's killer; run_dir a path or
+    URI) and should return once the threading.Event `finished` is set."""
     import threading
 
+    from brcd_dist import storage as store
     from brcd_dist.driver import launch
 
     cfg = tiny_config(shards_dir, storage, name, max_failures=max_failures)
     finished = threading.Event()
     thread = None
     if during is not None:
-        thread = threading.Thread(target=during, args=(Path(cfg.train.storage_path) / name, finished), daemon=True)
+        run_dir = store.join(cfg.train.storage_path, name)
+        thread = threading.Thread(target=during, args=(run_dir, finished), daemon=True)
         thread.start()
     t0 = time.perf_counter()
     try:

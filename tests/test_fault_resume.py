@@ -1,6 +1,7 @@
-"""A worker killed in the middle of stage C: Ray Train restarts the workers from the last checkpoint, the run
-finishes without redoing the teacher or the clustering, and the student ends bit-for-bit the same as the
-uninterrupted run's with the same seed.
+"""A worker killed in the middle of stage C, with the run's checkpoints on the bucket (train.storage_path on the
+session's loopback S3 store, as on a cluster whose nodes share no disk): Ray Train restarts the workers from the
+last checkpoint, read back from the bucket, the run finishes without redoing the teacher or the clustering, and
+the student ends bit-for-bit the same as the uninterrupted run's (local storage) with the same seed.
 
 How the kill is placed: a thread beside TorchTrainer.fit() polls the run's checkpoint_manager_snapshot.json (the
 checkpoints Ray Train has registered, i.e. that every rank reported) until the latest one's state.json says stage
@@ -32,24 +33,33 @@ starting elsewhere), and equality would have to become closeness; this test keep
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import psutil
 import pytest
 import torch
-from conftest import read_json, run_tiny
+from conftest import run_tiny
 
+from brcd_dist import storage
 from brcd_dist.driver import read_outputs, result_checkpoint_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 KILL_DEADLINE_S = 600
+
+
+def read_json(uri: str):
+    """A JSON object that another process may be writing or replacing: None until it reads whole."""
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (OSError, ValueError):
+        return None
 
 
 def alive_train_worker_pids(dashboard: str) -> list[int]:
@@ -73,21 +83,21 @@ class MidStageCKiller:
     first_pids: list = field(default_factory=list)
     error: Optional[BaseException] = None
 
-    def __call__(self, run_dir: Path, finished: threading.Event) -> None:
+    def __call__(self, run_dir: str, finished: threading.Event) -> None:
         try:
             self._run(run_dir, finished)
         except BaseException as err:  # noqa: BLE001 - reported by the test
             self.error = err
 
-    def _run(self, run_dir: Path, finished: threading.Event) -> None:
+    def _run(self, run_dir: str, finished: threading.Event) -> None:
         deadline = time.monotonic() + KILL_DEADLINE_S
         while time.monotonic() < deadline and not finished.is_set():
-            snapshot = read_json(run_dir / "checkpoint_manager_snapshot.json") or {}
+            snapshot = read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
             latest = snapshot.get("latest_checkpoint_result")
             if latest:
                 if not self.first_pids:  # the workers are up (they reported); note them before stage C
                     self.first_pids = alive_train_worker_pids(self.dashboard)
-                state = read_json(run_dir / latest["checkpoint_dir_name"] / "state.json")
+                state = read_json(storage.join(run_dir, latest["checkpoint_dir_name"], "state.json"))
                 if state and state["stage"] == "student" and state["step_in_epoch"] > 0:
                     pid = self.first_pids[0]
                     assert psutil.Process(pid).name().startswith("ray::"), "not a Ray worker process"
@@ -99,9 +109,9 @@ class MidStageCKiller:
 
 
 @pytest.fixture(scope="module")
-def killed_run(local_ray, tiny_shards, tmp_path_factory):
+def killed_run(local_ray, object_store, tiny_shards):
     killer = MidStageCKiller(local_ray.dashboard)
-    run = run_tiny(tiny_shards, tmp_path_factory.mktemp("runs"), "killed", max_failures=1, during=killer)
+    run = run_tiny(tiny_shards, object_store.url("fault_runs"), "killed", max_failures=1, during=killer)
     if killer.error is not None:
         raise killer.error
     return run, killer
@@ -130,6 +140,17 @@ def test_killed_run_restarts_and_finishes(killed_run, killed_outputs):
     assert killed_outputs.state.stage == "done"
     assert {"clustering.pt", "student.pt"} <= {p.name for p in killed_outputs.checkpoint_dir.iterdir()}
     assert killed_outputs.state.teacher_uri.endswith("teacher.pt")
+
+
+def test_the_killed_runs_checkpoints_and_teacher_are_on_the_bucket(killed_run, killed_outputs):
+    run, _ = killed_run
+    run_dir = storage.join(run.cfg.train.storage_path, run.cfg.train.name)
+    assert run_dir.startswith("s3://") and run.result.checkpoint.path.startswith(run_dir.removeprefix("s3://"))
+    snapshot = read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    assert snapshot["latest_checkpoint_result"]["metrics"]["stage"] == "done"
+    assert killed_outputs.state.teacher_uri == storage.join(run_dir, "teacher.pt") and storage.is_file(
+        killed_outputs.state.teacher_uri
+    )
 
 
 def test_restart_resumes_stage_c_from_the_last_checkpoint(killed_run, killed_outputs):

@@ -1,22 +1,22 @@
 """`ray job submit` of jobs/distill.py to the two-node local cluster of cluster/local_cluster.sh, the way a user
-submits to a real cluster (DESIGN §1): the job succeeds, and with train.placement_strategy=STRICT_SPREAD its two
-train workers ran on the two different nodes. Each node gets 2 logical CPUs, room for both workers (1 CPU each),
-so that the spread comes from the strategy, not from a lack of room (PACK would put both on one node).
+submits to a real cluster (DESIGN §1), started, entered and stopped by the README's commands; a job submitted
+without the token is refused. Each node gets 2 logical CPUs, room for both workers (1 CPU each), so that the
+spread comes from train.placement_strategy=STRICT_SPREAD, not from a lack of room (PACK would put both on one node).
 
 The cluster gets its own state dir, Ray temp dir and free ports (the host is shared with other Ray instances), is
 started by the module's fixture and stopped at its end, also when a test fails. The working dir is uploaded
-(.gitignore respected: no .venv); shards and storage are passed as absolute paths.
+(.gitignore respected: no .venv). Its worker node has its own Ray temp dir and directory.
 
-The README's object-store recipe runs on the same cluster as a user types it (only the sizes made tiny), tracking
-on with its default store: it succeeds, with checkpoints on the bucket and the student registered in
-$BRCD_HOME/mlflow.db, where the README says. The worker node has its own Ray temp dir and directory."""
+One job runs on it: the README's object-store recipe as a user types it (only the sizes made tiny, and
+STRICT_SPREAD), tracking on with its default store. It succeeds, prints the result table, its two train workers
+ran on the two different nodes, its checkpoints are on the bucket (the teacher once beside them, the k-means cache
+there too) and the student is registered in $BRCD_HOME/mlflow.db, where the README says."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN, free_port, read_json, tiny_overrides
+from conftest import REPO, VENV_BIN, free_port, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -126,18 +126,6 @@ def ray_state(cluster: Cluster, expr: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def job(cluster, tiny_shards, tmp_path_factory) -> Job:
-    storage = tmp_path_factory.mktemp("job_runs")
-    submission_id = f"brcd-test-{uuid.uuid4().hex[:8]}"
-    args = [*tiny_overrides(tiny_shards, storage, "submitted"), "train.placement_strategy=STRICT_SPREAD"]
-    cmd = f"{SUBMIT_PREFIX} --submission-id {submission_id} -- python jobs/distill.py " + " ".join(
-        shlex.quote(a) for a in args
-    )
-    done = _bash(cmd, cluster.env, 600)
-    return Job(submission_id, done.returncode, done.stdout + done.stderr, storage / "submitted")
-
-
 def test_job_submitted_without_the_token_is_refused(cluster, tmp_path):
     env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
@@ -179,30 +167,15 @@ def test_cluster_has_two_nodes_each_with_room_for_both_workers(cluster):
     assert all(cpus >= 2 for cpus in alive)
 
 
-def test_submitted_job_succeeds(cluster, job):
-    status = ray_state(cluster, f"str(JobSubmissionClient(address).get_job_status({job.submission_id!r}))")
-    assert status == "SUCCEEDED", job.log[-6000:]
-    assert job.returncode == 0
-
-
-def test_job_prints_the_result_table_and_leaves_a_finished_checkpoint(job):
-    assert "student SSHP (student → student)" in job.log
-    snapshot = read_json(job.storage / "checkpoint_manager_snapshot.json")
-    latest = snapshot["latest_checkpoint_result"]
-    assert latest["metrics"]["stage"] == "done"
-    files = {p.name for p in (job.storage / latest["checkpoint_dir_name"]).iterdir()}
-    assert {"clustering.pt", "student.pt"} <= files and (job.storage / "teacher.pt").is_file()
-
-
-def test_strict_spread_puts_the_two_train_workers_on_different_nodes(cluster, job):
+def test_strict_spread_puts_the_two_train_workers_on_different_nodes(cluster, readme_job):
     nodes = set(ray_state(cluster, "[n.node_id for n in list_nodes(address=address)]"))
     workers = ray_state(cluster, WORKER_NODES)
     assert len(workers) == 2  # one worker group, never restarted (train.max_failures=0)
     assert set(workers) == nodes
 
 
-def test_each_rank_logs_the_node_it_ran_on(cluster, job):
-    logged = dict(re.findall(r"rank (\d) of 2: node ([0-9a-f]+), pid", job.log))
+def test_each_rank_logs_the_node_it_ran_on(cluster, readme_job):
+    logged = dict(re.findall(r"rank (\d) of 2: node ([0-9a-f]+), pid", readme_job.log))
     assert sorted(logged) == ["0", "1"] and logged["0"] != logged["1"]
     assert set(logged.values()) == set(ray_state(cluster, WORKER_NODES))
 
@@ -251,7 +224,9 @@ def _readme_command() -> list[str]:
 @pytest.fixture(scope="module")
 def readme_job(cluster, object_store, s3_shards, tiny_shards) -> Job:
     """The README's object-store recipe on the loopback bucket (BUCKET/fashion_mnist: the session's s3 shards),
-    tracking on (default sqlite store), no local shards directory; only the tiny sizes appended."""
+    tracking on (default sqlite store), no local shards directory; only the tiny sizes appended, and
+    train.placement_strategy=STRICT_SPREAD (the README's local-cluster job's), so that its two workers must run on
+    the two nodes. The module's only job: every check of a submitted run reads this one."""
     submission_id = f"brcd-readme-{uuid.uuid4().hex[:8]}"
     words = [
         w.replace("ADDRESS", cluster.address)
@@ -267,7 +242,13 @@ def readme_job(cluster, object_store, s3_shards, tiny_shards) -> Job:
     ]
     words[5:5] = ["--submission-id", submission_id]
     done = subprocess.run(
-        [*words, *tiny], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600, check=False
+        [*words, *tiny, "train.placement_strategy=STRICT_SPREAD"],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     return Job(submission_id, done.returncode, done.stdout + done.stderr, Path(cluster.env["BRCD_HOME"]))
 
@@ -276,6 +257,7 @@ def test_readme_object_store_recipe_succeeds_on_the_cluster(cluster, readme_job)
     status = ray_state(cluster, f"str(JobSubmissionClient(address).get_job_status({readme_job.submission_id!r}))")
     assert status == "SUCCEEDED", readme_job.log[-6000:]
     assert readme_job.returncode == 0
+    assert "student SSHP (student → student)" in readme_job.log
 
 
 def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job):
@@ -285,8 +267,22 @@ def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job
     snapshot = json.loads(storage.read_bytes(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
     latest = snapshot["latest_checkpoint_result"]
     assert latest["metrics"]["stage"] == "done"
-    assert "student.pt" in storage.listdir(storage.join(run_dir, latest["checkpoint_dir_name"]))
+    assert {"clustering.pt", "student.pt"} <= set(storage.listdir(storage.join(run_dir, latest["checkpoint_dir_name"])))
     assert "teacher.pt" in storage.listdir(run_dir)
+
+
+def test_readme_recipe_writes_the_teacher_once_beside_the_checkpoints_not_into_them(object_store, readme_job):
+    from brcd_dist import storage
+
+    run_dir = object_store.url("runs", "fmnist-1")
+    checkpoints = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")]
+    assert checkpoints and all("teacher.pt" not in storage.listdir(storage.join(run_dir, c)) for c in checkpoints)
+
+
+def test_readme_recipe_caches_the_kmeans_result_on_the_bucket(object_store, readme_job):
+    from brcd_dist import storage
+
+    assert any(n.endswith(".pt") for n in storage.listdir(object_store.url("cache")))
 
 
 def test_readme_recipe_registers_the_student_in_brcd_home_mlflow_db(readme_job):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import FASHION_MNIST
 from object_store import through_proxy
+from test_shards import run_make_shards
 
 from brcd_dist import storage
 from brcd_dist.data import eval_batches, load_manifest, train_batches, write_shards
@@ -37,6 +38,23 @@ def test_shards_and_manifest_are_written_to_the_bucket(s3_shards):
     names = storage.listdir(s3_shards)
     assert "manifest.json" in names and set(manifest.shard_files()) <= set(names)
     assert "shards.progress.json" not in names  # a finished run leaves no progress record
+
+
+def test_make_shards_job_writes_shards_and_manifest_to_the_bucket_and_a_rerun_keeps_them(
+    object_store, monkeypatch, capsys
+):
+    url = object_store.url(f"job-{uuid.uuid4().hex[:6]}")
+    args = [f"data.shards_url={url}", "data.train_per_class=2", "data.samples_per_shard=25", "--max-images", "100"]
+    assert run_make_shards(args, monkeypatch) == 0
+    assert capsys.readouterr().out.startswith(f"{url}: fashion_mnist, ")
+    manifest = load_manifest(url)
+    names = storage.listdir(url)
+    assert "manifest.json" in names and set(manifest.shard_files()) <= set(names)
+    written = {n: storage.modified(storage.join(url, n)) for n in manifest.shard_files()}
+    uploads = []
+    monkeypatch.setattr(storage, "upload", lambda src, dst: uploads.append(dst))
+    assert run_make_shards(args, monkeypatch) == 0  # the same parameters: every shard kept, none uploaded again
+    assert uploads == [] and {n: storage.modified(storage.join(url, n)) for n in written} == written
 
 
 def test_an_interrupted_upload_resumes_writing_only_the_missing_shards(object_store, monkeypatch):

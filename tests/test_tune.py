@@ -1,6 +1,8 @@
 """Issue #6: a Ray Tune sweep of tiny trials finishes, reports each trial, registers the best as champion, and
 its trials are child runs in MLflow. jobs/tune.py runs as the user runs it (a subprocess, its own cwd, a sqlite
 store there) on the tiny run of conftest.py: 3 trials over K in {3, 4} and α, δ in [0, 1], one at a time.
+Its storage is on the session's loopback S3 bucket (issue 12): Tune's experiment, every trial's checkpoints, the
+sweep's teacher and the k-means / teacher-codes cache all live under an s3:// train.storage_path.
 
 The sweep attaches to the session's Ray instance (--address) instead of starting its own. Ray Train's
 PlacementGroupCleaner, which frees the workers of a trial that ASHA stopped, finds its cluster by RAY_ADDRESS or
@@ -24,6 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_overrides
 
+from brcd_dist import storage as store
+
 pytestmark = pytest.mark.slow
 
 TUNE = REPO / "jobs" / "tune.py"
@@ -45,14 +49,11 @@ def other_ray_instances(own_temp_dir: Path) -> list[str]:
 @dataclass
 class Sweep:
     cwd: Path
+    storage: str  # train.storage_path: s3://...
     returncode: int
     stdout: str
     stderr: str
     seconds: float
-
-    @property
-    def storage(self) -> Path:
-        return self.cwd / "runs"
 
     @property
     def uri(self) -> str:
@@ -87,11 +88,12 @@ def run_tune(args: list[str], cwd: Path, timeout_s: float, own_temp_dir: Path) -
 
 
 @pytest.fixture(scope="module")
-def sweep(local_ray, tiny_shards, tmp_path_factory) -> Sweep:
+def sweep(local_ray, object_store, tiny_shards, tmp_path_factory) -> Sweep:
     import ray
 
     cwd = tmp_path_factory.mktemp("tune")
-    overrides = tiny_overrides(tiny_shards, cwd / "runs", NAME) + [
+    storage = object_store.url("tune_runs")
+    overrides = tiny_overrides(tiny_shards, storage, NAME) + [
         "train.checkpoint_every=100",  # only the epoch-end checkpoints
         "train.cpus_per_worker=0.5",  # a trial (0.01 CPU) and its 2 workers fit the session's 2 CPUs
         "tracking.enabled=true",
@@ -108,7 +110,7 @@ def sweep(local_ray, tiny_shards, tmp_path_factory) -> Sweep:
     ]
     t0 = time.perf_counter()
     code, stdout, stderr = run_tune(args, cwd, TIMEOUT_S, local_ray.temp_dir)
-    return Sweep(cwd=cwd, returncode=code, stdout=stdout, stderr=stderr, seconds=time.perf_counter() - t0)
+    return Sweep(cwd, storage, code, stdout, stderr, seconds=time.perf_counter() - t0)
 
 
 @pytest.fixture(scope="module")
@@ -178,32 +180,40 @@ def test_champion_is_the_finished_trial_with_the_best_validation_ashp_map(mlflow
     assert finished[champion.run_id] == max(finished.values())  # ties: any of the best will do
 
 
+def cache_files(sweep: Sweep, prefix: str) -> dict[str, float]:
+    """The sweep's cache objects whose names start with `prefix`: name -> when written (ms, whole seconds on S3:
+    never later than the write)."""
+    cache = store.join(sweep.storage, NAME, "clustering_cache")
+    return {n: store.modified(store.join(cache, n)) * 1000 for n in store.listdir(cache) if n.startswith(prefix)}
+
+
 def test_kmeans_runs_once_per_distinct_k_and_later_trials_reuse_it(sweep, mlflow_runs):
     _, _, children, _ = mlflow_runs
-    files = sorted(f for f in (sweep.storage / NAME / "clustering_cache").iterdir() if f.name.startswith("k"))
+    files = cache_files(sweep, "k")
     ks = {int(c.data.params["brcd.clusters"]) for c in children}
-    assert sorted(int(re.match(r"k(\d+)-", f.name).group(1)) for f in files) == sorted(ks)
-    for f in files:  # written by the first trial with its K, not rewritten by the later ones
-        k = int(f.name.split("-")[0][1:])
+    assert sorted(int(re.match(r"k(\d+)-", name).group(1)) for name in files) == sorted(ks)
+    for name, written in files.items():  # written by the first trial with its K, not rewritten by the later ones
+        k = int(name.split("-")[0][1:])
         starts = sorted(c.info.start_time for c in children if int(c.data.params["brcd.clusters"]) == k)
-        assert all(f.stat().st_mtime * 1000 < s for s in starts[1:]), (f.name, f.stat().st_mtime, starts)
+        assert all(written < s for s in starts[1:]), (name, written, starts)
 
 
 def test_teacher_codes_are_encoded_once_per_split_and_later_trials_reuse_them(sweep, mlflow_runs):
     _, _, children, _ = mlflow_runs
-    files = [f for f in (sweep.storage / NAME / "clustering_cache").iterdir() if f.name.startswith("codes-")]
-    splits = [f.name.split("-")[1] for f in files]
+    files = cache_files(sweep, "codes-")
+    splits = [name.split("-")[1] for name in files]
     assert "database" in splits and "val_query" in splits and len(splits) == len(set(splits)), splits
     starts = sorted(c.info.start_time for c in children)
-    database = next(f for f in files if f.name.startswith("codes-database-"))
-    assert all(database.stat().st_mtime * 1000 < s for s in starts[1:])  # not rewritten by later trials
+    database = next(w for name, w in files.items() if name.startswith("codes-database-"))
+    assert all(database < s for s in starts[1:])  # not rewritten by later trials
 
 
 def test_teacher_is_trained_once_and_every_trial_uses_it(sweep, mlflow_runs):
     _, _, children, _ = mlflow_runs
-    assert sorted(p.name for p in sweep.storage.iterdir() if p.name.endswith("-teacher")) == [f"{NAME}-teacher"]
-    teacher = sweep.storage / f"{NAME}-teacher" / "teacher.pt"
-    assert {c.data.params["teacher.uri"] for c in children} == {str(teacher.resolve())}
+    assert [n for n in store.listdir(sweep.storage) if n.endswith("-teacher")] == [f"{NAME}-teacher"]
+    teacher = store.join(sweep.storage, f"{NAME}-teacher", "teacher.pt")
+    assert store.is_file(teacher)
+    assert {c.data.params["teacher.uri"] for c in children} == {teacher}
 
 
 @pytest.mark.parametrize(
