@@ -70,8 +70,6 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     env_vars.setdefault(
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     )
-    if not verbose():  # the C++ core's ERROR lines in workers (Ray Train's "PreemptionWatcher ... max_restarts"): -v
-        env_vars.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS") or None
     # Ray Train's PlacementGroupCleaner (which frees the CPUs of a run whose controller died, e.g. a trial that ASHA
     # stopped) finds its cluster by RAY_ADDRESS, else by looking for GCS processes on the host, and fails where it
