@@ -135,6 +135,8 @@ def launch(
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray Train's controller and workers print their set-up steps and reports at INFO: -v only.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
     # TorchTrainer.fit() registers a SIGINT handler that holds the controller actor's handle, and the controller

@@ -5,23 +5,24 @@ manifest's digest) give the same key. `jobs/distill.py` looks the key up before 
 of a run that trained one. `--retrain-teacher` skips the lookup.
 
 Kept under `{train.storage_path}/teachers/KEY.pt` (a save_hash_model checkpoint) beside KEY.json (what the key was
-made of). Files go through `_exists` / `_write_bytes`, plain local-path functions meant to be swapped for the
-storage layer's URI functions; until then a remote storage_path (s3://...) turns reuse off.
+made of), through the storage layer (brcd_dist/storage.py): a local path or s3:// / gs://, written atomically.
+What depends only on the teacher and the data (its codes of each split, the k-means result) is kept under
+`{train.storage_path}/teachers/cache/` when `brcd.clustering_cache` is unset (`with_cache`): those files are named
+by the teacher's weights and the shards' digest (train/teacher_cache.py), so a run that reuses the teacher also
+skips its encoding and the clustering.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, replace
-from pathlib import Path
 
-from brcd_dist import __version__
+from brcd_dist import __version__, storage
 from brcd_dist.config import Config
 
 TEACHERS_DIR = "teachers"
+CACHE_DIR = "cache"  # under TEACHERS_DIR: the default brcd.clustering_cache of a run that keeps its teacher
 # Every TrainConfig field that changes what stage A computes (not the student's schedule, checkpoints or failures).
 TRAIN_FIELDS = (
     "workers",
@@ -38,19 +39,11 @@ TRAIN_FIELDS = (
 )
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def teacher_inputs(cfg: Config, manifest_digest: str) -> dict:
     """What a trained teacher depends on, as plain values."""
     teacher = asdict(cfg.teacher)
     if teacher["weights_path"]:
-        teacher["weights_path"] = _file_digest(teacher["weights_path"])  # the content, not where it lies
+        teacher["weights_path"] = storage.file_sha256(teacher["weights_path"])  # the content, not where it lies
     return {
         "teacher": teacher,
         "bits": cfg.brcd.bits,
@@ -69,27 +62,21 @@ def teacher_key(cfg: Config, manifest_digest: str) -> str:
 
 
 def reusable(cfg: Config) -> bool:
-    """A run trains its teacher (no teacher.uri, at least one epoch) and keeps files where this module can."""
-    return not cfg.teacher.uri and cfg.train.teacher_epochs > 0 and "://" not in cfg.train.storage_path
+    """A run trains its teacher (no teacher.uri, at least one epoch): its teacher can be kept and looked up."""
+    return not cfg.teacher.uri and cfg.train.teacher_epochs > 0
 
 
 def teacher_path(cfg: Config, key: str) -> str:
-    return os.path.join(cfg.train.storage_path, TEACHERS_DIR, f"{key}.pt")
+    return storage.join(cfg.train.storage_path, TEACHERS_DIR, f"{key}.pt")
 
 
-# ----------------------------------------------------------------------------- storage (local paths for now)
-
-
-def _exists(location: str) -> bool:
-    return os.path.isfile(location)
-
-
-def _write_bytes(location: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(location), exist_ok=True)
-    tmp = f"{location}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, location)  # atomic: a concurrent reader sees the whole file or none
+def with_cache(cfg: Config) -> Config:
+    """A run whose teacher is kept also keeps its teacher's codes and k-means result (under teachers/cache/) unless
+    brcd.clustering_cache names another place; other configs are returned as they are."""
+    if not reusable(cfg) or cfg.brcd.clustering_cache:
+        return cfg
+    cache = storage.join(cfg.train.storage_path, TEACHERS_DIR, CACHE_DIR)
+    return replace(cfg, brcd=replace(cfg.brcd, clustering_cache=cache))
 
 
 # ----------------------------------------------------------------------------- lookup and keeping
@@ -97,7 +84,7 @@ def _write_bytes(location: str, data: bytes) -> None:
 
 def find_teacher(cfg: Config, key: str) -> str | None:
     path = teacher_path(cfg, key)
-    return path if _exists(path) else None
+    return path if storage.is_file(path) else None
 
 
 def with_teacher(cfg: Config, path: str) -> Config:
@@ -110,8 +97,7 @@ def keep_teacher(cfg: Config, key: str, teacher, manifest_digest: str) -> str:
     from brcd_dist.models import save_hash_model
 
     path = teacher_path(cfg, key)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hash_model(teacher, os.path.join(tmp, "teacher.pt"))
-        _write_bytes(path, Path(tmp, "teacher.pt").read_bytes())
-    _write_bytes(path[: -len(".pt")] + ".json", json.dumps(teacher_inputs(cfg, manifest_digest), indent=1).encode())
+    save_hash_model(teacher, path)  # atomic (storage.open_write): a concurrent lookup sees the whole file or none
+    inputs = json.dumps(teacher_inputs(cfg, manifest_digest), indent=1).encode()
+    storage.write_bytes(path[: -len(".pt")] + ".json", inputs)
     return path

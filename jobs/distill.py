@@ -11,7 +11,8 @@ Everything that can be wrong with the input is checked before a worker starts: t
 registry names, the shards (made here when missing).
 
 A teacher trained by an earlier run with the same teacher config, data and seed is reused instead of trained again
-(brcd_dist/teacher_reuse.py: kept under train.storage_path/teachers/ by a content key); --retrain-teacher trains it.
+(brcd_dist/teacher_reuse.py: kept under train.storage_path/teachers/ by a content key), and so are its codes and
+k-means result (teachers/cache/, unless brcd.clustering_cache is set); --retrain-teacher trains it.
 -v keeps Ray's and DeepSpeed's own log lines, which the default hides behind one progress bar a stage.
 """
 
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by connect_ray and, through its runtime env, by the workers
     setup_logging()
-    cfg = absolute_paths(config_from_args(args))
+    cfg = teacher_reuse.with_cache(absolute_paths(config_from_args(args)))  # before the resume check sees it
     name = run_name(cfg)
     uri, manifest = preflight(cfg, args.address, name)
     key = teacher_reuse.teacher_key(cfg, manifest.digest()) if teacher_reuse.reusable(cfg) else None

@@ -180,6 +180,23 @@ def test_each_rank_logs_the_node_it_ran_on(cluster, readme_job):
     assert set(logged.values()) == set(ray_state(cluster, WORKER_NODES))
 
 
+# What Ray Train and DeepSpeed print at their default levels (issue 15): -v only. Ray's C++ core still prints one
+# ERROR line about Ray Train's PreemptionWatcher actor (RAY_BACKEND_LOG_LEVEL would trade it for one line a worker).
+SET_UP_NOISE = (
+    "Requesting resources",
+    "Started training worker group",
+    "TrainingReport(",
+    "built successfully",
+    "No CUDA runtime is found",
+    "Setting accelerator to CPU",
+)
+
+
+def test_default_verbosity_keeps_ray_train_and_deepspeed_set_up_lines_out_of_the_job_log(job):
+    assert "rank 0 of 2: node" in job.log  # the workers' output does reach this log
+    assert [noise for noise in SET_UP_NOISE if noise in job.log] == []
+
+
 README_JOB = [
     "ray",
     "job",

@@ -59,3 +59,13 @@ def test_verbose_keeps_the_noisy_loggers_as_they_were(monkeypatch, value, expect
     monkeypatch.setenv("BRCD_VERBOSE", value)
     quiet_worker_logs()
     assert (logger.level == logging.ERROR) is expected
+
+
+@pytest.mark.parametrize("value,shown", [("1", True), ("0", False)])
+def test_deepspeeds_set_up_prints_show_only_when_verbose(monkeypatch, capsys, value, shown):
+    from brcd_dist.train.progress import quiet_stdout
+
+    monkeypatch.setenv("BRCD_VERBOSE", value)
+    with quiet_stdout():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    assert ("built successfully" in capsys.readouterr().out) is shown

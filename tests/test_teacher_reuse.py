@@ -77,9 +77,39 @@ def test_a_kept_teacher_is_found_by_its_key_and_loads_with_its_weights(tmp_path)
     assert teacher_reuse.with_teacher(c, path).teacher.uri == path
 
 
-@pytest.mark.parametrize(
-    "override",
-    ["teacher.uri=models:/brcd-teacher@champion", "train.teacher_epochs=0", "train.storage_path=s3://bucket/runs"],
-)
-def test_no_reuse_for_a_given_untrained_or_remotely_kept_teacher(tmp_path, override):
+@pytest.mark.parametrize("override", ["teacher.uri=models:/brcd-teacher@champion", "train.teacher_epochs=0"])
+def test_no_reuse_for_a_given_or_untrained_teacher(tmp_path, override):
     assert not teacher_reuse.reusable(load_config(DEFAULT_CONFIG, [f"train.storage_path={tmp_path}", override]))
+
+
+def test_a_run_that_keeps_its_teacher_keeps_its_codes_and_kmeans_beside_it(tmp_path):
+    c = teacher_reuse.with_cache(cfg(tmp_path))
+    assert c.brcd.clustering_cache == str(tmp_path / "teachers" / "cache")
+
+
+@pytest.mark.parametrize("override", ["brcd.clustering_cache=/elsewhere", "teacher.uri=models:/brcd-teacher@champion"])
+def test_a_named_cache_or_a_given_teacher_keeps_its_cache_setting(tmp_path, override):
+    c = cfg(tmp_path, override)
+    assert teacher_reuse.with_cache(c).brcd.clustering_cache == c.brcd.clustering_cache
+
+
+def test_a_teacher_kept_on_the_bucket_is_found_by_a_later_run_and_loads_with_its_weights(object_store):
+    import uuid
+
+    from brcd_dist import storage
+    from brcd_dist.models import HashModel, load_hash_model
+
+    base = object_store.url("teacher_reuse", uuid.uuid4().hex[:8])
+    c = load_config(DEFAULT_CONFIG, [f"train.storage_path={base}"])
+    assert teacher_reuse.reusable(c)
+    key = teacher_reuse.teacher_key(c, DIGEST)
+    assert teacher_reuse.find_teacher(c, key) is None
+    torch.manual_seed(0)
+    teacher = HashModel("resnet10t", 64, in_chans=1, img_size=32)
+    path = teacher_reuse.keep_teacher(c, key, teacher, DIGEST)
+    assert path == f"{base}/teachers/{key}.pt" and storage.listdir(f"{base}/teachers") == [f"{key}.json", f"{key}.pt"]
+    later = load_config(DEFAULT_CONFIG, [f"train.storage_path={base}", "brcd.alpha=0.5"])  # a student-side change
+    assert teacher_reuse.find_teacher(later, teacher_reuse.teacher_key(later, DIGEST)) == path
+    loaded = load_hash_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values()))
+    assert teacher_reuse.with_cache(later).brcd.clustering_cache == f"{base}/teachers/cache"

@@ -48,8 +48,12 @@ def test_second_run_reuses_the_teacher_and_retrain_teacher_trains_it(local_ray, 
     first = run("first")
     assert "teacher: kept as" in first and trained_teacher(storage, "first")
     (kept,) = (storage / "teachers").glob("*.pt")
+    cached = {p.name: p.stat().st_mtime_ns for p in (storage / "teachers" / "cache").iterdir()}
+    assert any(n.startswith("k4-") for n in cached) and any(n.startswith("codes-database-") for n in cached)
     second = run("second", "brcd.alpha=0.5")
     assert f"teacher: reusing {kept}" in second and not trained_teacher(storage, "second")
+    # the teacher's codes and k-means were read back, not made and written again
+    assert {p.name: p.stat().st_mtime_ns for p in (storage / "teachers" / "cache").iterdir()} == cached
     reused = read_outputs(final_checkpoint(storage / "second")).teacher
     assert all(
         torch.equal(a, b) for a, b in zip(reused.state_dict().values(), load_hash_model(kept).state_dict().values())

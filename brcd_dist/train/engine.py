@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from brcd_dist.config import TrainConfig
+from brcd_dist.train.progress import quiet_stdout
 
 
 def deepspeed_config(train: TrainConfig, lr: float, use_gpu: bool) -> dict:
@@ -26,9 +27,10 @@ def deepspeed_config(train: TrainConfig, lr: float, use_gpu: bool) -> dict:
 def make_engine(model: nn.Module, train: TrainConfig, lr: float, use_gpu: bool):
     """Wrap a model in a DeepSpeed engine on the process group that Ray Train already set up."""
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=deepspeed_config(train, lr, use_gpu), dist_init_required=False
-    )
+    with quiet_stdout():  # its shm op's "built successfully" print on every rank: -v only
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=deepspeed_config(train, lr, use_gpu), dist_init_required=False
+        )
     return engine
 
 

@@ -10,6 +10,8 @@ the same calls draw plain tqdm bars. BRCD_PROGRESS=0 turns bars and stage lines 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import time
@@ -26,6 +28,7 @@ NOISY_LOGGERS = {
     "ray.data": logging.WARNING,
     "DeepSpeed": logging.ERROR,
     "torch.utils.cpp_extension": logging.ERROR,
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..." on a new store
 }
 
 
@@ -48,6 +51,17 @@ def quiet_worker_logs(root: bool = False) -> None:
     if root:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("brcd_dist").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Drop what the block prints to stdout unless BRCD_VERBOSE: DeepSpeed's engine set-up prints "DeepSpeed
+    deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every rank with print(), not its logger."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def _in_ray_worker() -> bool:
