@@ -122,3 +122,11 @@ def test_every_job_refuses_bad_input_before_importing_torch_ray_or_mlflow(job, t
     assert done.stdout.strip() == "[]"
     assert seconds < DOOR_SECONDS
     assert list(tmp_path.iterdir()) == []  # nothing written, no Ray temp dir
+
+
+def test_a_refusal_naming_a_url_with_a_password_prints_no_password(tmp_path):
+    done = run_job("distill.py", ["data.shards_url=[https://alice:s3cr3t-pw@shards.example/x]"], tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "data.shards_url=" in line and "expected a string" in line
+    assert "s3cr3t-pw" not in done.stderr + done.stdout
