@@ -19,7 +19,9 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 
 def _deepspeed_globals() -> list:
-    """The non-builtin classes that DeepSpeed's checkpoints of our engines hold (ZeRO 0-3, fp32/bf16)."""
+    """The non-torch classes in DeepSpeed's checkpoints of our engines: ZeRO 1-3 optimizer state holds LossScaler,
+    ZeroStageEnum and fragment_address (listed from the files that the tests write on CPU, fp32); DynamicLossScaler
+    is fp16's. A class not listed here fails the resume with an UnpicklingError naming it, it is never run."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
