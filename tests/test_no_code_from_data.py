@@ -194,3 +194,21 @@ def test_crafted_shard_name_in_a_manifest_is_refused_and_runs_nothing(name, tmp_
     with pytest.raises(ValueError, match="shard name"):
         shard_url(name.format(m=marker), str(tmp_path), f"pipe:cat {tmp_path}/{{shard}}")
     assert not marker.exists()
+
+
+def test_crafted_pickled_mlflow_model_does_not_execute(tmp_path):
+    """A model in a registry without our checkpoint goes to mlflow.pytorch.load_model, which unpickles model.pth by
+    default: tracking.load_model turns that off for the call."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    from brcd_dist.tracking import load_model
+
+    model_dir = tmp_path / "model"
+    mlflow.pytorch.save_model(torch.nn.Linear(2, 2), str(model_dir), serialization_format="pickle")
+    (pth,) = model_dir.rglob("model.pth")
+    marker = tmp_path / "PWNED"
+    torch.save(_Payload(marker), pth)
+    with pytest.raises(MlflowException, match="pickle"):
+        load_model(str(model_dir))
+    assert not marker.exists()
