@@ -99,6 +99,9 @@ class ModelConfig:
 
     def validate(self, s: str) -> None:
         _choice(f"{s}.head", self.head, HEADS)
+
+    def validate_names(self, s: str) -> None:
+        """The rule that needs timm's registry (importing timm imports torch: run after every other rule)."""
         if not self.uri:
             _check(_is_timm_model(self.name), f"{s}.name", self.name, "not a timm model name (see timm.list_models())")
 
@@ -135,7 +138,11 @@ class BRCDConfig:
         _check(self.tau > 0, f"{s}.tau", self.tau, "must be > 0")
         _check(self.lambda_self >= 0, f"{s}.lambda_self", self.lambda_self, "must be >= 0")
         _check(self.kd_weight >= 0, f"{s}.kd_weight", self.kd_weight, "must be >= 0")
-        # the KD-loss registry and the BRCD variants (local: importing the losses needs torch)
+        _check(self.recluster_every >= 0, f"{s}.recluster_every", self.recluster_every, "must be >= 0")
+
+    def validate_names(self, s: str = "brcd") -> None:
+        """The KD-loss registry and the BRCD variants (importing the losses imports torch: run after every other
+        rule)."""
         from brcd_dist.losses import kd_names
         from brcd_dist.losses.brcd import check_variant
 
@@ -151,7 +158,6 @@ class BRCDConfig:
             )
         except ValueError as e:
             raise ConfigError(f"{s}.{e}") from None
-        _check(self.recluster_every >= 0, f"{s}.recluster_every", self.recluster_every, "must be >= 0")
 
 
 @dataclass
@@ -261,10 +267,20 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def validate(self) -> None:
-        """Each section's own rules, in the order of the fields above."""
+    def validate(self, names: bool = True) -> None:
+        """Each section's own rules, in the order of the fields above; then (names) the model and KD-loss names."""
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
+        if names:
+            self.validate_names()
+
+    def validate_names(self) -> None:
+        """The rules that read timm's and the KD losses' registries. Importing those imports torch (seconds), so
+        they run last: every other bad value is refused before torch is imported."""
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate_names"):
+                section.validate_names(f.name)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -478,9 +494,7 @@ def _train_split_size(cfg: Config) -> tuple[int, str] | None:
                 labels = images.labels
             else:
                 classes, images = imagefolder.scan_class_folders(root)
-                from brcd_dist.data.shards import DEFAULT_HOLDOUT
-
-                kept, _ = splits.holdout_split(images.labels, DEFAULT_HOLDOUT, d.split_seed)
+                kept, _ = splits.holdout_split(images.labels, splits.DEFAULT_HOLDOUT, d.split_seed)
                 labels = images.labels[kept]
         except ValueError as err:
             raise ConfigError(f"data.source_path={d.source_path!r}: {err}") from None
@@ -504,11 +518,17 @@ def _train_split_size(cfg: Config) -> tuple[int, str] | None:
 
 def validate_config(cfg: Config, check_paths: bool = True, training: bool = True) -> Config:
     """Every section's rules, then (check_paths) those that look at the disk: files that must exist, directories
-    that must not be files, and the source's classes and images against train_per_class and brcd.clusters."""
-    cfg.validate()
+    that must not be files, and the source's classes and images against train_per_class and brcd.clusters. The
+    model and KD-loss names come last: their registries import torch (seconds), every other rule needs no torch."""
+    cfg.validate(names=False)
+    if check_paths:
+        _validate_on_disk(cfg, training)
+    cfg.validate_names()
+    return cfg
+
+
+def _validate_on_disk(cfg: Config, training: bool) -> None:
     d = cfg.data
-    if not check_paths:
-        return cfg
     for role in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, role)
         if m.weights_path:
@@ -555,4 +575,3 @@ def validate_config(cfg: Config, check_paths: bool = True, training: bool = True
             cfg.brcd.clusters,
             f"must be <= {n}, the images of the train split ({where})",
         )
-    return cfg

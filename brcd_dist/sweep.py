@@ -8,45 +8,51 @@ import copy
 from dataclasses import replace
 from typing import Iterable
 
-from brcd_dist import tracking
-from brcd_dist.config import ConfigError, from_dict, validate_config
-from brcd_dist.reporting import launch_and_publish
+from brcd_dist.config import ConfigError, from_dict
 
 SEARCHED = {"alpha": "brcd.alpha", "delta": "brcd.delta", "clusters": "brcd.clusters"}
 TRIAL_TAG = "brcd.trial"
 STOPPED_TAG = "brcd.stopped_by"
 
 
-def search_space(text: str, key: str, integer: bool):
-    """'0:1' -> uniform (randint for integers, inclusive); '5,10,20' -> choice; '0.5' -> a fixed value."""
-    from ray import tune
-
+def parse_range(text: str, key: str, integer: bool) -> tuple[list, bool]:
+    """'0:1' -> ([0, 1], True) (a range, inclusive for integers); '5,10,20' -> ([5, 10, 20], False) (a choice);
+    anything else a one-line ConfigError. Needs no Ray: jobs/tune.py checks its arguments before importing it."""
     cast = int if integer else float
     try:
         if ":" in text:
             lo, hi = (cast(v) for v in text.split(":", 1))
             if lo > hi:
                 raise ValueError
-            return tune.randint(lo, hi + 1) if integer else tune.uniform(lo, hi)
-        values = [cast(v) for v in text.split(",")]
+            return [lo, hi], True
+        return [cast(v) for v in text.split(",")], False
     except ValueError:
         raise ConfigError(
             f"--{key} {text!r}: expected LO:HI or a comma-separated list of {'integers' if integer else 'numbers'}"
         ) from None
+
+
+def search_space(text: str, key: str, integer: bool):
+    """'0:1' -> uniform (randint for integers, inclusive); '5,10,20' -> choice; '0.5' -> a fixed value."""
+    values, is_range = parse_range(text, key, integer)
+    from ray import tune
+
+    if is_range:
+        lo, hi = values
+        return tune.randint(lo, hi + 1) if integer else tune.uniform(lo, hi)
     return tune.choice(values) if len(values) > 1 else values[0]
 
 
 def check_bounds(cfg, args) -> None:
-    """Every end of every range must itself be a valid config value (one-line errors before any trial)."""
+    """Every end of every range must itself be a valid config value (one-line errors before any trial). The
+    model and KD-loss names are the config's own, checked already (their registries import torch)."""
     for key, dotted in SEARCHED.items():
-        text = getattr(args, key)
-        for v in text.replace(":", ",").split(","):
+        values, _ = parse_range(getattr(args, key), key, key == "clusters")
+        for v in values:
             section, field = dotted.split(".")
             probe = copy.deepcopy(cfg)
-            setattr(
-                probe, section, replace(getattr(probe, section), **{field: (int if key == "clusters" else float)(v)})
-            )
-            validate_config(probe, check_paths=False)
+            setattr(probe, section, replace(getattr(probe, section), **{field: v}))
+            probe.validate(names=False)
 
 
 def apply(cfg_dict: dict, config: dict):
@@ -61,6 +67,9 @@ def make_trainable(base: dict, parent_run_id: str | None, sweep: str):
     def trainable(config: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
+
+        from brcd_dist import tracking
+        from brcd_dist.reporting import launch_and_publish
 
         trial_id = tune.get_context().get_trial_id()
         cfg = apply(base, config)
@@ -129,6 +138,8 @@ def close_stopped_trials(parent_run_id: str, stopped: Iterable[str] = ()) -> Non
     trials ASHA stopped). Tune stops a trial by removing its placement group: the trial's Train controller dies
     with it, and the trial's own error handler may first mark the run FAILED with an ActorDiedError."""
     from mlflow import MlflowClient
+
+    from brcd_dist import tracking
 
     client = MlflowClient()
     stopped = set(stopped)

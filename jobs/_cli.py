@@ -1,4 +1,8 @@
-"""Shared command-line front for the jobs: --config, --address, key=value overrides, one-line errors."""
+"""Shared command-line front for the jobs: --config, --address, key=value overrides, one-line errors.
+
+Light on purpose (argparse, yaml, brcd_dist.config): a job checks its arguments and config with these, then imports
+torch, Ray and MLflow inside main(), so that bad input is refused in about a second (tests/test_cli_door.py asserts
+that a refusal imported none of them)."""
 
 from __future__ import annotations
 

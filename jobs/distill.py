@@ -22,11 +22,6 @@ import os
 
 from _cli import config_from_args, parser, preflight, setup_logging
 
-from brcd_dist import teacher_reuse, tracking
-from brcd_dist.driver import absolute_paths, run_name
-from brcd_dist.reporting import launch_and_publish, result_table
-from brcd_dist.train.progress import VERBOSE_ENV
-
 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
@@ -37,10 +32,16 @@ def main(argv=None) -> dict:
         help="train the teacher even when an earlier run kept one with the same content key",
     )
     args = p.parse_intermixed_args(argv)
+    cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
+    from brcd_dist import teacher_reuse, tracking
+    from brcd_dist.driver import absolute_paths, run_name
+    from brcd_dist.reporting import launch_and_publish, result_table
+    from brcd_dist.train.progress import VERBOSE_ENV
+
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by connect_ray and, through its runtime env, by the workers
     setup_logging()
-    cfg = teacher_reuse.with_cache(absolute_paths(config_from_args(args)))  # before the resume check sees it
+    cfg = teacher_reuse.with_cache(absolute_paths(cfg))  # before the resume check sees it
     name = run_name(cfg)
     uri, manifest = preflight(cfg, args.address, name)
     key = teacher_reuse.teacher_key(cfg, manifest.digest()) if teacher_reuse.reusable(cfg) else None

@@ -14,13 +14,6 @@ import json
 
 from _cli import config_from_args, fail, parser, setup_logging
 
-from brcd_dist import tracking
-from brcd_dist.batch_encoding import encode_images, image_source
-from brcd_dist.codes import unpack_codes
-from brcd_dist.data import ensure_shards
-from brcd_dist.driver import absolute_paths, connect_ray
-from brcd_dist.retrieval import evaluate_paradigms
-
 
 def teacher_of(student_uri: str) -> str | None:
     """runs:/RUN/teacher for a registered student (its version carries the run_id tag), else None."""
@@ -51,8 +44,16 @@ def main(argv=None) -> dict:
     if len(models) != 1:
         fail(f"expected one student model (models:/NAME@alias, runs:/RUN/student or a file), got {models}")
     args.student = models[0]
+    cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
+    from brcd_dist import tracking
+    from brcd_dist.batch_encoding import encode_images, image_source
+    from brcd_dist.codes import unpack_codes
+    from brcd_dist.data import ensure_shards
+    from brcd_dist.driver import absolute_paths, connect_ray
+    from brcd_dist.retrieval import evaluate_paradigms
+
     setup_logging()
-    cfg = absolute_paths(config_from_args(args))
+    cfg = absolute_paths(cfg)
     uri = tracking.set_tracking_uri(cfg.tracking.uri)
     try:
         student = tracking.load_model(args.student)

@@ -19,9 +19,6 @@ from pathlib import Path
 
 from _cli import fail, setup_logging
 
-from brcd_dist import tracking
-from brcd_dist.index import KINDS, Index
-
 INDEX_TAG = "brcd.index"
 
 
@@ -49,6 +46,8 @@ def log_index(out: Path, source: dict, name: str) -> str | None:
         return None
     from mlflow import MlflowClient
 
+    from brcd_dist import tracking
+
     tracking.log_artifact(run_id, out, f"index/{name}")
     artifact = f"runs:/{run_id}/index/{name}"
     if source.get("version"):
@@ -62,7 +61,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", required=True, help="shard directory (manifest.json) or ImageFolder root")
     p.add_argument("--out", required=True, help="directory for the index")
     p.add_argument("--split", default="database", help="shard split, or train/val of an ImageFolder (default database)")
-    p.add_argument("--kind", default="auto", choices=KINDS, help="auto: exact flat up to 1M codes, else IVF")
+    p.add_argument("--kind", default="auto", help="auto (exact flat up to 1M codes, else IVF), flat, ivf, hnsw")
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched a query (default nlist/16)")
     p.add_argument("--batch-size", type=int, default=256, help="images an encode batch (default 256)")
@@ -77,8 +76,14 @@ def main(argv=None) -> dict:
         value = getattr(args, flag)
         if value is not None and value < 1:
             fail(f"--{flag.replace('_', '-')}={value}: must be >= 1")
-    setup_logging()
+    # the heavy imports (FAISS, torch, Ray, MLflow) after the checks that need none of them
+    from brcd_dist import tracking
     from brcd_dist.batch_encoding import encode_images, image_source
+    from brcd_dist.index import KINDS, Index
+
+    if args.kind not in KINDS:
+        fail(f"--kind={args.kind!r}: allowed: {', '.join(KINDS)}")
+    setup_logging()
 
     try:
         images = image_source(args.images, args.split)

@@ -16,10 +16,6 @@ import time
 
 from _cli import config_from_args, fail, parser, setup_logging
 
-from brcd_dist.data import ShardsMismatchError, write_shards
-from brcd_dist.data.manifest import manifest_location
-from brcd_dist.data.shards import shard_params
-
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
@@ -46,6 +42,9 @@ def main() -> None:
     d = cfg.data
     if d.source == "shards":
         fail("data.source=shards means the shards exist already; set data.source to fashion_mnist or imagefolder")
+    from brcd_dist.data.manifest import ShardsMismatchError, manifest_location  # after the checks: the writer
+    from brcd_dist.data.shards import shard_params, write_shards  # stack (numpy, PIL, webdataset) is not light
+
     setup_logging()
     t0 = time.perf_counter()
     where = manifest_location(d.shards_dir, d.shards_url)

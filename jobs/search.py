@@ -12,8 +12,6 @@ from pathlib import Path
 
 from _cli import fail
 
-from brcd_dist.index import Index
-
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,6 +24,8 @@ def main(argv=None) -> list:
     missing = [q for q in args.query if not Path(q).is_file()]
     if missing:
         fail(f"--query: no such file: {', '.join(missing)}")
+    from brcd_dist.index import Index  # after the checks: FAISS and torch take seconds to import
+
     try:
         index = Index.load(args.index)
     except (FileNotFoundError, ValueError) as err:

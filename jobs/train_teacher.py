@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from _cli import config_from_args, parser, preflight, setup_logging
 
-from brcd_dist import tracking
-from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
-from brcd_dist.reporting import publish
-
 
 def main(argv=None):
     args = parser(__doc__.splitlines()[0]).parse_intermixed_args(argv)
+    cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
+    from brcd_dist import tracking
+    from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
+    from brcd_dist.reporting import publish
+
     setup_logging()
-    cfg = absolute_paths(config_from_args(args))
+    cfg = absolute_paths(cfg)
     name = run_name(cfg) + "-teacher"
     uri, manifest = preflight(cfg, args.address, name)
     run_id = (

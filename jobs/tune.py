@@ -14,9 +14,8 @@ from dataclasses import replace
 
 from _cli import config_from_args, fail, parser, preflight, setup_logging
 
-from brcd_dist import storage, tracking
+from brcd_dist import storage
 from brcd_dist.config import ConfigError, to_dict
-from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
 from brcd_dist.sweep import (
     SEARCHED,
     check_bounds,
@@ -39,15 +38,20 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--paradigm", default="ashp", choices=["ashp", "sshp"], help="validation mAP that ASHA ranks by")
     p.add_argument("--champion-alias", default="champion")
     args = p.parse_intermixed_args(argv)
-    setup_logging()
-    cfg = absolute_paths(config_from_args(args))
+    cfg = config_from_args(args)
     try:
-        space = {dotted: search_space(getattr(args, key), key, key == "clusters") for key, dotted in SEARCHED.items()}
         check_bounds(cfg, args)
     except ConfigError as err:
         fail(str(err))
     if args.samples < 1 or args.max_concurrent < 1:
         fail(f"--samples {args.samples} / --max-concurrent {args.max_concurrent}: must be >= 1")
+    # the input is checked: now the heavy imports (torch, Ray, MLflow); bad input was refused in a second
+    from brcd_dist import tracking
+    from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
+
+    setup_logging()
+    cfg = absolute_paths(cfg)
+    space = {dotted: search_space(getattr(args, key), key, key == "clusters") for key, dotted in SEARCHED.items()}
     uri, manifest = preflight(cfg, args.address)
 
     # Validation mAP is only in the epoch reports that evaluate; ASHA skips the others (it returns CONTINUE on a

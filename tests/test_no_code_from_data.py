@@ -105,3 +105,110 @@ def test_saved_model_spec_passes_the_check(tmp_path):
     model = HashModel("resnet10t", 16, 1, 32)
     save_hash_model(model, tmp_path / "m.pt")
     assert load_hash_model(tmp_path / "m.pt").spec == model.spec
+
+
+# DeepSpeed's engine checkpoint (engine/ in every checkpoint): DeepSpeed reads it, through the checkpoint engine that
+# make_engine installs (train/engine_checkpoint.py), with torch's weights-only unpickler. One gloo rank, no Ray.
+
+
+def _tiny_engine(zero_stage: int):
+    from brcd_dist.train.engine import make_engine
+
+    os.environ["LOCAL_RANK"] = "0"  # DeepSpeed reads it (a launcher or Ray Train sets it)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    train = SimpleNamespace(batch_size=4, grad_accum=1, weight_decay=0.01, zero_stage=zero_stage)
+    engine = make_engine(model, train, 1e-2, use_gpu=False)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+
+    def step():
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+
+    return engine, step
+
+
+def _resume_matches(rank, world_size, directory: str, zero_stage: int) -> bool:
+    """Save after one step, note the weights one step later, wander off, load, take that step again."""
+    from brcd_dist.train.state import ENGINE_TAG
+
+    engine, step = _tiny_engine(zero_stage)
+    step()
+    engine.save_checkpoint(directory, tag=ENGINE_TAG)
+    step()
+    expected = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    step()
+    step()
+    engine.load_checkpoint(directory, tag=ENGINE_TAG)
+    step()
+    return all(torch.equal(expected[k], v) for k, v in engine.module.state_dict().items())
+
+
+def _load_crafted_engine_checkpoint(rank, world_size, directory: str, marker: str) -> str:
+    from pathlib import Path
+
+    from brcd_dist.train.state import ENGINE_TAG
+
+    engine, step = _tiny_engine(0)
+    step()
+    engine.save_checkpoint(directory, tag=ENGINE_TAG)
+    path = Path(directory) / ENGINE_TAG / "mp_rank_00_model_states.pt"
+    state = torch.load(path, weights_only=False)  # the file this test just wrote
+    state["ds_version"] = _Payload(marker)
+    torch.save(state, path)
+    try:
+        engine.load_checkpoint(directory, tag=ENGINE_TAG)
+    except pickle.UnpicklingError:
+        return "refused"
+    return "loaded"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_engine_checkpoint_resumes_bit_exact_through_the_weights_only_loader(zero_stage, tmp_path):
+    from dist_utils import run_on_ranks
+
+    (outcome,) = run_on_ranks(_resume_matches, 1, args=(str(tmp_path / "engine"), zero_stage), timeout=600)
+    assert outcome.unwrap() is True
+
+
+@pytest.mark.slow
+def test_crafted_deepspeed_engine_checkpoint_does_not_execute(tmp_path):
+    from dist_utils import run_on_ranks
+
+    marker = tmp_path / "PWNED"
+    (outcome,) = run_on_ranks(
+        _load_crafted_engine_checkpoint, 1, args=(str(tmp_path / "engine"), str(marker)), timeout=600
+    )
+    assert outcome.unwrap() == "refused"
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["x.tar; touch {m}", "$(touch {m}).tar", "x.tar {m}", "../x.tar", "-o{m}"])
+def test_crafted_shard_name_in_a_manifest_is_refused_and_runs_nothing(name, tmp_path):
+    """A manifest's shard names go into every reader's URL, here a pipe: base: one that is not a plain file name
+    is refused before anything runs (no shell ever did; an argument or a path outside the base is refused too)."""
+    from brcd_dist.data.manifest import shard_url
+
+    marker = tmp_path / "PWNED"
+    with pytest.raises(ValueError, match="shard name"):
+        shard_url(name.format(m=marker), str(tmp_path), f"pipe:cat {tmp_path}/{{shard}}")
+    assert not marker.exists()
+
+
+def test_crafted_pickled_mlflow_model_does_not_execute(tmp_path):
+    """A model in a registry without our checkpoint goes to mlflow.pytorch.load_model, which unpickles model.pth by
+    default: tracking.load_model turns that off for the call."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    from brcd_dist.tracking import load_model
+
+    model_dir = tmp_path / "model"
+    mlflow.pytorch.save_model(torch.nn.Linear(2, 2), str(model_dir), serialization_format="pickle")
+    (pth,) = model_dir.rglob("model.pth")
+    marker = tmp_path / "PWNED"
+    torch.save(_Payload(marker), pth)
+    with pytest.raises(MlflowException, match="pickle"):
+        load_model(str(model_dir))
+    assert not marker.exists()

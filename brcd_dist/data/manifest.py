@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from brcd_dist import storage
+
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # what write_shards names them: SPLIT-NNNNNN.tar
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -136,6 +139,8 @@ def shard_url(name: str, shards_dir: str, shards_url: str = "") -> str:
     A location (local, s3://, gs://, http(s)://) gets the name joined on; a base holding '{shard}' (e.g.
     'pipe:gsutil cat gs://b/{shard}') gets the name put in its place.
     """
+    if not SHARD_NAME.fullmatch(name):  # a crafted manifest: no path, argument or shell syntax reaches a reader
+        raise ValueError(f"shard name {name!r}: allowed: letters, digits, '.', '_', '-', not first '.' or '-'")
     base = shards_url or shards_dir
     if "{shard}" in base:
         return base.replace("{shard}", name)

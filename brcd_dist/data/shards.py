@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("fashion_mnist", "imagefolder")
 FASHION_MNIST_SIZE = 28
-DEFAULT_HOLDOUT = 0.1  # ImageFolder without train/ and val/: share of each class held out as queries
+DEFAULT_HOLDOUT = splits.DEFAULT_HOLDOUT  # (in splits.py: config validation reads it without torch)
 POOL_MIN_IMAGES = 1000  # fewer images: encoding in this process beats starting a pool
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 _TRAIN, _DATABASE, _QUERIES, _HOLDOUT = 1, 2, 3, 4
+DEFAULT_HOLDOUT = 0.1  # ImageFolder without train/ and val/: share of each class held out as queries
 
 
 def _rng(seed: int, part: int) -> np.random.Generator:

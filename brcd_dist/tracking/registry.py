@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -185,4 +186,22 @@ def load_model(uri: str, *, exported: bool = False, tracking_uri: str | None = N
             return load_hash_model(str(checkpoint)).eval()
         from mlflow import pytorch as mlflow_pytorch
 
-        return mlflow_pytorch.load_model(local)  # an exported graph is inference-only already (no .eval() on it)
+        with _no_pickle():
+            return mlflow_pytorch.load_model(local)  # an exported graph is inference-only already (no .eval() on it)
+
+
+@contextlib.contextmanager
+def _no_pickle():
+    """MLflow unpickles a logged model (model.pth, and the weights inside a .pt2 archive) unless
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION is false (its default is true): set false for the call, so that a pickled model
+    is refused and a .pt2 archive is first checked to hold only what torch's weights-only unpickler accepts."""
+    key = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from brcd_dist.config import TrainConfig
+from brcd_dist.train.engine_checkpoint import load_weights_only
 from brcd_dist.train.progress import quiet_stdout
 
 
@@ -31,6 +32,7 @@ def make_engine(model: nn.Module, train: TrainConfig, lr: float, use_gpu: bool):
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=deepspeed_config(train, lr, use_gpu), dist_init_required=False
         )
+    load_weights_only(engine)  # its checkpoints are read with torch.load(weights_only=True): no code from storage
     return engine
 
 
