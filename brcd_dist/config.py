@@ -49,6 +49,22 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, key, value, f"allowed: {', '.join(map(str, allowed))}")
 
 
+def _check_endpoint(key: str, url: str) -> None:
+    """An S3 endpoint is http(s)://HOST[:PORT] and carries no credentials (those come from the standard chain)."""
+    if not url:
+        return
+    from brcd_dist.redact import redact
+
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    _check(
+        scheme in ("http", "https") and bool(host) and "@" not in host,
+        key,
+        redact(url),
+        "must be http(s)://HOST[:PORT], without credentials (they come from AWS_* variables, a profile or a role)",
+    )
+
+
 @dataclass
 class DataConfig:
     source: str = "fashion_mnist"  # where shards are made from: fashion_mnist | imagefolder | shards (already made)
@@ -194,6 +210,7 @@ class TrainConfig:
     early_stop_patience: int = 0  # evaluations without improvement (0: off)
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     storage_path: str = "runs"  # local directory or s3:// / gs:// URI where Ray keeps checkpoints
+    s3_endpoint: str = ""  # S3-compatible store (MinIO, Ceph, R2) for every s3:// path; "" = AWS_ENDPOINT_URL
     name: str = ""  # run name under storage_path; "" makes a unique one from the time
     resume_anyway: bool = False  # resume a run of this name even if it was started with another config
 
@@ -223,6 +240,7 @@ class TrainConfig:
             self.name,
             "must be a plain name (no '/', not '.' or '..')",
         )
+        _check_endpoint(f"{s}.s3_endpoint", self.s3_endpoint)
 
 
 @dataclass

@@ -114,6 +114,15 @@ def _check_writable(uri: str) -> None:
 # ----------------------------------------------------------------------------- pyarrow filesystems
 
 
+def use_s3_endpoint(url: str) -> None:
+    """Point every s3:// path of this process at an S3-compatible store (config key train.s3_endpoint), by the
+    standard variable: pyarrow (Ray Train's checkpoints too) and boto3 read it, and `driver.connect_ray` hands it
+    to the workers. "" keeps whatever the environment says."""
+    if url and os.environ.get("AWS_ENDPOINT_URL_S3") != url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = url
+        _object_fs.cache_clear()
+
+
 @cache
 def _object_fs(kind: str, pid: int):
     """One pyarrow filesystem per backend and process (DataLoader workers fork: they make their own)."""

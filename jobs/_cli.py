@@ -52,9 +52,13 @@ def config_from_args(args, training: bool = True):
         f"tracking.force_alias={getattr(args, 'force_alias', False)}",
     ]
     try:
-        return load_config(args.config, [*args.overrides, *flags], training=training)
+        cfg = load_config(args.config, [*args.overrides, *flags], training=training)
     except ConfigError as err:
         fail(str(err))
+    from brcd_dist.storage import use_s3_endpoint
+
+    use_s3_endpoint(cfg.train.s3_endpoint)  # before anything opens an s3:// path; workers get it from the driver
+    return cfg
 
 
 def setup_logging() -> None:

@@ -210,3 +210,17 @@ def test_every_field_has_a_one_line_doc():
         for f in dataclasses.fields(cls):
             line = next(x for x in src.splitlines() if x.strip().startswith(f"{f.name}:"))
             assert "#" in line, f"{cls.__name__}.{f.name} has no doc comment"
+
+
+@pytest.mark.parametrize(
+    "endpoint, shown",
+    [("minio:9000", "minio:9000"), ("ftp://minio:9000", "ftp://minio:9000"), ("http://key:hunter2@minio:9000", "***")],
+)
+def test_s3_endpoint_must_be_an_http_url_without_credentials(endpoint, shown):
+    with pytest.raises(ConfigError, match=r"train\.s3_endpoint=.*must be http\(s\)://HOST") as err:
+        load_config(None, [f"train.s3_endpoint={endpoint}"])
+    assert shown in str(err.value) and "hunter2" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_s3_endpoint_accepts_an_http_url():
+    assert load_config(None, ["train.s3_endpoint=https://minio.internal:9000"]).train.s3_endpoint.endswith(":9000")

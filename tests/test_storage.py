@@ -122,3 +122,23 @@ def test_http_read_through_a_cutting_link_resumes_with_range_requests():
         server.shutdown()
     assert got == _RangeHandler.data
     assert reopens >= len(got) // 50_000 - 1  # each cut resumed where it stopped, not from the start
+
+
+def test_s3_endpoint_from_the_config_key_reaches_the_store_without_the_variable(object_store, monkeypatch):
+    """train.s3_endpoint, applied by every job after its config loads (jobs/_cli.config_from_args), is enough to
+    reach an S3-compatible store: AWS_ENDPOINT_URL unset, only the standard credential variables left."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
+    from _cli import config_from_args, parser
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)  # restored (unset) after the test
+    storage._object_fs.cache_clear()
+    try:
+        args = parser("t").parse_args([f"train.s3_endpoint={object_store.endpoint}", "train.epochs=1"])
+        cfg = config_from_args(args)
+        assert cfg.train.s3_endpoint == os.environ["AWS_ENDPOINT_URL_S3"] == object_store.endpoint
+        uri = _key(object_store, "endpoint.bin")
+        storage.write_bytes(uri, b"via the config key")
+        assert storage.read_bytes(uri) == b"via the config key"
+    finally:
+        storage._object_fs.cache_clear()  # the next test's client reads the environment again
