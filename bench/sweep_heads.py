@@ -5,7 +5,7 @@ decided the way the issue asks:
 1. sweep (at --sweep-bits): one teacher; per method, a random search of --samples trials over that method's own
    knobs (SPACES: kd_weight for every KD method; τ, δ ∈ [0.1, 0.6], α ∈ [0, 1], K ∈ {10, 20, 40} for BRCD and the
    variants whose loss reads them), drawn up front (sample_trials) and run by one Ray Tune Tuner as a grid over
-   the drawn configs, each trial a function trainable (1 CPU, one at a time, its actor reused) that builds
+   the drawn configs, each trial a function trainable (1 CPU, --concurrent at once, actors reused) that builds
    the teacher's k-means pseudo-labels and masks for its K and δ and trains a student head, scored by its best
    validation SSHP mAP@1000. Every method gets the same number of trials and the same student schedule.
 2. final: per code length in --bits, a teacher (seed 0); per method, its best sweep config (DESIGN's defaults for
@@ -159,76 +159,104 @@ def student_row(cache, teacher, method: str, params: dict, hargs) -> dict:
     return row
 
 
-def trial(config: dict, cache: dict, teacher_state: dict, args_dict: dict) -> None:
+def trial(config: dict, cache: dict, teacher_states: dict, args_dict: dict) -> None:
+    """A Tune function trainable: one student head for config["trial"] = {method, params, bits, seed}."""
     from ray import tune
 
     torch.set_num_threads(1)
     args = argparse.Namespace(**args_dict)
     frozen_heads.TOPK = min(frozen_heads.TOPK, args.database)
-    method, params = config["trial"]["method"], config["trial"]["params"]
-    hargs = head_args(args, args.sweep_bits, seed=0, params=params)
-    teacher = frozen_heads.teacher_head(cache["teacher"]["views"].shape[-1], args.sweep_bits, args.teacher_hidden)
-    teacher.load_state_dict(teacher_state)
-    row = student_row(cache, teacher.eval(), method, params, hargs)
+    t = config["trial"]
+    hargs = head_args(args, t["bits"], seed=t["seed"], params=t["params"])
+    teacher = frozen_heads.teacher_head(cache["teacher"]["views"].shape[-1], t["bits"], args.teacher_hidden)
+    teacher.load_state_dict(teacher_states[str(t["bits"])])
+    row = student_row(cache, teacher.eval(), t["method"], t["params"], hargs)
     tune.report({"val_sshp_best": row["val_sshp_best"], "row": json.dumps(row)})
 
 
-def sweep(cache: dict, args) -> list[dict]:
-    """Every method's trials in one Tuner (one trial at a time, 1 CPU, the trial actor reused): a Tuner per method
-    cost about 2 minutes of start-up each on this machine."""
+def run_trials(cache: dict, args, trials: list[dict], phase: str) -> list[dict]:
+    """The trials in one Tuner (--concurrent at once, 1 CPU each, trial actors reused; a Tuner per method cost
+    about 2 minutes of start-up each on this machine), one teacher per code length trained here first. Each
+    finished trial is appended to --out as it is read back."""
     import ray
     from ray import tune
 
-    hargs = head_args(args, args.sweep_bits)
-    started = time.time()
-    teacher = frozen_heads.train_teacher(cache, hargs)
-    print(f"sweep teacher ({args.sweep_bits} bits) in {time.time() - started:.0f} s", flush=True)
+    teachers = {}
+    for bits in sorted({t["bits"] for t in trials}):
+        started = time.time()
+        teachers[str(bits)] = frozen_heads.train_teacher(cache, head_args(args, bits)).state_dict()
+        print(f"teacher ({bits} bits) in {time.time() - started:.0f} s", flush=True)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    trials = sample_trials(args.methods, args.samples, args.search_seed)
     rows = []
     tmp = tempfile.mkdtemp(prefix="brcd-sweep-ray-")
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    ray.init(num_cpus=args.concurrent, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     try:
-        trainable = tune.with_parameters(trial, cache=cache, teacher_state=teacher.state_dict(), args_dict=vars(args))
+        trainable = tune.with_parameters(trial, cache=cache, teacher_states=teachers, args_dict=vars(args))
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"CPU": 1}),
             param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
-            run_config=tune.RunConfig(name="sweep-heads", storage_path=str(Path(tmp) / "tune"), verbose=1),
+            tune_config=tune.TuneConfig(max_concurrent_trials=args.concurrent, reuse_actors=True),
+            run_config=tune.RunConfig(name=f"{phase}-heads", storage_path=str(Path(tmp) / "tune"), verbose=1),
         )
         for result in tuner.fit():
             if result.error or "row" not in (result.metrics or {}):
                 print(f"{result.config['trial']}: failed: {result.error}", flush=True)
                 continue
-            row = json.loads(result.metrics["row"])
-            rows.append({**result.config["trial"], **row, "phase": "sweep", "sweep_bits": args.sweep_bits})
+            rows.append({**result.config["trial"], **json.loads(result.metrics["row"]), "phase": phase})
             with open(args.out, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def sweep(cache: dict, args) -> list[dict]:
+    trials = [
+        {**t, "bits": args.sweep_bits, "seed": 0} for t in sample_trials(args.methods, args.samples, args.search_seed)
+    ]
+    rows = run_trials(cache, args, trials, "sweep")
     for method, params in best_params(rows).items():
         best = max(r["val_sshp_best"] for r in rows if r["method"] == method)
         print(f"{method}: best val SSHP {best} at {params}", flush=True)
     return rows
 
 
-def final(cache: dict, args, chosen: dict) -> list[dict]:
-    rows = []
-    for bits in args.bits:
-        started = time.time()
-        teacher = frozen_heads.train_teacher(cache, head_args(args, bits))
-        print(f"teacher ({bits} bits) in {time.time() - started:.0f} s", flush=True)
-        for method in args.methods:
-            params = chosen.get(method, {})
-            for seed in args.seeds:
-                row = student_row(cache, teacher, method, params, head_args(args, bits, seed, params))
-                rows.append({"method": method, "bits": bits, "seed": seed, "params": params, **row, "phase": "final"})
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "val_history"}), flush=True)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-    return rows
+def final_trials(methods: list[str], chosen: dict, bits: list[int], seeds: list[int]) -> list[dict]:
+    """Each method's chosen knobs ({} for a method with none: DESIGN's defaults) at every length and seed."""
+    missing = [m for m in methods if SPACES[m] and m not in chosen]
+    if missing:
+        raise ValueError(f"no sweep result for {missing}: run --phase sweep for them first")
+    return [
+        {"method": m, "params": chosen.get(m, {}), "bits": b, "seed": s} for b in bits for m in methods for s in seeds
+    ]
+
+
+def teacher_probe(cache: dict, args) -> dict:
+    """One teacher recipe (the --teacher-* knobs) at --sweep-bits: its mAPs, cluster NMI and offset rate, beside
+    ITQ on the same frozen features (a linear reference: what the features give without a trained head)."""
+    from brcd_dist.itq import fit_itq, itq_encode
+    from brcd_dist.retrieval import mean_average_precision
+
+    hargs = head_args(args, args.sweep_bits)
+    started = time.time()
+    teacher = frozen_heads.train_teacher(cache, hargs)
+    seconds = round(time.time() - started, 1)
+    _, report = frozen_heads.teacher_outputs(cache, teacher, hargs)
+    feats = cache["teacher"]
+    itq = fit_itq(feats["train"].float().numpy(), args.sweep_bits, seed=0)
+    db = torch.as_tensor(itq_encode(itq, feats["database"].float().numpy()))
+    q = torch.as_tensor(itq_encode(itq, feats["test_query"].float().numpy()))
+    itq_map = mean_average_precision(
+        q, db, cache["labels"]["test_query"], cache["labels"]["database"], frozen_heads.TOPK
+    )
+    knobs = ("teacher_epochs", "teacher_tau", "teacher_batch", "teacher_views", "teacher_hidden", "teacher_px")
+    row = {"phase": "teacher", "bits": args.sweep_bits, **{k: getattr(args, k) for k in knobs}}
+    row.update({k: v for k, v in report.items() if k != "mask_bits_kept"}, train_seconds=seconds)
+    row["mask_bits_kept_mean"] = round(statistics.fmean(report["mask_bits_kept"]), 1)
+    row["itq_test_map"] = round(itq_map, 4)
+    return row
 
 
 def read_rows(path: str, phase: str) -> list[dict]:
@@ -239,7 +267,7 @@ def read_rows(path: str, phase: str) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--phase", default="all", choices=["all", "sweep", "final", "table"])
+    ap.add_argument("--phase", default="all", choices=["all", "teacher", "sweep", "final", "table"])
     ap.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--cache", required=True, help="a bench/frozen_heads.py feature cache (built there)")
     ap.add_argument("--views", type=int, default=8)
@@ -258,6 +286,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--samples", type=int, default=12, help="Tune trials per method (the equal budget)")
     ap.add_argument("--search-seed", type=int, default=0)
+    ap.add_argument("--concurrent", type=int, default=1, help="Tune trials at once, 1 CPU each")
     ap.add_argument("--sweep-bits", type=int, default=64)
     ap.add_argument("--bits", default="16,32,64")
     ap.add_argument("--seeds", default="0,1,2")
@@ -277,13 +306,19 @@ def main() -> None:
         if cache["made_with"] != frozen_heads.cache_key(args):
             sys.exit(f"--cache {args.cache} was made with {cache['made_with']}, not {frozen_heads.cache_key(args)}")
     started = time.time()
+    if args.phase == "teacher":
+        row = teacher_probe(cache, args)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
     if args.phase in ("all", "sweep"):
         sweep(cache, args)
         print(f"sweep: {time.time() - started:.0f} s", flush=True)
     if args.phase in ("all", "final"):
         chosen = best_params(read_rows(args.out, "sweep"))
         print(f"chosen on validation: {json.dumps(chosen)}", flush=True)
-        final(cache, args, chosen)
+        run_trials(cache, args, final_trials(args.methods, chosen, args.bits, args.seeds), "final")
         print(f"sweep + final: {time.time() - started:.0f} s", flush=True)
     rows = read_rows(args.out, "final")
     print(format_table(summarise(rows), args.methods, args.bits))

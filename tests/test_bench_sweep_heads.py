@@ -87,3 +87,15 @@ def test_a_methods_trials_do_not_depend_on_the_other_methods():
     mixed = sweep_heads.sample_trials(["brcd", "kl_bits"], samples=4, seed=3)
     assert alone == [t for t in mixed if t["method"] == "kl_bits"]
     assert alone != sweep_heads.sample_trials(["kl_bits"], samples=4, seed=4)
+
+
+def test_final_trials_run_every_method_at_every_length_and_seed_with_its_chosen_knobs():
+    trials = sweep_heads.final_trials(["student_alone", "kl_bits"], {"kl_bits": {"kd_weight": 2.0}}, [16, 64], [0, 1])
+    assert len(trials) == 8
+    assert {"method": "kl_bits", "params": {"kd_weight": 2.0}, "bits": 64, "seed": 1} in trials
+    assert {"method": "student_alone", "params": {}, "bits": 16, "seed": 0} in trials
+
+
+def test_final_trials_refuse_a_method_that_was_not_swept():
+    with pytest.raises(ValueError, match=r"no sweep result for \['brcd'\]"):
+        sweep_heads.final_trials(["brcd"], {}, [64], [0])
