@@ -114,6 +114,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def format_table(summary: dict, methods: list[str], bits: list[int]) -> str:
+    """A markdown table: mean ± sample std over seeds per cell, the bare value where one seed ran, – where none."""
     head = "| method | " + " | ".join(f"{b} bits SSHP | {b} bits ASHP" for b in bits) + " |"
     lines = [head, "|---|" + "---|" * (2 * len(bits))]
     for m in methods:
@@ -121,8 +122,8 @@ def format_table(summary: dict, methods: list[str], bits: list[int]) -> str:
         for b in bits:
             for metric in ("test_sshp", "test_ashp"):
                 if (m, b) in summary:
-                    mean, std, _ = summary[(m, b)][metric]
-                    cells.append(f"{mean:.3f} ± {std:.3f}")
+                    mean, std, n = summary[(m, b)][metric]
+                    cells.append(f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
                 else:
                     cells.append("–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

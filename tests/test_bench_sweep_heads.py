@@ -99,3 +99,8 @@ def test_final_trials_run_every_method_at_every_length_and_seed_with_its_chosen_
 def test_final_trials_refuse_a_method_that_was_not_swept():
     with pytest.raises(ValueError, match=r"no sweep result for \['brcd'\]"):
         sweep_heads.final_trials(["brcd"], {}, [64], [0])
+
+
+def test_format_table_shows_a_single_seed_without_a_spread():
+    summary = {("m", 64): {"test_sshp": (0.25, 0.0, 1), "test_ashp": (0.5, 0.0, 1)}}
+    assert sweep_heads.format_table(summary, ["m"], [64]).splitlines()[2] == "| m | 0.250 | 0.500 |"
