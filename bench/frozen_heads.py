@@ -93,7 +93,7 @@ def build_cache(args) -> dict:
 
     def features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            up = F.interpolate(x, size=args.teacher_px, mode="bilinear", align_corners=False)
             return backbone(x).half(), backbone(up).half()
 
     def encode(images: np.ndarray, make_batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,10 @@ def build_cache(args) -> dict:
 
 
 def cache_key(args) -> dict:
-    return {k: getattr(args, k) for k in ("source", "train", "views", "database", "queries")}
+    key = {k: getattr(args, k) for k in ("source", "train", "views", "database", "queries")}
+    if args.teacher_px != 64:  # caches made before --teacher-px existed are 64 px ones
+        key["teacher_px"] = args.teacher_px
+    return key
 
 
 # ----------------------------------------------------------------------------- 2-3. heads
@@ -147,20 +150,37 @@ def codes_of(head: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
         return torch.where(head(feats.float()) >= 0, 1.0, -1.0)
 
 
+def teacher_head(in_features: int, bits: int, hidden: int) -> torch.nn.Module:
+    """The teacher's MLP hash head: models.hash_head's "mlp" (hidden 1000), or the same shape `hidden` wide."""
+    if not hidden:
+        return hash_head(in_features, bits, "mlp")
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_features, hidden),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(hidden, bits),
+    )
+
+
 def train_teacher(cache: dict, args) -> torch.nn.Module:
+    """CIBHash on pairs of cached teacher views; `args.teacher_views` > 0 uses only the first that many views."""
     torch.manual_seed(1000 + args.seed)
-    head = hash_head(cache["teacher"]["views"].shape[-1], BITS, "mlp")
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     views = cache["teacher"]["views"]
+    if args.teacher_views:
+        views = views[:, : args.teacher_views]
+    head = teacher_head(views.shape[-1], args.bits, args.teacher_hidden)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     n, v = views.shape[:2]
+    batch = args.teacher_batch or args.batch
     for epoch in range(args.teacher_epochs):
         a, b = view_pairs(n, v, epoch, 1000 + args.seed)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-        for start in range(0, n - args.batch + 1, args.batch):
-            i = order[start : start + args.batch]
+        for start in range(0, n - batch + 1, batch):
+            i = order[start : start + batch]
             p1, s1 = probs_and_codes(head(views[i, a[i]].float()))
             p2, s2 = probs_and_codes(head(views[i, b[i]].float()))
-            loss = cibhash_loss(p1, s1, p2, s2, tau=0.3)
+            loss = cibhash_loss(p1, s1, p2, s2, tau=args.teacher_tau)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -178,7 +198,7 @@ def train_student(cache: dict, teacher_out: dict, cfg: BRCDConfig, args) -> dict
     torch.manual_seed(args.seed)
     s_views = cache["student"]["views"]
     n, v = s_views.shape[:2]
-    head = hash_head(s_views.shape[-1], BITS, args.head)
+    head = hash_head(s_views.shape[-1], args.bits, args.head)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     labels_db = cache["labels"]["database"]
     best, best_state, bad, history = -1.0, None, 0, []
@@ -294,7 +314,13 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=0, help="first N of the 5,000 training images (0: all; smoke tests)")
     ap.add_argument("--database", type=int, default=10000)
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--teacher-px", type=int, default=64, help="the teacher's input: the 32 px view upsampled to this")
     ap.add_argument("--teacher-epochs", type=int, default=30)
+    ap.add_argument("--teacher-tau", type=float, default=0.3, help="the teacher's CIBHash temperature")
+    ap.add_argument("--teacher-batch", type=int, default=0, help="the teacher's batch (0: --batch)")
+    ap.add_argument("--teacher-views", type=int, default=0, help="teacher: first N cached views (0: all)")
+    ap.add_argument("--teacher-hidden", type=int, default=0, help="teacher hidden width (0: hash_head mlp)")
+    ap.add_argument("--bits", type=int, default=BITS, help="code length of teacher and students")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--patience", type=int, default=4)
@@ -334,7 +360,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.methods.split(","):
-        cfg = BRCDConfig(**METHODS[name], delta=args.delta, clusters=args.clusters)
+        cfg = BRCDConfig(**METHODS[name], delta=args.delta, clusters=args.clusters, bits=args.bits)
         started = time.time()
         row = {
             "method": name,
@@ -350,6 +376,12 @@ def main() -> None:
                     "database",
                     "queries",
                     "teacher_epochs",
+                    "teacher_tau",
+                    "teacher_batch",
+                    "teacher_views",
+                    "teacher_hidden",
+                    "teacher_px",
+                    "bits",
                     "epochs",
                     "eval_every",
                     "patience",
