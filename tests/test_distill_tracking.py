@@ -163,6 +163,7 @@ def distill_run(tiny_shards, tmp_path_factory) -> DistillRun:
 
     from brcd_dist.config import load_config
     from brcd_dist.driver import absolute_paths, read_outputs
+    from brcd_dist.teacher_reuse import with_cache
 
     work = tmp_path_factory.mktemp("distill")
     overrides = distill_overrides(tiny_shards, work)
@@ -172,7 +173,7 @@ def distill_run(tiny_shards, tmp_path_factory) -> DistillRun:
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert job.returncode == 0, f"distill.py failed ({job.seconds:.0f} s):\n{job.stdout[-3000:]}\n{job.stderr[-5000:]}"
-    cfg = absolute_paths(load_config(DEFAULT_CONFIG, overrides))
+    cfg = with_cache(absolute_paths(load_config(DEFAULT_CONFIG, overrides)))  # as jobs/distill.py resolves it
     client = MlflowClient(tracking_uri=sqlite_uri(work))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([experiment.experiment_id])

@@ -192,9 +192,9 @@ SET_UP_NOISE = (
 )
 
 
-def test_default_verbosity_keeps_ray_train_and_deepspeed_set_up_lines_out_of_the_job_log(job):
-    assert "rank 0 of 2: node" in job.log  # the workers' output does reach this log
-    assert [noise for noise in SET_UP_NOISE if noise in job.log] == []
+def test_default_verbosity_keeps_ray_train_and_deepspeed_set_up_lines_out_of_the_job_log(readme_job):
+    assert "rank 0 of 2: node" in readme_job.log  # the workers' output does reach this log
+    assert [noise for noise in SET_UP_NOISE if noise in readme_job.log] == []
 
 
 README_JOB = [

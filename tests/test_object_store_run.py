@@ -87,3 +87,58 @@ def test_a_run_reading_through_a_cutting_link_finishes_with_the_fault_free_stude
     clean = read_outputs(result_checkpoint_dir(uninterrupted_run.result)).student.state_dict()
     cut = _final_student(run_dir).state_dict()
     assert clean.keys() == cut.keys() and all(torch.equal(clean[k], cut[k]) for k in clean)
+
+
+def test_a_training_shard_gone_for_good_fails_stage_b_naming_it_and_the_run_succeeds_with_it_back(
+    local_ray, object_store, s3_shards, tmp_path_factory
+):
+    """Stage B's teacher codes must cover every training key: with one training shard gone from the bucket the run
+    fails naming it, and neither the k-means cache nor any checkpoint holds a clustering; with the shard back the
+    same run (same name, same cache) finishes. On the session's Ray, the teacher as given (stage A off) and one
+    student epoch, so that the two runs cost seconds, not a tiny run each."""
+    import re
+    import uuid
+
+    from conftest import DEFAULT_CONFIG
+
+    from brcd_dist.config import load_config
+    from brcd_dist.data.manifest import load_manifest
+    from brcd_dist.driver import absolute_paths, launch
+
+    tag = uuid.uuid4().hex[:6]
+    copy = object_store.url(f"gone-run-{tag}")
+    for name in storage.listdir(s3_shards):
+        storage.write_bytes(storage.join(copy, name), storage.read_bytes(storage.join(s3_shards, name)))
+    victim = load_manifest(s3_shards).splits["train"].shards[0]
+    kept = storage.read_bytes(storage.join(copy, victim))
+    storage.remove(storage.join(copy, victim))
+    cache = object_store.url(f"gone-cache-{tag}")
+    overrides = [
+        o
+        for o in tiny_overrides(tmp_path_factory.mktemp("unused"), object_store.url("gone_runs"), f"gone-{tag}")
+        if not o.startswith(("data.shards_dir=", "train.teacher_epochs=", "train.epochs="))
+    ]
+    overrides += [
+        f"data.shards_dir={tmp_path_factory.getbasetemp() / 'no-such-dir'}",
+        f"data.shards_url={copy}",
+        f"brcd.clustering_cache={cache}",
+        "train.teacher_epochs=0",
+        "train.epochs=1",
+    ]
+    cfg = absolute_paths(load_config(DEFAULT_CONFIG, overrides))
+    run_dir = storage.join(cfg.train.storage_path, cfg.train.name)
+
+    def clusterings() -> list[str]:
+        found = list(storage.listdir(cache)) if storage.exists(cache) else []
+        for entry in storage.listdir(run_dir) if storage.exists(run_dir) else []:
+            if entry.startswith("checkpoint_") and storage.exists(storage.join(run_dir, entry, "clustering.pt")):
+                found.append(storage.join(entry, "clustering.pt"))
+        return found
+
+    with pytest.raises(Exception, match=re.escape(victim)):
+        launch(cfg)
+    assert clusterings() == []
+
+    storage.write_bytes(storage.join(copy, victim), kept)
+    launch(cfg)
+    assert clusterings() != []
