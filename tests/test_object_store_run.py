@@ -124,6 +124,7 @@ def test_a_training_shard_gone_for_good_fails_stage_b_naming_it_and_the_run_succ
         f"brcd.clustering_cache={cache}",
         "train.teacher_epochs=0",
         "train.epochs=1",
+        "train.max_steps_per_epoch=2",
     ]
     cfg = absolute_paths(load_config(DEFAULT_CONFIG, overrides))
     run_dir = storage.join(cfg.train.storage_path, cfg.train.name)
