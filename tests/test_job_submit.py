@@ -223,17 +223,8 @@ def _readme_command() -> list[str]:
     text = (REPO / "README.md").read_text()
     block = re.search(r"ray job submit --address http://HEAD:8265 --working-dir \. -- \\\n(.*?)\n```", text, re.DOTALL)
     assert block, "README: the object-store recipe's `ray job submit` is gone"
-    words = [
-        "ray",
-        "job",
-        "submit",
-        "--address",
-        "ADDRESS",
-        "--working-dir",
-        ".",
-        "--",
-        *block.group(1).replace("\\\n", " ").split(),
-    ]
+    prefix = README_JOB[: README_JOB.index("--") + 1]  # what the pattern above matched: ray job submit ... --
+    words = [*prefix, *block.group(1).replace("\\\n", " ").split()]
     assert words == README_JOB, words
     return words
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import DEFAULT_CONFIG, REPO, tiny_overrides
 from object_store import CuttingProxy
 
 from brcd_dist import storage
@@ -94,13 +96,8 @@ def test_a_training_shard_gone_for_good_fails_stage_b_naming_it_and_the_run_succ
 ):
     """Stage B's teacher codes must cover every training key: with one training shard gone from the bucket the run
     fails naming it, and neither the k-means cache nor any checkpoint holds a clustering; with the shard back the
-    same run (same name, same cache) finishes. On the session's Ray, the teacher as given (stage A off) and one
-    student epoch, so that the two runs cost seconds, not a tiny run each."""
-    import re
-    import uuid
-
-    from conftest import DEFAULT_CONFIG
-
+    same run (same name, same cache) finishes. On the session's Ray, the teacher as given (stage A off) and two
+    student steps, so that both runs together cost about a minute, less than one tiny run."""
     from brcd_dist.config import load_config
     from brcd_dist.data.manifest import load_manifest
     from brcd_dist.driver import absolute_paths, launch

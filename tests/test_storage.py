@@ -12,6 +12,7 @@ import threading
 import uuid
 
 import pytest
+from conftest import REPO
 from object_store import through_proxy
 
 from brcd_dist import storage
@@ -127,7 +128,7 @@ def test_http_read_through_a_cutting_link_resumes_with_range_requests():
 def test_s3_endpoint_from_the_config_key_reaches_the_store_without_the_variable(object_store, monkeypatch):
     """train.s3_endpoint, applied by every job after its config loads (jobs/_cli.config_from_args), is enough to
     reach an S3-compatible store: AWS_ENDPOINT_URL unset, only the standard credential variables left."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
+    sys.path.insert(0, str(REPO / "jobs"))
     from _cli import config_from_args, parser
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
