@@ -213,6 +213,7 @@ class TrainConfig:
     s3_endpoint: str = ""  # S3-compatible store (MinIO, Ceph, R2) for every s3:// path; "" = AWS_ENDPOINT_URL
     name: str = ""  # run name under storage_path; "" makes a unique one from the time
     resume_anyway: bool = False  # resume a run of this name even if it was started with another config
+    kept_teacher: str = ""  # set by jobs/distill.py: a kept teacher of the same content key, loaded, not trained
 
     def validate(self, s: str = "train") -> None:
         _check(self.workers >= 1, f"{s}.workers", self.workers, "must be >= 1")
@@ -452,6 +453,7 @@ DIGEST_IGNORES = (
     "train.storage_path",
     "train.max_failures",
     "train.resume_anyway",
+    "train.kept_teacher",  # the same teacher that stage A would train (teacher_reuse's content key)
     "data.loader_workers",
     "tracking.",
 )

@@ -1,8 +1,9 @@
 """A trained teacher is kept by a content key and reused by the next run that would train the same one (issue 15):
 same teacher config, code length, CIBHash τ, input geometry, training schedule, seed and data (the shard
 manifest's digest) give the same key. `jobs/distill.py` looks the key up before launching, points
-`teacher.uri` at the kept teacher when found (stage A then loads it instead of training), and keeps the teacher
-of a run that trained one. `--retrain-teacher` skips the lookup.
+`train.kept_teacher` at the kept teacher when found (stage A then loads it instead of training), and keeps the
+teacher of a run that trained one. `train.kept_teacher` is not part of the run's config digest: loading the kept
+teacher and training it are the same run, so a run name resumes either way. `--retrain-teacher` skips the lookup.
 
 Kept under `{train.storage_path}/teachers/KEY.pt` (a save_hash_model checkpoint) beside KEY.json (what the key was
 made of), through the storage layer (brcd_dist/storage.py): a local path or s3:// / gs://, written atomically.
@@ -89,7 +90,7 @@ def find_teacher(cfg: Config, key: str) -> str | None:
 
 def with_teacher(cfg: Config, path: str) -> Config:
     """The config with stage A loading the teacher at `path` instead of training it."""
-    return replace(cfg, teacher=replace(cfg.teacher, uri=path))
+    return replace(cfg, train=replace(cfg.train, kept_teacher=path))
 
 
 def keep_teacher(cfg: Config, key: str, teacher, manifest_digest: str) -> str:

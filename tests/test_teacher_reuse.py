@@ -74,7 +74,16 @@ def test_a_kept_teacher_is_found_by_its_key_and_loads_with_its_weights(tmp_path)
     assert teacher_reuse.find_teacher(c, key) == path
     loaded = load_hash_model(path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values()))
-    assert teacher_reuse.with_teacher(c, path).teacher.uri == path
+    assert teacher_reuse.with_teacher(c, path).train.kept_teacher == path
+
+
+def test_loading_the_kept_teacher_resumes_the_run_that_would_train_it(tmp_path):
+    """A run name started with a kept teacher resumes when the teacher is trained again, and the other way round:
+    both are the same run (the key pins the teacher), so the run guard sees one config."""
+    from brcd_dist.config import config_digest
+
+    c = cfg(tmp_path)
+    assert config_digest(teacher_reuse.with_teacher(c, str(tmp_path / "teachers" / "k.pt"))) == config_digest(c)
 
 
 @pytest.mark.parametrize("override", ["teacher.uri=models:/brcd-teacher@champion", "train.teacher_epochs=0"])

@@ -25,6 +25,8 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
         teacher = load_hash_model(state.teacher_uri)
     elif resume_dir is not None and (resume_dir / "teacher.pt").is_file():  # a checkpoint that carries it
         teacher = load_hash_model(resume_dir / "teacher.pt")
+    elif cfg.train.kept_teacher:  # teacher_reuse: an earlier run's teacher of the same content key
+        teacher = load_hash_model(cfg.train.kept_teacher)
     elif cfg.teacher.uri and (
         storage.scheme(cfg.teacher.uri) in storage.OBJECT_SCHEMES or Path(cfg.teacher.uri).is_file()
     ):
