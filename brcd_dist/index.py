@@ -2,15 +2,15 @@
 model that made them, in one directory (DESIGN §5: the student is used, not only scored).
 
     index = Index.build(packed_codes, keys, labels, model, kind="auto")
-    index.save("out/index")
+    index.save("out/index")                                      # or s3://bucket/indexes/x
     Index.load("out/index").search(["a.png", "b.png"], k=10)   # -> one list of Hit(key, distance, label) a query
 
 Index kinds: exact `IndexBinaryFlat`; `IndexBinaryIVF` (k-means cells over the codes, `nprobe` cells searched)
 and `IndexBinaryHNSW` (graph) for large databases. `kind="auto"` is exact up to AUTO_EXACT_MAX codes, IVF above.
 
 The evaluation's exact, stable-tie ranking (retrieval.py) stays for mAP; this module serves queries. No Ray and
-no MLflow here; the files are read and written through `_write_bytes` / `_read_bytes`, plain local-path functions
-meant to be swapped for the storage layer's URI functions. Nothing read back is unpickled: arrays are .npy with
+no MLflow here; the files are read and written through the storage layer (brcd_dist/storage.py), so an index
+lives in a local directory or under an s3:// / gs:// prefix. Nothing read back is unpickled: arrays are .npy with
 allow_pickle=False, the FAISS index is FAISS's own serialisation, the model a weights-only torch checkpoint.
 """
 
@@ -20,11 +20,9 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from brcd_dist import storage
 from brcd_dist.codes import pack_codes
 from brcd_dist.data.augment import eval_batch
 from brcd_dist.models import HashModel, load_hash_model, save_hash_model
@@ -50,26 +49,19 @@ FILES = {
 }
 
 
-# ----------------------------------------------------------------------------- storage (local paths for now)
-# The storage layer (brcd_dist/storage.py) will give URI versions of these two; nothing else here touches files.
+# ----------------------------------------------------------------------------- files, through the storage layer
 
 
 def _write_bytes(location: str, name: str, data: bytes) -> None:
-    """Write `data` to location/name atomically (tmp + rename)."""
-    os.makedirs(location, exist_ok=True)
-    path = os.path.join(location, name)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write `data` to location/name (a local path or s3:// / gs:// URI), whole or not at all."""
+    storage.write_bytes(storage.join(location, name), data)
 
 
 def _read_bytes(location: str, name: str) -> bytes:
-    path = os.path.join(location, name)
-    if not os.path.isfile(path):
+    path = storage.join(location, name)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path}: not found (an index directory holds {', '.join(FILES.values())})")
-    with open(path, "rb") as f:
-        return f.read()
+    return storage.read_bytes(path)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -255,15 +247,14 @@ class Index:
         return cls(codes, keys, labels, index, model.eval(), meta)
 
     def save(self, location: str | os.PathLike) -> None:
-        """Write every file of the index to a directory (meta.json last: its presence means complete)."""
+        """Write every file of the index to a directory or URI prefix (meta.json last: its presence means
+        complete)."""
         location = str(location)
         _write_bytes(location, FILES["codes"], _npy_bytes(self.codes))
         _write_bytes(location, FILES["keys"], _npy_bytes(self.keys))
         _write_bytes(location, FILES["labels"], _npy_bytes(self.labels))
         _write_bytes(location, FILES["index"], faiss.serialize_index_binary(self.faiss_index).tobytes())
-        with tempfile.TemporaryDirectory() as tmp:  # save_hash_model writes a file
-            save_hash_model(self.model, os.path.join(tmp, FILES["model"]))
-            _write_bytes(location, FILES["model"], Path(tmp, FILES["model"]).read_bytes())
+        save_hash_model(self.model, storage.join(location, FILES["model"]))
         _write_bytes(location, FILES["meta"], json.dumps(self.meta, indent=1).encode())
 
     @classmethod

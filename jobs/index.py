@@ -3,17 +3,20 @@
     python jobs/index.py models:/brcd-student@champion --images data/fashion_mnist --out indexes/fmnist
     python jobs/index.py models:/brcd-student/3 --images /data/imagenet --split train --kind ivf --out idx/in1k
     python jobs/index.py runs/x/student.pt --images photos/ --out idx/photos --no-log
+    python jobs/index.py models:/brcd-student@champion --images s3://bucket/shards --out s3://bucket/indexes/fmnist
 
---images is a shard directory (its manifest.json; --split picks the split, default database) or an ImageFolder
-root. --out gets codes.npy, keys.npy, labels.npy, index.faiss, model.pt and meta.json (which model version made
-it); a registered or logged model's run gets the index as artifacts under index/NAME, and a registered version a
-tag brcd.index naming them. Query it with jobs/search.py.
+--images is a shard directory (its manifest.json; --split picks the split, default database; local, s3:// or
+gs://) or a local ImageFolder root. --out, a directory or an s3:// / gs:// prefix, gets codes.npy, keys.npy,
+labels.npy, index.faiss, model.pt and meta.json (which model version made it); a registered or logged model's run
+gets the index as artifacts under index/NAME, and a registered version a tag brcd.index naming them.
+Query it with jobs/search.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +41,7 @@ def model_source(uri: str) -> dict:
     return out
 
 
-def log_index(out: Path, source: dict, name: str) -> str | None:
+def log_index(index, source: dict, name: str) -> str | None:
     """The index into its model's run (index/NAME) and, for a registered version, tag brcd.index; returns the
     artifact URI or None when the model has no run."""
     run_id = source.get("run_id")
@@ -48,7 +51,9 @@ def log_index(out: Path, source: dict, name: str) -> str | None:
 
     from brcd_dist import tracking
 
-    tracking.log_artifact(run_id, out, f"index/{name}")
+    with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files; --out may be on the object store
+        index.save(tmp)
+        tracking.log_artifact(run_id, Path(tmp), f"index/{name}")
     artifact = f"runs:/{run_id}/index/{name}"
     if source.get("version"):
         MlflowClient().set_model_version_tag(source["registered_model"], source["version"], INDEX_TAG, artifact)
@@ -59,7 +64,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="models:/NAME@alias, models:/NAME/VERSION, runs:/RUN/student or a checkpoint file")
     p.add_argument("--images", required=True, help="shard directory (manifest.json) or ImageFolder root")
-    p.add_argument("--out", required=True, help="directory for the index")
+    p.add_argument("--out", required=True, help="directory or s3:// / gs:// prefix for the index")
     p.add_argument("--split", default="database", help="shard split, or train/val of an ImageFolder (default database)")
     p.add_argument("--kind", default="auto", help="auto (exact flat up to 1M codes, else IVF), flat, ivf, hnsw")
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N))")
@@ -115,11 +120,11 @@ def main(argv=None) -> dict:
         nprobe=args.nprobe,
         source=source,
     )
-    out = Path(args.out)
-    index.save(out)
-    artifact = None if (args.no_log or is_file) else log_index(out, source, out.name)
+    index.save(args.out)
+    name = args.out.rstrip("/").rsplit("/", 1)[-1]
+    artifact = None if (args.no_log or is_file) else log_index(index, source, name)
     summary = {
-        "out": str(out),
+        "out": args.out,
         "kind": index.kind,
         "count": len(index),
         "bits": index.meta["bits"],

@@ -15,7 +15,7 @@ from _cli import fail
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("index", help="index directory written by jobs/index.py")
+    p.add_argument("index", help="index directory or s3:// / gs:// prefix written by jobs/index.py")
     p.add_argument("--query", nargs="+", required=True, help="query image files")
     p.add_argument("--k", type=int, default=10, help="hits a query (default 10)")
     args = p.parse_args(argv)

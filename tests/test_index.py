@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from brcd_dist.codes import pack_codes
-from brcd_dist.index import AUTO_EXACT_MAX, Index, build_faiss, choose_kind, encode_images, recall_at_k, search_faiss
+from brcd_dist.index import (
+    AUTO_EXACT_MAX,
+    FILES,
+    Index,
+    build_faiss,
+    choose_kind,
+    encode_images,
+    recall_at_k,
+    search_faiss,
+)
 from brcd_dist.models import HashModel
 
 BITS = 64
@@ -154,3 +163,31 @@ def test_search_job_refuses_a_missing_query_file_in_one_line(tmp_path, capsys):
         _job("search").main([str(tmp_path), "--query", str(tmp_path / "missing.png")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: --query: no such file: {tmp_path / 'missing.png'}"]
+
+
+def test_an_index_on_the_bucket_loads_back_and_jobs_search_answers_from_it(model, object_store, tmp_path, capsys):
+    """Index.save / Index.load and jobs/search.py on an s3:// prefix of the loopback store, as on a local dir."""
+    import uuid
+
+    from PIL import Image
+
+    from brcd_dist import storage
+
+    rng = np.random.default_rng(1)
+    pil = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L") for _ in range(20)]
+    for i, im in enumerate(pil):
+        im.save(tmp_path / f"{i}.png")
+    paths = [str(tmp_path / f"{i}.png") for i in range(20)]
+    codes = encode_images(model, paths)
+    index = Index.build(codes, [f"k{i:02d}" for i in range(20)], np.arange(20) % 2, model, kind="flat")
+    url = object_store.url("indexes", uuid.uuid4().hex[:8])
+    index.save(url)
+    assert sorted(storage.listdir(url)) == sorted(FILES.values())
+    loaded = Index.load(url)
+    assert np.array_equal(loaded.codes, codes) and loaded.search(paths[:3], 4) == index.search(paths[:3], 4)
+    capsys.readouterr()
+    _job("search").main([url, "--query", paths[7], "--k", "3"])
+    hits = [line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert hits[0][3] == "0" and ["k07", "0"] in [h[2:4] for h in hits]
+    with pytest.raises(FileNotFoundError, match="meta.json: not found"):
+        Index.load(url + "-missing")
