@@ -35,7 +35,8 @@ def main() -> None:
         "--ray",
         metavar="ADDRESS",
         default="",
-        help="ImageFolder: one Ray task per shard on this cluster ('auto': the running one), resumable",
+        help="ImageFolder: one Ray task per shard on this cluster ('auto': the running one); the folder must be at "
+        "the same path on every node",
     )
     args = p.parse_args()
     cfg = config_from_args(args, training=False)  # brcd.clusters does not concern the shards
@@ -48,19 +49,15 @@ def main() -> None:
     setup_logging()
     t0 = time.perf_counter()
     where = manifest_location(d.shards_dir, d.shards_url)
-    writer = write_shards
-    if args.ray:
-        from brcd_dist.data.parallel_shards import ray_writer
-
-        writer = ray_writer(args.ray)
     try:
-        manifest = writer(
+        manifest = write_shards(
             where,
             d.source,
             d.source_path,
             **shard_params(d),
             max_images=args.max_images,
             num_procs=args.procs,
+            ray_address=args.ray,
         )
     except (ShardsMismatchError, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))

@@ -119,7 +119,7 @@ def test_a_truncated_jpeg_is_refused_where_a_good_one_is_copied_byte_for_byte(tm
 
 
 def test_a_ray_shard_task_skips_counts_and_names_a_corrupt_image_too(tmp_path):
-    from brcd_dist.data.parallel_shards import write_one_shard
+    from brcd_dist.data.shards import write_one_shard
 
     root = _folder(tmp_path / "root", {"a": 2})
     (root / "a" / "empty.png").write_bytes(b"")
@@ -129,5 +129,5 @@ def test_a_ray_shard_task_skips_counts_and_names_a_corrupt_image_too(tmp_path):
         ("k2", str(root / "a" / "1.png"), 0),
     ]
     row = write_one_shard(str(tmp_path), "train-000000.tar", samples, 3, 0)
-    assert (row["count"], row["keys"]) == (2, ["k0", "k2"])
+    assert row["keys"] == ["k0", "k2"] and (tmp_path / "train-000000.tar").is_file()
     assert len(row["skipped"]) == 1 and "empty.png" in row["skipped"][0]

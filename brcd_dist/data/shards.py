@@ -10,6 +10,13 @@ byte-identical shards (and hashes) again.
 
 Shard sizes: `samples_per_shard` at most; with `readers` > 0 (the expected ranks x loader workers), a split
 has at least that many shards (near-equal sizes), so that every loader worker of every rank has its own.
+
+Writers: this process (encoding with a pool), or with `ray_address` one Ray task per shard across a cluster's
+CPUs (jobs/make_shards.py --ray). Both write the same bytes, record each finished shard's sha256 in
+shards.progress.json, and so resume the same way. Why not Ray Data (read_binary_files -> write_webdataset): its
+writer names and fills files by blocks, so the seeded split's sample -> shard -> position layout, the shard names
+and the per-shard counts that the epoch plan reads would have to be rebuilt after the fact, and it has no
+per-file resume (a failed job rewrites everything).
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ class _ImageSet:
     keys: list[str]
     labels: np.ndarray
     encode_many: Callable[[np.ndarray], Iterable[tuple[str, bytes]]]  # indices -> (extension, bytes), in order
-    paths: list[str] | None = None  # ImageFolder: image i's file (what parallel_shards ships to its tasks)
+    paths: list[str] | None = None  # ImageFolder: image i's file (what the Ray tasks of --ray read)
 
 
 @dataclass
@@ -214,62 +221,16 @@ def _shard_keys(uri: str) -> list[str]:
     return keys
 
 
-def _write_split(
-    out: str,
-    name: str,
-    images: _ImageSet,
-    order: np.ndarray,
-    samples_per_shard: int,
-    readers: int,
-    bar: tqdm,
-    done: dict[str, str],
-    on_shard: Callable[[str, str], None],
-) -> tuple[SplitInfo, dict[str, str]]:
-    """Write the split's shards to `out` (local or object store), each uploaded as soon as it is complete.
-    `done`: shards an earlier, unfinished run wrote and that are there with that sha256: kept, not re-encoded.
-    An image that cannot be encoded (corrupt, empty, above the pixel cap) is skipped, counted and named."""
+def _plan(name: str, order: np.ndarray, samples_per_shard: int, readers: int) -> list[tuple[str, np.ndarray]]:
+    """A split's shards: (file name, the side's indices it holds, in order)."""
     bounds = np.cumsum([0] + shard_sizes(len(order), samples_per_shard, readers))
-    parts = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    names = [f"{name}-{i:06d}.tar" for i in range(len(parts))]
-    todo = [i for i, fname in enumerate(names) if fname not in done]
-    encoded = iter(images.encode_many(np.concatenate([parts[i] for i in todo]) if todo else np.zeros(0, np.int64)))
-    hashes, counts, written, skipped = {}, [], [], []
-    local = storage.is_local(out)
-    with tempfile.TemporaryDirectory(prefix="brcd-shard-") as scratch:
-        for i, (part, fname) in enumerate(zip(parts, names)):
-            if fname in done:
-                hashes[fname] = done[fname]
-                index = {images.keys[int(j)]: int(j) for j in part}
-                kept = [index[k] for k in _shard_keys(storage.join(out, fname))]
-                written += kept
-                counts.append(len(kept))
-                bar.update(len(part))
-                continue
-            tmp = os.path.join(out if local else scratch, fname + ".tmp")
-            n = 0
-            with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
-                for j in part:
-                    item = next(encoded)
-                    bar.update(1)
-                    if isinstance(item, str):  # the reason an image is skipped (corrupt, empty, above the pixel cap)
-                        if len(skipped) < 20:
-                            log.warning("split %s: image skipped: %s", name, item)
-                        skipped.append(item)
-                        continue
-                    ext, data = item
-                    sink.write(
-                        {"__key__": images.keys[int(j)], ext: data, "cls": str(int(images.labels[int(j)])).encode()}
-                    )
-                    written.append(int(j))
-                    n += 1
-            counts.append(n)
-            hashes[fname] = file_sha256(tmp)
-            if local:
-                os.replace(tmp, os.path.join(out, fname))
-            else:
-                storage.upload(tmp, storage.join(out, fname))
-                os.remove(tmp)
-            on_shard(fname, hashes[fname])
+    return [(f"{name}-{i:06d}.tar", order[a:b]) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+
+def _split_info(
+    name: str, images: _ImageSet, plan: list[tuple[str, np.ndarray]], keys: dict[str, list[str]], skipped: list[str]
+) -> SplitInfo:
+    """The manifest's record of a written split: its shards and the keys and labels they hold, in order."""
     if skipped:
         log.warning(
             "split %s: %d image(s) skipped (unreadable, empty or above data.max_image_pixels), first: %s",
@@ -277,14 +238,123 @@ def _write_split(
             len(skipped),
             skipped[0],
         )
-    info = SplitInfo(
-        count=len(written),
-        shards=names,
-        shard_counts=counts,
-        keys=[images.keys[i] for i in written],
-        labels=[int(images.labels[i]) for i in written],
+    label_of = {images.keys[int(j)]: int(images.labels[int(j)]) for _, part in plan for j in part}
+    kept = [k for fname, _ in plan for k in keys[fname]]
+    return SplitInfo(
+        count=len(kept),
+        shards=[fname for fname, _ in plan],
+        shard_counts=[len(keys[fname]) for fname, _ in plan],
+        keys=kept,
+        labels=[label_of[k] for k in kept],
     )
-    return info, hashes
+
+
+def _write_tar(path: str, rows: Iterable[tuple[str, int, tuple[str, bytes] | str]]) -> tuple[list[str], list[str]]:
+    """One tar at `path` from rows (key, label, (extension, bytes) or the reason the image is skipped: corrupt,
+    empty, above the pixel cap); returns (keys written, reasons skipped)."""
+    keys, skipped = [], []
+    with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+        for key, label, item in rows:
+            if isinstance(item, str):
+                skipped.append(item)
+                continue
+            ext, data = item
+            sink.write({"__key__": key, ext: data, "cls": str(int(label)).encode()})
+            keys.append(key)
+    return keys, skipped
+
+
+@contextlib.contextmanager
+def _shard_file(out: str, fname: str) -> Iterator[str]:
+    """A temporary path to write shard `fname` at; when the block ends it becomes out/fname whole (renamed in a
+    local directory, uploaded to an object store) or, on error, nothing."""
+    local = storage.is_local(out)
+    if local:
+        os.makedirs(out, exist_ok=True)  # a Ray task may run on a node that has not seen the directory yet
+    with tempfile.TemporaryDirectory(prefix="brcd-shard-") as scratch:
+        tmp = os.path.join(out if local else scratch, f"{fname}.{os.getpid()}.tmp")
+        try:
+            yield tmp
+            if local:
+                os.replace(tmp, os.path.join(out, fname))
+            else:
+                storage.upload(tmp, storage.join(out, fname))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_one_shard(
+    out: str,
+    fname: str,
+    samples: list[tuple[str, str, int]],
+    in_chans: int,
+    shorter_side: int,
+    max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
+) -> dict:
+    """One ImageFolder shard from [(key, image path, label)], encoded here (a Ray task's body: --ray); returns its
+    name, sha256, the keys written and the reasons of the images skipped."""
+    with _shard_file(out, fname) as tmp:
+        rows = (
+            (key, label, imagefolder.encode_for_shard_or_reason(path, in_chans, shorter_side, max_pixels))
+            for key, path, label in samples
+        )
+        keys, skipped = _write_tar(tmp, rows)
+        sha = file_sha256(tmp)
+    return {"name": fname, "sha256": sha, "keys": keys, "skipped": skipped}
+
+
+def _write_serial(
+    out: str, todo: list[tuple[str, str, np.ndarray]], sides: dict[str, _ImageSet], bar: tqdm, record
+) -> None:
+    """The shards in `todo` [(split, file name, side indices)], in this process; each split's images are encoded
+    in one stream (the side's pool, if any, stays up across its shards)."""
+    for name in dict.fromkeys(split for split, _, _ in todo):
+        images = sides[name]
+        mine = [(fname, part) for split, fname, part in todo if split == name]
+        encoded = iter(images.encode_many(np.concatenate([part for _, part in mine])))
+        for fname, part in mine:
+
+            def rows(part=part):
+                for j in part:
+                    bar.update(1)
+                    yield images.keys[int(j)], int(images.labels[int(j)]), next(encoded)
+
+            with _shard_file(out, fname) as tmp:
+                keys, skipped = _write_tar(tmp, rows())
+                sha = file_sha256(tmp)
+            record(name, {"name": fname, "sha256": sha, "keys": keys, "skipped": skipped}, 0)
+
+
+def _write_with_ray(
+    out: str,
+    todo: list[tuple[str, str, np.ndarray]],
+    sides: dict[str, _ImageSet],
+    bar: tqdm,
+    record,
+    encoding: tuple[int, int, int],
+    address: str,
+    max_in_flight: int = 0,
+) -> None:
+    """The shards in `todo`, one Ray task (one CPU) each on the Ray cluster at `address` (joined unless this
+    process is in one already), at most max_in_flight at once (default: twice the cluster's CPUs); each is recorded
+    as it finishes. The tasks read the images by path."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    task = ray.remote(num_cpus=1)(write_one_shard)
+    limit = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    queue, pending = list(todo), {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            name, fname, part = queue.pop(0)
+            side = sides[name]
+            samples = [(side.keys[int(j)], side.paths[int(j)], int(side.labels[int(j)])) for j in part]
+            pending[task.remote(out, fname, samples, *encoding)] = (name, len(part))
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        name, n = pending.pop(ready[0])
+        record(name, ray.get(ready[0]), n)
 
 
 def _stored_params(
@@ -382,6 +452,7 @@ def write_shards(
     num_procs: int = 1,
     progress: bool = True,
     max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
+    ray_address: str = "",
 ) -> Manifest:
     """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir: a local directory or
     an object store location (s3://bucket/prefix, gs://...), each shard uploaded as soon as it is written.
@@ -392,11 +463,16 @@ def write_shards(
     shorter_side (0: keep the source's size and bytes), in_chans and max_image_pixels apply to ImageFolder sources
     (Fashion-MNIST is stored as 28x28 gray PNG); readers > 0: at least that many shards a split (module docstring);
     max_images > 0 keeps only the first max_images training and test images (tests, smoke runs).
+    ray_address (ImageFolder only; "auto": the running cluster): one Ray task per shard across the cluster's CPUs,
+    each reading its images by path (the folder must be at the same path on every node) and writing its shard to
+    shards_dir; otherwise this process writes them, encoding with num_procs processes.
     """
     if shorter_side < 0 or readers < 0:
         raise ValueError(f"shorter_side={shorter_side}, readers={readers}: must be >= 0 (0: keep / no minimum)")
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r}: shards can be made from {', '.join(SOURCES)}")
+    if ray_address and source != "imagefolder":
+        raise ValueError(f"data.source={source!r}: --ray writes ImageFolder shards (IDX sources are small)")
     out = str(shards_dir) if not storage.is_local(str(shards_dir)) else os.path.abspath(shards_dir)
     wanted = _stored_params(
         source,
@@ -451,7 +527,10 @@ def write_shards(
             seed=seed,
         )
         sides = {"train": src.train, "database": src.train, "val_query": src.test, "test_query": src.test}
-        infos, hashes = {}, {}
+        plans = {name: _plan(name, order, samples_per_shard, readers) for name, order in orders.items()}
+        keys: dict[str, list[str]] = {}  # shard -> keys written in it
+        skipped: dict[str, list[str]] = {name: [] for name in plans}  # split -> reasons of images skipped
+        todo = []
         with tqdm(
             total=sum(len(o) for o in orders.values()),
             desc=f"shards -> {out}",
@@ -459,12 +538,27 @@ def write_shards(
             disable=not progress,
             mininterval=1.0,
         ) as bar:
-            for name, order in orders.items():
-                bar.set_postfix_str(name)
-                infos[name], h = _write_split(
-                    out, name, sides[name], order, samples_per_shard, readers, bar, done, on_shard
-                )
-                hashes.update(h)
+            for name, plan in plans.items():
+                for fname, part in plan:
+                    if fname in done:  # an earlier run wrote it: re-list its keys (some images may be skipped)
+                        keys[fname] = _shard_keys(storage.join(out, fname))
+                        bar.update(len(part))
+                    else:
+                        todo.append((name, fname, part))
+
+            def record(name: str, row: dict, images: int) -> None:
+                keys[row["name"]] = row["keys"]
+                for reason in row["skipped"][: max(0, 20 - len(skipped[name]))]:  # the first 20 of a split
+                    log.warning("split %s: image skipped: %s", name, reason)
+                skipped[name] += row["skipped"]
+                on_shard(row["name"], row["sha256"])
+                bar.update(images)
+
+            if ray_address:
+                _write_with_ray(out, todo, sides, bar, record, (in_chans, shorter_side, max_image_pixels), ray_address)
+            else:
+                _write_serial(out, todo, sides, bar, record)
+        infos = {name: _split_info(name, sides[name], plans[name], keys, skipped[name]) for name in plans}
         manifest = Manifest(
             source=source,
             source_path=str(source_path),
@@ -477,7 +571,7 @@ def write_shards(
             image_size=src.image_size,
             in_chans=src.in_chans,
             splits=infos,
-            sha256=hashes,
+            sha256={fname: progress["sha256"][fname] for plan in plans.values() for fname, _ in plan},
             holdout_fraction=wanted["holdout_fraction"],
             max_images=max_images,
         )
