@@ -16,6 +16,7 @@ from brcd_dist.data import load_manifest
 from brcd_dist.data.manifest import manifest_location
 from brcd_dist.models import load_hash_model
 from brcd_dist.redact import apply_credential_env
+from brcd_dist.storage import use_s3_endpoint
 from brcd_dist.train.checkpoint import CheckpointWriter
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
@@ -31,6 +32,9 @@ log = logging.getLogger("brcd_dist.train")
 
 def make_context(config: dict) -> WorkerContext:
     cfg = from_dict(config["cfg"])
+    # train.s3_endpoint reaches a worker by its job's runtime env only when connect_ray started Ray; a run launched
+    # on a Ray that the caller started (a notebook's or a test's ray.init) needs it set here.
+    use_s3_endpoint(cfg.train.s3_endpoint)
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
