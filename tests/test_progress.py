@@ -61,6 +61,33 @@ def test_verbose_keeps_the_noisy_loggers_as_they_were(monkeypatch, value, expect
     assert (logger.level == logging.ERROR) is expected
 
 
+def test_rays_token_auth_notice_is_dropped_and_its_disabled_warning_kept(monkeypatch):
+    """Ray's own logger, with Ray's own messages (ray._private.authentication): what a local ray.init logs."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    from brcd_dist.train.progress import quiet_worker_logs
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(ray_auth.__name__)
+    monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.setattr(logger, "handlers", [Keep()])
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    monkeypatch.setenv("BRCD_VERBOSE", "0")
+    quiet_worker_logs()
+    ray_auth._warn_token_auth_enabled()
+    ray_auth._warn_token_auth_disabled()
+    assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled")
+
+
 @pytest.mark.parametrize("value,shown", [("1", True), ("0", False)])
 def test_deepspeeds_set_up_prints_show_only_when_verbose(monkeypatch, capsys, value, shown):
     from brcd_dist.train.progress import quiet_stdout

@@ -31,6 +31,21 @@ NOISY_LOGGERS = {
     "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..." on a new store
 }
 
+# Single messages dropped from a logger that otherwise keeps its level: Ray's notice, at every local ray.init, that
+# token authentication is on (the secure default). Its warning that authentication is *disabled* stays.
+QUIET_MESSAGES = {
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
 
 def enabled() -> bool:
     return os.environ.get(PROGRESS_ENV, "1") != "0"
@@ -48,6 +63,10 @@ def quiet_worker_logs(root: bool = False) -> None:
         return
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for name, prefixes in QUIET_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
     if root:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("brcd_dist").setLevel(logging.WARNING)
