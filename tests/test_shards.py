@@ -379,3 +379,11 @@ def test_make_shards_cli_prints_counts_and_refuses_another_seed(tmp_path, monkey
     assert run_make_shards(args + ["data.split_seed=5"], monkeypatch) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "seed=0" in last and "seed=5" in last
+
+
+@needs_fmnist
+def test_progress_false_draws_no_bar_and_progress_true_draws_one(tmp_path, capsys):
+    write_shards(tmp_path / "quiet", "fashion_mnist", FMNIST, seed=0, **SMALL)
+    assert "shards ->" not in capsys.readouterr().err
+    write_shards(tmp_path / "shown", "fashion_mnist", FMNIST, seed=0, **{**SMALL, "progress": True})
+    assert "shards ->" in capsys.readouterr().err

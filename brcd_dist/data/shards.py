@@ -500,11 +500,11 @@ def write_shards(
         else:
             done = _load_progress(out, {**wanted, "readers": readers})  # readers moves the shard boundaries
         storage.makedirs(out)
-        progress = {"params": {**wanted, "readers": readers}, "sha256": dict(done)}
+        journal = {"params": {**wanted, "readers": readers}, "sha256": dict(done)}  # what PROGRESS_NAME holds
 
         def on_shard(fname: str, sha: str) -> None:  # record each finished shard: a killed run resumes after it
-            progress["sha256"][fname] = sha
-            storage.write_bytes(storage.join(out, PROGRESS_NAME), json.dumps(progress).encode())
+            journal["sha256"][fname] = sha
+            storage.write_bytes(storage.join(out, PROGRESS_NAME), json.dumps(journal).encode())
 
         if source == "fashion_mnist":
             src = _fashion_mnist(source_path, max_images)
@@ -571,7 +571,7 @@ def write_shards(
             image_size=src.image_size,
             in_chans=src.in_chans,
             splits=infos,
-            sha256={fname: progress["sha256"][fname] for plan in plans.values() for fname, _ in plan},
+            sha256={fname: journal["sha256"][fname] for plan in plans.values() for fname, _ in plan},
             holdout_fraction=wanted["holdout_fraction"],
             max_images=max_images,
         )
