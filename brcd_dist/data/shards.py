@@ -284,6 +284,15 @@ def _shard_file(out: str, fname: str) -> Iterator[str]:
                 os.remove(tmp)
 
 
+def _write_shard(out: str, fname: str, rows: Iterable[tuple[str, int, tuple[str, bytes] | str]]) -> dict:
+    """Shard `fname` in `out` from rows as _write_tar takes them; returns its name, sha256, the keys written and the
+    reasons of the images skipped (what write_shards records)."""
+    with _shard_file(out, fname) as tmp:
+        keys, skipped = _write_tar(tmp, rows)
+        sha = file_sha256(tmp)
+    return {"name": fname, "sha256": sha, "keys": keys, "skipped": skipped}
+
+
 def write_one_shard(
     out: str,
     fname: str,
@@ -292,16 +301,12 @@ def write_one_shard(
     shorter_side: int,
     max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
-    """One ImageFolder shard from [(key, image path, label)], encoded here (a Ray task's body: --ray); returns its
-    name, sha256, the keys written and the reasons of the images skipped."""
-    with _shard_file(out, fname) as tmp:
-        rows = (
-            (key, label, imagefolder.encode_for_shard_or_reason(path, in_chans, shorter_side, max_pixels))
-            for key, path, label in samples
-        )
-        keys, skipped = _write_tar(tmp, rows)
-        sha = file_sha256(tmp)
-    return {"name": fname, "sha256": sha, "keys": keys, "skipped": skipped}
+    """One ImageFolder shard from [(key, image path, label)], encoded here (a Ray task's body: --ray)."""
+    rows = (
+        (key, label, imagefolder.encode_for_shard_or_reason(path, in_chans, shorter_side, max_pixels))
+        for key, path, label in samples
+    )
+    return _write_shard(out, fname, rows)
 
 
 def _write_serial(
@@ -320,10 +325,7 @@ def _write_serial(
                     bar.update(1)
                     yield images.keys[int(j)], int(images.labels[int(j)]), next(encoded)
 
-            with _shard_file(out, fname) as tmp:
-                keys, skipped = _write_tar(tmp, rows())
-                sha = file_sha256(tmp)
-            record(name, {"name": fname, "sha256": sha, "keys": keys, "skipped": skipped}, 0)
+            record(name, _write_shard(out, fname, rows()), 0)
 
 
 def _write_with_ray(
@@ -334,17 +336,16 @@ def _write_with_ray(
     record,
     encoding: tuple[int, int, int],
     address: str,
-    max_in_flight: int = 0,
 ) -> None:
     """The shards in `todo`, one Ray task (one CPU) each on the Ray cluster at `address` (joined unless this
-    process is in one already), at most max_in_flight at once (default: twice the cluster's CPUs); each is recorded
-    as it finishes. The tasks read the images by path."""
+    process is in one already), at most twice the cluster's CPUs in flight; each is recorded as it finishes. The
+    tasks read the images by path."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address)
     task = ray.remote(num_cpus=1)(write_one_shard)
-    limit = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     queue, pending = list(todo), {}
     while queue or pending:
         while queue and len(pending) < limit:
