@@ -47,7 +47,7 @@ from brcd_dist.data.idx import load_fashion_mnist
 from brcd_dist.data.splits import make_splits
 from brcd_dist.losses import KDInputs, kd_loss
 from brcd_dist.losses.cibhash import cibhash_loss
-from brcd_dist.models import create_backbone, hash_head
+from brcd_dist.models import MLP_HIDDEN, create_backbone, hash_head
 from brcd_dist.pretrained import TIMM_ARCH, efficientnet_lite0_state_dict
 from brcd_dist.retrieval import mean_average_precision
 
@@ -150,26 +150,13 @@ def codes_of(head: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
         return torch.where(head(feats.float()) >= 0, 1.0, -1.0)
 
 
-def teacher_head(in_features: int, bits: int, hidden: int) -> torch.nn.Module:
-    """The teacher's MLP hash head: models.hash_head's "mlp" (hidden 1000), or the same shape `hidden` wide."""
-    if not hidden:
-        return hash_head(in_features, bits, "mlp")
-    return torch.nn.Sequential(
-        torch.nn.Linear(in_features, hidden),
-        torch.nn.ReLU(inplace=True),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.ReLU(inplace=True),
-        torch.nn.Linear(hidden, bits),
-    )
-
-
 def train_teacher(cache: dict, args) -> torch.nn.Module:
     """CIBHash on pairs of cached teacher views; `args.teacher_views` > 0 uses only the first that many views."""
     torch.manual_seed(1000 + args.seed)
     views = cache["teacher"]["views"]
     if args.teacher_views:
         views = views[:, : args.teacher_views]
-    head = teacher_head(views.shape[-1], args.bits, args.teacher_hidden)
+    head = hash_head(views.shape[-1], args.bits, "mlp", hidden=args.teacher_hidden or MLP_HIDDEN)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     n, v = views.shape[:2]
     batch = args.teacher_batch or args.batch

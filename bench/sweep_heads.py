@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import frozen_heads  # noqa: E402
 
 from brcd_dist.config import BRCDConfig  # noqa: E402
+from brcd_dist.models import MLP_HIDDEN  # noqa: E402
 
 _BRCD_KNOBS = {
     "kd_weight": ("loguniform", 0.1, 10.0),
@@ -169,7 +170,9 @@ def trial(config: dict, cache: dict, teacher_states: dict, args_dict: dict) -> N
     frozen_heads.TOPK = min(frozen_heads.TOPK, args.database)
     t = config["trial"]
     hargs = head_args(args, t["bits"], seed=t["seed"], params=t["params"])
-    teacher = frozen_heads.teacher_head(cache["teacher"]["views"].shape[-1], t["bits"], args.teacher_hidden)
+    teacher = frozen_heads.hash_head(
+        cache["teacher"]["views"].shape[-1], t["bits"], "mlp", hidden=args.teacher_hidden or MLP_HIDDEN
+    )
     teacher.load_state_dict(teacher_states[str(t["bits"])])
     row = student_row(cache, teacher.eval(), t["method"], t["params"], hargs)
     tune.report({"val_sshp_best": row["val_sshp_best"], "row": json.dumps(row)})

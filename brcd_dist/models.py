@@ -58,16 +58,17 @@ def create_backbone(
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans), {}
 
 
-def hash_head(in_features: int, bits: int, head: str) -> nn.Module:
+def hash_head(in_features: int, bits: int, head: str, hidden: int = MLP_HIDDEN) -> nn.Module:
+    """`hidden`: the mlp head's width (the paper's 1000; bench/frozen_heads.py tries others)."""
     if head == "linear":
         return nn.Linear(in_features, bits)
     if head == "mlp":
         return nn.Sequential(
-            nn.Linear(in_features, MLP_HIDDEN),
+            nn.Linear(in_features, hidden),
             nn.ReLU(inplace=True),
-            nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
+            nn.Linear(hidden, hidden),
             nn.ReLU(inplace=True),
-            nn.Linear(MLP_HIDDEN, bits),
+            nn.Linear(hidden, bits),
         )
     if head == "classifier_mlp":  # the paper's: Linear(1000, 1000)-ReLU-Linear(1000, L) on the classifier's logits
         return nn.Sequential(nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(inplace=True), nn.Linear(MLP_HIDDEN, bits))
