@@ -72,7 +72,17 @@ def masked_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch
     a (Na, L), b (Nb, L), mask (Na, L) {0,1}: one mask per row of a (the anchor's cluster mask). Every mask row
     must keep at least one bit (bit_masks guarantees it); an empty row raises, rather than silently giving 0.
     """
-    kept = mask.sum(dim=1, keepdim=True)
-    if bool((kept == 0).any()):
-        raise ValueError("masked_cosine: a mask row keeps no bit (bit masks must keep at least one bit)")
+    kept = require_kept_bits(mask.sum(dim=1, keepdim=True), "masked_cosine")
     return (a * mask) @ b.T / kept
+
+
+def require_kept_bits(kept: torch.Tensor, where: str) -> torch.Tensor:
+    """`kept` (bits kept per mask row), after checking that no row keeps none. On a GPU the check is a device-side
+    assert: reading the answer on the host would stall every training step until the GPU caught up."""
+    msg = f"{where}: a mask row keeps no bit (bit masks must keep at least one bit)"
+    if kept.device.type == "cpu":
+        if bool((kept == 0).any()):
+            raise ValueError(msg)
+    else:
+        torch._assert_async((kept > 0).all(), msg)
+    return kept

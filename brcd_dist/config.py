@@ -21,6 +21,7 @@ import yaml
 DATA_SOURCES = ("fashion_mnist", "imagefolder", "shards")
 HEADS = ("linear", "mlp", "classifier_mlp")
 TEACHER_SPLITS = ("train", "database")
+PRECISIONS = ("auto", "bf16", "fp32")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 MAX_IMAGE_SIZE = 4096  # data.image_size above this builds tensors of tens of GB (100000 px: 40 GB)
 FASHION_MNIST_PER_CLASS = 6000  # training images of each of its 10 classes
@@ -205,6 +206,7 @@ class TrainConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3
     seed: int = 0  # model initialisation and data order
     max_steps_per_epoch: int = 0  # 0: the whole split
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 (also on CPU) | fp32
     checkpoint_every: int = 200  # steps
     eval_every: int = 1  # epochs; validation mAP for model selection
     early_stop_patience: int = 0  # evaluations without improvement (0: off)
@@ -226,6 +228,7 @@ class TrainConfig:
         _choice(f"{s}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check(self.epochs >= 1, f"{s}.epochs", self.epochs, "must be >= 1")
         _check(self.teacher_epochs >= 0, f"{s}.teacher_epochs", self.teacher_epochs, "must be >= 0")
+        _choice(f"{s}.precision", self.precision, PRECISIONS)
         _choice(f"{s}.teacher_split", self.teacher_split, TEACHER_SPLITS)
         _check(self.lr > 0, f"{s}.lr", self.lr, "must be > 0")
         _check(self.teacher_lr > 0, f"{s}.teacher_lr", self.teacher_lr, "must be > 0")

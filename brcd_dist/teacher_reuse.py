@@ -35,6 +35,7 @@ TRAIN_FIELDS = (
     "grad_accum",
     "weight_decay",
     "zero_stage",
+    "precision",
     "seed",
     "max_steps_per_epoch",
 )

@@ -117,8 +117,8 @@ def _tiny_engine(zero_stage: int):
     os.environ["LOCAL_RANK"] = "0"  # DeepSpeed reads it (a launcher or Ray Train sets it)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
-    train = SimpleNamespace(batch_size=4, grad_accum=1, weight_decay=0.01, zero_stage=zero_stage)
-    engine = make_engine(model, train, 1e-2, use_gpu=False)
+    train = SimpleNamespace(batch_size=4, grad_accum=1, weight_decay=0.01, zero_stage=zero_stage, precision="fp32")
+    engine = make_engine(model, train, 1e-2, torch.device("cpu"))
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
 
     def step():

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from brcd_dist.clustering.assign import BACKENDS, CentroidAssigner, choose_backend
+from brcd_dist.train import collectives
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class KMeansResult:
 
 
 class _Comm:
-    """The few collectives k-means needs, on the device the process group's backend wants."""
+    """The few collectives k-means needs, on the process group's device (train/collectives)."""
 
     def __init__(self, group):
         self.active = dist.is_available() and dist.is_initialized()
@@ -85,24 +86,13 @@ class _Comm:
         self.group = group
         self.rank = dist.get_rank(group) if self.active else 0
         self.size = dist.get_world_size(group) if self.active else 1
-        nccl = self.active and dist.get_backend(group) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
-        if not self.active:
-            return t
-        buf = t.to(self.device)
-        dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=self.group)
-        return buf.to(t.device)
+        return collectives.all_reduce(t, op=op, group=self.group)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """(m,) on each rank -> (world, m) in rank order."""
-        if not self.active:
-            return t.unsqueeze(0)
-        buf = t.to(self.device)
-        out = [torch.empty_like(buf) for _ in range(self.size)]
-        dist.all_gather(out, buf, group=self.group)
-        return torch.stack(out).to(t.device)
+        return collectives.all_gather(t, group=self.group)
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from brcd_dist.codes import masked_cosine
+from brcd_dist.codes import masked_cosine, require_kept_bits
 from brcd_dist.losses.registry import KDInputs, register_kd
 
 MASK_NORMALIZATIONS = ("kept", "length")
@@ -178,9 +178,7 @@ def _normalised_pairs(a: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def _require_bits(kept: torch.Tensor) -> torch.Tensor:
-    if bool((kept == 0).any()):
-        raise ValueError("brcd_loss: a mask row keeps no bit (bit masks must keep at least one bit)")
-    return kept
+    return require_kept_bits(kept, "brcd_loss")
 
 
 def _pair_similarity(

@@ -10,11 +10,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from brcd_dist.clustering.bit_masks import bit_agreement, bit_masks_from_stats, cluster_bit_stats
 from brcd_dist.clustering.kmeans import distributed_kmeans
-from brcd_dist.train.collectives import all_gather_objects
+from brcd_dist.train.collectives import all_gather_objects, all_reduce
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.encoding import encode_local
 from brcd_dist.train.progress import StageBar
@@ -60,9 +59,8 @@ def kmeans_on_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, cluster_r
     bar.close()
     assignments = torch.as_tensor(result.assignments, dtype=torch.long)
     sums, counts = cluster_bit_stats(torch.as_tensor(codes), assignments, k)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)  # float64 sums of ±1: exact, so masks do not depend on the sharding
-        dist.all_reduce(counts)
+    sums = all_reduce(sums)  # float64 sums of ±1: exact, so masks do not depend on the sharding
+    counts = all_reduce(counts)
     pseudo = {}
     for part_keys, part_labels in all_gather_objects((keys, result.assignments.tolist())):
         pseudo.update(zip(part_keys, part_labels))

@@ -13,7 +13,7 @@ from brcd_dist.codes import pack_codes, probs_and_codes, unpack_codes
 from brcd_dist.data import eval_batches
 from brcd_dist.train.collectives import all_gather_objects
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.engine import autocast
+from brcd_dist.train.engine import autocast, train_dtype
 from brcd_dist.train.progress import StageBar
 
 
@@ -32,7 +32,7 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
         x = batch["image"].to(ctx.device)
         for name, model in models.items():
             t0 = time.perf_counter()
-            with autocast(ctx.use_gpu):
+            with autocast(ctx.device, train_dtype(ctx.cfg.train, ctx.device)):
                 logits = model(x.to(next(model.parameters()).dtype))
             c = probs_and_codes(logits.float())[1].cpu()  # sign(σ(l) − ½), as HashModel.encode and training
             if ctx.use_gpu:

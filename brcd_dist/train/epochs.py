@@ -14,7 +14,7 @@ from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.progress import EpochProgress
 from brcd_dist.train.state import TrainState
 
-LOG_EVERY = 10  # steps between MLflow step-metric writes
+LOG_EVERY = 10  # steps between reads of the step losses on the host (bar, MLflow step metrics)
 
 
 def run_epochs(
@@ -44,7 +44,8 @@ def run_epochs(
             **ctx.loader_kwargs(),
         )
         engine.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # float64 running sums on the device: no host sync per step
+        shown, shown_steps = 0.0, 0  # the part of sums["loss"] the bar has been given, and over how many steps
         n_steps, n_images, t0 = 0, 0, time.perf_counter()
         skip = state.step_in_epoch  # batches this epoch already trained before a restart
         progress.start_epoch(epoch, len(loader), skip)
@@ -58,16 +59,22 @@ def run_epochs(
             state.global_step += 1
             n_steps += 1
             n_images += len(batch["key"])
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            progress.step(values["loss"])
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if state.global_step % LOG_EVERY == 0:
-                ctx.step_log.log({f"{prefix}/{k}": v for k, v in values.items()}, state.global_step)
-            if state.global_step % cfg.checkpoint_every == 0:
-                ctx.checkpoint.report(state, {f"{prefix}/{k}": v for k, v in values.items()}, engine=engine)
+            for k, v in losses.items():
+                v = v.detach().double()
+                sums[k] = sums[k] + v if k in sums else v
+            log_now = state.global_step % LOG_EVERY == 0
+            if log_now or state.global_step % cfg.checkpoint_every == 0:
+                values = {k: float(v.detach()) for k, v in losses.items()}  # the host waits here, not every step
+                shown = _show_losses(progress, float(sums["loss"]), shown, n_steps - shown_steps)
+                shown_steps = n_steps
+                if log_now:
+                    ctx.step_log.log({f"{prefix}/{k}": v for k, v in values.items()}, state.global_step)
+                if state.global_step % cfg.checkpoint_every == 0:
+                    ctx.checkpoint.report(state, {f"{prefix}/{k}": v for k, v in values.items()}, engine=engine)
+        if sums:
+            _show_losses(progress, float(sums["loss"]), shown, n_steps - shown_steps)
         seconds = time.perf_counter() - t0
-        metrics = {f"{prefix}/epoch_{k}": v / max(n_steps, 1) for k, v in sums.items()}
+        metrics = {f"{prefix}/epoch_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()}
         metrics[f"{prefix}/images_per_s"] = n_images / seconds if seconds > 0 else 0.0
         metrics[f"{prefix}/epoch"] = epoch + 1
         state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -81,6 +88,15 @@ def run_epochs(
         if stop:
             break
     progress.close()
+    ctx.step_log.flush()  # the stage's queued step metrics are in MLflow before the next stage starts
+
+
+def _show_losses(progress: EpochProgress, total: float, shown: float, steps: int) -> float:
+    """Give the bar the `steps` steps it has not seen, at their mean loss (total − shown over steps); returns the
+    loss sum the bar has now seen."""
+    for _ in range(steps):
+        progress.step((total - shown) / steps)
+    return total
 
 
 def two_view_forward(engine, batch: dict, device: torch.device):

@@ -43,9 +43,10 @@ def student_step(batch: dict, teacher, student, clustering: Clustering, cfg: Con
     views, each view's nearest centroid, KDInputs, kd_weight × KD + λ_self × CIBHash. `student` is a DeepSpeed
     engine or a plain module; `clustering`'s centroids and masks are on `device`."""
     b = cfg.brcd
-    with torch.no_grad(), autocast(device.type == "cuda"):
+    t_dtype = next(teacher.parameters()).dtype  # the training dtype (train/teacher_stage.py)
+    with torch.no_grad(), autocast(device, t_dtype):
         v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
-        t_logits = teacher(torch.cat([v1, v2]).to(next(teacher.parameters()).dtype)).float()
+        t_logits = teacher(torch.cat([v1, v2]).to(t_dtype)).float()
     q, t = probs_and_codes(t_logits)
     n = len(v1)
     l1, l2 = two_view_forward(student, batch, device)
@@ -99,7 +100,7 @@ def student_stage(
     # at the start of stage C loads the teacher instead of building and training it).
     torch.manual_seed(cfg.train.seed)
     model = build_student(ctx.cfg).to(ctx.device)
-    engine = make_engine(model, cfg.train, cfg.train.lr, ctx.use_gpu)
+    engine = make_engine(model, cfg.train, cfg.train.lr, ctx.device)
     selection = ModelSelection(state, cfg.train.early_stop_patience)
     if resume_dir is not None and state.stage == "student":
         if (resume_dir / "engine").is_dir():

@@ -79,6 +79,7 @@ def run_stages(config: dict) -> None:
     apply_credential_env(config.get("env"))
     ctx = make_context(config)
     with ExitStack() as stack:
+        stack.callback(ctx.step_log.flush)  # queued step metrics reach MLflow whether the stages end or fail
         checkpoint = ray.train.get_checkpoint()
         resume_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
         state = read_state(resume_dir) if resume_dir else TrainState(config_digest=config_digest(ctx.cfg))
