@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-time (and idempotent) set-up: .venv with torch first, then brcd-dist with its dev extras,
+# One-time (and idempotent) set-up: .venv with torch first, then brcd-dist with its dev and docs extras,
 # and Fashion-MNIST from Debian. A second run on a ready machine only checks and returns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +25,11 @@ if ! "$PY" -c "import torch, torchvision, sys; sys.exit(0 if (torch.__version__.
   "$PY" -m pip install -q --disable-pip-version-check $TORCH_PINS
 fi
 
-# The project and its dev extras; skipped when pyproject.toml has not changed since the last install.
+# The project and its dev and docs extras; skipped when pyproject.toml has not changed since the last install.
 STAMP="$VENV/.brcd-dist-installed"
 WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing brcd-dist[dev] and its dependencies (about 100 s on a fresh venv)"
-  "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  echo "[setup] installing brcd-dist[dev,docs] and its dependencies (about 100 s on a fresh venv)"
+  "$PY" -m pip install -q --disable-pip-version-check -e ".[dev,docs]"
   echo "$WANT" > "$STAMP"
 fi

@@ -1,4 +1,4 @@
-"""The cloud cluster files follow the README's object-store recipe (issue 12): valid YAML; the job they show reads
+"""The cloud cluster files follow the object-store recipe of docs/guides/cluster.md: valid YAML; the job they show reads
 shards and manifest from the bucket and keeps checkpoints and the k-means cache there, with the recipe's keys, and
 parses as a config; the object store's region / endpoint are in their env and its credentials come from the node's
 identity (instance profile, IRSA) or a secret, never from the files; Ray's token auth is still on."""
@@ -26,10 +26,10 @@ def overrides(words: list[str]) -> dict[str, str]:
 
 
 def readme_recipe() -> dict[str, str]:
-    """The overrides of the README's object-store `ray job submit`."""
-    text = (REPO / "README.md").read_text()
+    """The overrides of the cluster guide's object-store `ray job submit`."""
+    text = (REPO / "docs" / "guides" / "cluster.md").read_text()
     block = re.search(r"ray job submit --address http://HEAD:8265 --working-dir \. -- \\\n(.*?)\n```", text, re.DOTALL)
-    assert block, "README: the object-store recipe's `ray job submit` is gone"
+    assert block, "docs/guides/cluster.md: the object-store recipe's `ray job submit` is gone"
     return overrides(block.group(1).replace("\\\n", " ").split())
 
 

@@ -1,5 +1,5 @@
 """`ray job submit` of jobs/distill.py to the two-node local cluster of cluster/local_cluster.sh, the way a user
-submits to a real cluster (DESIGN §1), started, entered and stopped by the README's commands; a job submitted
+submits to a real cluster (DESIGN §1), started, entered and stopped by the cluster guide's commands; a job submitted
 without the token is refused. Each node gets 2 logical CPUs, room for both workers (1 CPU each), so that the
 spread comes from train.placement_strategy=STRICT_SPREAD, not from a lack of room (PACK would put both on one node).
 
@@ -7,10 +7,10 @@ The cluster gets its own state dir, Ray temp dir and free ports (the host is sha
 started by the module's fixture and stopped at its end, also when a test fails. The working dir is uploaded
 (.gitignore respected: no .venv). Its worker node has its own Ray temp dir and directory.
 
-One job runs on it: the README's object-store recipe as a user types it (only the sizes made tiny, and
+One job runs on it: the cluster guide's object-store recipe as a user types it (only the sizes made tiny, and
 STRICT_SPREAD), tracking on with its default store. It succeeds, prints the result table, its two train workers
 ran on the two different nodes, its checkpoints are on the bucket (the teacher once beside them, the k-means cache
-there too) and the student is registered in $BRCD_HOME/mlflow.db, where the README says."""
+there too) and the student is registered in $BRCD_HOME/mlflow.db, where the guide says."""
 
 from __future__ import annotations
 
@@ -51,10 +51,13 @@ class Job:
     storage: Path
 
 
+CLUSTER_GUIDE = REPO / "docs" / "guides" / "cluster.md"
+
+
 def readme_cluster_commands() -> list[str]:
-    """The README's "Running on a Ray cluster" bash block, one command a line (continuations joined)."""
-    text = (REPO / "README.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in text.split("## Running on a Ray cluster", 1)[1].split("```bash\n")[1:]]
+    """The cluster guide's local two-node bash block, one command a line (continuations joined)."""
+    text = CLUSTER_GUIDE.read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("## A local two-node cluster", 1)[1].split("```bash\n")[1:]]
     block = next(b for b in blocks if "cluster/local_cluster.sh start" in b)  # the local cluster's block
     lines = [ln.split("  #", 1)[0].rstrip() for ln in block.replace("\\\n", " ").splitlines()]
     return [
@@ -219,10 +222,11 @@ README_JOB = [
 
 
 def _readme_command() -> list[str]:
-    """The README's object-store `ray job submit`, word for word, as it reads now (a changed README fails here)."""
-    text = (REPO / "README.md").read_text()
+    """The cluster guide's object-store `ray job submit`, word for word, as it reads now (a changed guide fails
+    here)."""
+    text = CLUSTER_GUIDE.read_text()
     block = re.search(r"ray job submit --address http://HEAD:8265 --working-dir \. -- \\\n(.*?)\n```", text, re.DOTALL)
-    assert block, "README: the object-store recipe's `ray job submit` is gone"
+    assert block, "docs/guides/cluster.md: the object-store recipe's `ray job submit` is gone"
     prefix = README_JOB[: README_JOB.index("--") + 1]  # what the pattern above matched: ray job submit ... --
     words = [*prefix, *block.group(1).replace("\\\n", " ").split()]
     assert words == README_JOB, words
