@@ -83,6 +83,7 @@ class DataConfig:
     loader_workers: int = 1  # data-loading processes per rank (0: in the training process)
     max_image_pixels: int = 40_000_000  # ImageFolder images above this many pixels are skipped unread (0: no cap)
     max_member_bytes: int = 64 << 20  # shard tar members above this many bytes are skipped unread (0: no cap)
+    max_images: int = 0  # only the first N training and N test images go into the shards (smoke runs; 0: all)
 
     def validate(self, s: str = "data") -> None:
         _choice(f"{s}.source", self.source, DATA_SOURCES)
@@ -103,6 +104,7 @@ class DataConfig:
         _check(self.shard_readers >= 0, f"{s}.shard_readers", self.shard_readers, "must be >= 0 (0: no minimum)")
         _check(self.max_image_pixels >= 0, f"{s}.max_image_pixels", self.max_image_pixels, "must be >= 0 (0: no cap)")
         _check(self.max_member_bytes >= 0, f"{s}.max_member_bytes", self.max_member_bytes, "must be >= 0 (0: no cap)")
+        _check(self.max_images >= 0, f"{s}.max_images", self.max_images, "must be >= 0 (0: all)")
 
 
 @dataclass
@@ -204,9 +206,9 @@ class TrainConfig:
     lr: float = 1e-3  # student learning rate, > 0
     weight_decay: float = 0.0  # AdamW weight decay
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 (also on CPU) | fp32
     seed: int = 0  # model initialisation and data order
     max_steps_per_epoch: int = 0  # 0: the whole split
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 (also on CPU) | fp32
     checkpoint_every: int = 200  # steps
     eval_every: int = 1  # epochs; validation mAP for model selection
     early_stop_patience: int = 0  # evaluations without improvement (0: off)
@@ -226,9 +228,9 @@ class TrainConfig:
         )
         _check(self.grad_accum >= 1, f"{s}.grad_accum", self.grad_accum, "must be >= 1")
         _choice(f"{s}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice(f"{s}.precision", self.precision, PRECISIONS)
         _check(self.epochs >= 1, f"{s}.epochs", self.epochs, "must be >= 1")
         _check(self.teacher_epochs >= 0, f"{s}.teacher_epochs", self.teacher_epochs, "must be >= 0")
-        _choice(f"{s}.precision", self.precision, PRECISIONS)
         _choice(f"{s}.teacher_split", self.teacher_split, TEACHER_SPLITS)
         _check(self.lr > 0, f"{s}.lr", self.lr, "must be > 0")
         _check(self.teacher_lr > 0, f"{s}.teacher_lr", self.teacher_lr, "must be > 0")

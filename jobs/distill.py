@@ -13,33 +13,32 @@ registry names, the shards (made here when missing).
 A teacher trained by an earlier run with the same teacher config, data and seed is reused instead of trained again
 (brcd_dist/teacher_reuse.py: kept under train.storage_path/teachers/ by a content key), and so are its codes and
 k-means result (teachers/cache/, unless brcd.clustering_cache is set); --retrain-teacher trains it.
--v keeps Ray's and DeepSpeed's own log lines, which the default hides behind one progress bar a stage.
+-v keeps Ray's and DeepSpeed's own log lines, which the default hides behind one progress bar a stage; -q hides
+the bars too.
 """
 
 from __future__ import annotations
 
-import os
-
-from _cli import config_from_args, parser, preflight, setup_logging
+from _cli import config_from_args, parse, parser, preflight, setup_logging
 
 
-def main(argv=None) -> dict:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="keep Ray's and DeepSpeed's own log lines")
+def make_parser():
+    p = parser(__doc__, resume=True, alias=True, prog="distill.py")
     p.add_argument(
         "--retrain-teacher",
         action="store_true",
         help="train the teacher even when an earlier run kept one with the same content key",
     )
-    args = p.parse_intermixed_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parse(make_parser(), argv)
     cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
     from brcd_dist import teacher_reuse, tracking
     from brcd_dist.driver import absolute_paths, run_name
     from brcd_dist.reporting import launch_and_publish, result_table
-    from brcd_dist.train.progress import VERBOSE_ENV
 
-    if args.verbose:
-        os.environ[VERBOSE_ENV] = "1"  # read by connect_ray and, through its runtime env, by the workers
     setup_logging()
     cfg = teacher_reuse.with_cache(absolute_paths(cfg))  # before the resume check sees it
     name = run_name(cfg)

@@ -1,18 +1,28 @@
-"""Stage D for any teacher/student pair, by checkpoint path or MLflow URI: mAP@K in SSHP and ASHP (and the
-teacher alone) on a query split against the database, encoded with Ray Data on the cluster (brcd_dist/
-batch_encoding.py: one encoder actor a GPU or CPU; a local Ray instance when no --address or RAY_ADDRESS).
+"""Stage D for any teacher/student pair, by checkpoint path or MLflow URI: mAP@K in SSHP and ASHP, and the teacher
+alone, of a query split against the database, encoded with Ray Data on the cluster.
 
     python jobs/evaluate.py models:/brcd-student@candidate
     python jobs/evaluate.py runs/x/student.pt --teacher runs/x/teacher.pt --split val_query eval.topk=100
 
-Without --teacher, a registered student's teacher is taken from the run that logged it (runs:/RUN/teacher).
+Without --teacher, a registered student's teacher is taken from the run that logged it (runs:/RUN/teacher). The
+encoding is brcd_dist/batch_encoding.py: one encoder actor a GPU or CPU, on a local Ray instance when there is no
+--address or RAY_ADDRESS. Prints the mAPs as JSON.
 """
 
 from __future__ import annotations
 
 import json
 
-from _cli import config_from_args, fail, parser, setup_logging
+from _cli import (
+    check_model_reachable,
+    config_from_args,
+    fail,
+    parse,
+    parser,
+    setup_logging,
+    tracking_uri,
+    unvalidated_config,
+)
 
 
 def teacher_of(student_uri: str) -> str | None:
@@ -32,18 +42,30 @@ def teacher_of(student_uri: str) -> str | None:
     return f"runs:/{run_id}/teacher" if run_id else None
 
 
-def main(argv=None) -> dict:
-    p = parser(__doc__.splitlines()[0])
+def make_parser():
+    p = parser(
+        __doc__,
+        prog="evaluate.py",
+        first=("student", "the student: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN/student or a file"),
+    )
     p.add_argument("--teacher", default=None, help="teacher: same forms (default: the student's run's teacher)")
-    p.add_argument("--split", default="test_query", choices=["val_query", "test_query"])
-    p.usage = "evaluate.py STUDENT [--teacher T] [--split S] [--config X.yaml] [key=value ...]"
-    args = p.parse_intermixed_args(argv)
-    # The student (models:/NAME@alias, runs:/RUN/student, or a checkpoint file) is the one positional without '='.
-    models = [a for a in args.overrides if "=" not in a]
-    args.overrides = [a for a in args.overrides if "=" in a]
-    if len(models) != 1:
-        fail(f"expected one student model (models:/NAME@alias, runs:/RUN/student or a file), got {models}")
-    args.student = models[0]
+    p.add_argument(
+        "--split", default="test_query", choices=["val_query", "test_query"], help="query split (default test_query)"
+    )
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parse(make_parser(), argv)
+    if "=" in args.student and not args.student.startswith(("models:/", "runs:/")):
+        fail(
+            f"expected the student model first (models:/NAME@alias, runs:/RUN/student or a file), got {args.student!r}"
+        )
+    light = unvalidated_config(args)
+    if light is not None:  # a model that cannot be there is refused before the config's torch-importing checks
+        for role, model in (("student", args.student), ("--teacher", args.teacher)):
+            if model:
+                check_model_reachable(model, tracking_uri(light.tracking.uri), role)
     cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
     from brcd_dist import tracking
     from brcd_dist.batch_encoding import encode_images, image_source

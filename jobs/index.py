@@ -14,15 +14,15 @@ Query it with jobs/search.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from _cli import fail, setup_logging
+from _cli import check_model_reachable, fail, parse, parser, setup_logging, tracking_uri
 
 INDEX_TAG = "brcd.index"
+KINDS = ("auto", "flat", "ivf", "hnsw")  # brcd_dist.index.KINDS, spelled out so that --kind is checked before FAISS
 
 
 def model_source(uri: str) -> dict:
@@ -60,34 +60,46 @@ def log_index(index, source: dict, name: str) -> str | None:
     return artifact
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", help="models:/NAME@alias, models:/NAME/VERSION, runs:/RUN/student or a checkpoint file")
-    p.add_argument("--images", required=True, help="shard directory (manifest.json) or ImageFolder root")
+def make_parser():
+    p = parser(
+        __doc__,
+        config=False,
+        prog="index.py",
+        first=("model", "models:/NAME@alias, models:/NAME/VERSION, runs:/RUN/student or a checkpoint file"),
+    )
+    p.add_argument(
+        "--images", required=True, help="shard directory or s3:// / gs:// prefix (manifest.json), or ImageFolder root"
+    )
     p.add_argument("--out", required=True, help="directory or s3:// / gs:// prefix for the index")
     p.add_argument("--split", default="database", help="shard split, or train/val of an ImageFolder (default database)")
-    p.add_argument("--kind", default="auto", help="auto (exact flat up to 1M codes, else IVF), flat, ivf, hnsw")
+    p.add_argument(
+        "--kind", default="auto", choices=KINDS, help="auto (exact flat up to 1M codes, else ivf), flat, ivf, hnsw"
+    )
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched a query (default nlist/16)")
     p.add_argument("--batch-size", type=int, default=256, help="images an encode batch (default 256)")
     p.add_argument("--actors", type=int, default=None, help="encoder actors (default: one a GPU, else one a CPU)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument(
-        "--tracking-uri", default="", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+        "--tracking-uri",
+        default="",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else mlflow.db in BRCD_HOME or .)",
     )
     p.add_argument("--no-log", action="store_true", help="do not log the index to the model's MLflow run")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parse(make_parser(), argv)
     for flag in ("batch_size", "actors", "nlist", "nprobe"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             fail(f"--{flag.replace('_', '-')}={value}: must be >= 1")
+    check_model_reachable(args.model, tracking_uri(args.tracking_uri), "model")
     # the heavy imports (FAISS, torch, Ray, MLflow) after the checks that need none of them
     from brcd_dist import tracking
     from brcd_dist.batch_encoding import encode_images, image_source
-    from brcd_dist.index import KINDS, Index
+    from brcd_dist.index import Index
 
-    if args.kind not in KINDS:
-        fail(f"--kind={args.kind!r}: allowed: {', '.join(KINDS)}")
     setup_logging()
 
     try:
@@ -95,7 +107,7 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     is_file = Path(args.model).is_file()
-    uri = None if is_file else tracking.set_tracking_uri(tracking.resolve_tracking_uri(args.tracking_uri))
+    uri = None if is_file else tracking.set_tracking_uri(tracking_uri(args.tracking_uri))
     try:
         model = tracking.load_model(args.model)
         source = {"model_uri": args.model} if is_file else model_source(args.model)

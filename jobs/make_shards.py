@@ -1,6 +1,7 @@
 """Make the WebDataset shards and manifest.json of a config's data section (DESIGN §1 `make_shards`).
 
-    python jobs/make_shards.py [--config X.yaml] [key=value ...] [--max-images N] [--procs P] [--ray auto]
+    python jobs/make_shards.py [--config X.yaml] [key=value ...] [--procs P] [--ray auto]
+    python jobs/make_shards.py --config configs/smoke.yaml          # data.max_images: a subset for smoke runs
 
 Shards and manifest go to data.shards_url when set (s3://bucket/prefix, gs://...: each shard is uploaded as soon
 as it is written; credentials and endpoint from the standard AWS/GCP variables), else to data.shards_dir.
@@ -14,17 +15,11 @@ from __future__ import annotations
 import os
 import time
 
-from _cli import config_from_args, fail, parser, setup_logging
+from _cli import config_from_args, fail, parse, parser, setup_logging, unvalidated_config
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument(
-        "--max-images",
-        type=int,
-        default=0,
-        help="only the first N training and N test images (smoke runs; default: all)",
-    )
+def make_parser():
+    p = parser(__doc__, ray=False, prog="make_shards.py")
     p.add_argument(
         "--procs",
         type=int,
@@ -38,11 +33,18 @@ def main() -> None:
         help="ImageFolder: one Ray task per shard on this cluster ('auto': the running one); the folder must be at "
         "the same path on every node",
     )
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None) -> None:
+    args = parse(make_parser(), argv)
+    light = unvalidated_config(args)
+    if (
+        light is not None and light.data.source == "shards"
+    ):  # before the config's own checks, which would ask for the shards this job makes
+        fail("data.source=shards: this job makes shards; set data.source to fashion_mnist or imagefolder")
     cfg = config_from_args(args, training=False)  # brcd.clusters does not concern the shards
     d = cfg.data
-    if d.source == "shards":
-        fail("data.source=shards means the shards exist already; set data.source to fashion_mnist or imagefolder")
     from brcd_dist.data.manifest import ShardsMismatchError, manifest_location  # after the checks: the writer
     from brcd_dist.data.shards import shard_params, write_shards  # stack (numpy, PIL, webdataset) is not light
 
@@ -55,7 +57,6 @@ def main() -> None:
             d.source,
             d.source_path,
             **shard_params(d),
-            max_images=args.max_images,
             num_procs=args.procs,
             ray_address=args.ray,
         )

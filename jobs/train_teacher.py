@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
-from _cli import config_from_args, parser, preflight, setup_logging
+from _cli import config_from_args, parse, parser, preflight, setup_logging
+
+
+def make_parser():
+    return parser(__doc__, resume=True, alias=True, prog="train_teacher.py")
 
 
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0]).parse_intermixed_args(argv)
+    args = parse(make_parser(), argv)
     cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
     from brcd_dist import tracking
     from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from _cli import config_from_args, fail, parser, preflight, setup_logging
+from _cli import config_from_args, fail, parse, parser, preflight, setup_logging
 
 from brcd_dist import storage
 from brcd_dist.config import ConfigError, to_dict
@@ -28,16 +28,24 @@ from brcd_dist.sweep import (
 )
 
 
-def main(argv=None) -> list[dict]:
-    p = parser(__doc__.splitlines()[0])
+def make_parser():
+    p = parser(__doc__, alias=True, prog="tune.py")
     p.add_argument("--alpha", default="0:1", help="α range LO:HI or list (default 0:1)")
     p.add_argument("--delta", default="0:1", help="δ range LO:HI or list (default 0:1)")
     p.add_argument("--clusters", default="5,10,20", help="K range LO:HI or list (default 5,10,20)")
-    p.add_argument("--samples", type=int, default=8, help="number of trials")
-    p.add_argument("--max-concurrent", type=int, default=1, help="trials at once")
-    p.add_argument("--paradigm", default="ashp", choices=["ashp", "sshp"], help="validation mAP that ASHA ranks by")
-    p.add_argument("--champion-alias", default="champion")
-    args = p.parse_intermixed_args(argv)
+    p.add_argument("--samples", type=int, default=8, help="number of trials (default 8)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials at once (default 1)")
+    p.add_argument(
+        "--paradigm", default="ashp", choices=["ashp", "sshp"], help="validation mAP that ASHA ranks by (default ashp)"
+    )
+    p.add_argument(
+        "--champion-alias", default="champion", help="registry alias of the best trial's student (default champion)"
+    )
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    args = parse(make_parser(), argv)
     cfg = config_from_args(args)
     try:
         check_bounds(cfg, args)
@@ -123,6 +131,7 @@ def main(argv=None) -> list[dict]:
                         metric: best[f"best {metric}"],
                     },
                     "student",
+                    force_alias=cfg.tracking.force_alias,
                 )
                 tracking.log_metrics(parent, {f"best_{metric}": best[f"best {metric}"]}, 0)
                 print(

@@ -609,6 +609,7 @@ def shard_params(d) -> dict:
         shorter_side=d.shard_shorter_side,
         readers=d.shard_readers,
         max_image_pixels=d.max_image_pixels,
+        max_images=d.max_images,
     )
 
 
@@ -632,9 +633,7 @@ def ensure_shards(cfg) -> Manifest:
         manifest = load_manifest(where)
         check_same_params(
             manifest,
-            _stored_params(
-                d.source, **_content_params(shard_params(d)), holdout_fraction=DEFAULT_HOLDOUT, max_images=0
-            ),
+            _stored_params(d.source, **_content_params(shard_params(d)), holdout_fraction=DEFAULT_HOLDOUT),
             where,
         )
         return manifest
