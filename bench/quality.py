@@ -87,6 +87,12 @@ def parse_teachers(items: list[str]) -> dict[int, str]:
     return out
 
 
+def shown(path: str) -> str:
+    """A path as a results row keeps it: relative to the repository when inside it (rows hold no machine paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+
+
 def plan(bits: list[int], seeds: list[int], seed_bits: list[int]) -> list[tuple[int, int]]:
     first = [(b, seeds[0]) for b in sorted(bits, reverse=True)]
     return first + [(b, s) for s in seeds[1:] for b in sorted(seed_bits, reverse=True) if b in bits]
@@ -194,7 +200,7 @@ def get_teacher(args, cfg_base, bits: int, given: dict, sweep: str, parent: str 
         t0 = time.perf_counter()
         if bits in given:
             model = load_hash_model(path)
-            source = f"given: {path}"
+            source = f"given: {shown(path)}"
         else:
             path_t, out = launch_teacher_job(cfg, run_id=run_id, name=name)
             path, model, source = str(path_t), out.teacher, "trained here (pipeline stage A)"
@@ -207,7 +213,7 @@ def get_teacher(args, cfg_base, bits: int, given: dict, sweep: str, parent: str 
                 "bits": bits,
                 "seed": -1,
                 "method": TEACHER_ROW,
-                "path": path,
+                "path": shown(path),
                 "source": source,
                 "wall_s": time.perf_counter() - t0,
                 "run_id": run_id,
