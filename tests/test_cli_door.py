@@ -1,4 +1,4 @@
-"""Bad input ends a job at the door (issue 13 point 5): one line on stderr naming the key, value or path and what
+"""Bad input ends a job at the door: one line on stderr naming the key, value or path and what
 is allowed, exit code 2, within seconds, before Ray starts and with nothing written."""
 
 from __future__ import annotations
@@ -100,28 +100,116 @@ def test_make_shards_refuses_train_per_class_above_a_class(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-# One bad argument or value per job; each is refused before the job imports its stack.
+# Bad arguments or values, at least one per job; each is refused before the job imports its stack, and the line
+# names what was wrong.
 BAD_INPUT = {
-    "distill.py": ["train.lr=inf"],
-    "train_teacher.py": ["brcd.tau=inf"],
-    "tune.py": ["train.cpus_per_worker=inf"],
-    "make_shards.py": ["data.image_size=100000"],
-    "evaluate.py": ["student.pt", "eval.batch_size=0"],
-    "index.py": ["student.pt", "--images", "imgs", "--out", "out", "--batch-size", "0"],
-    "search.py": ["idx", "--query", "q.png", "--k", "0"],
+    "distill: a value": ("distill.py", ["train.lr=inf"], "train.lr='inf': expected a finite number"),
+    "distill: an unknown flag": ("distill.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    "train_teacher: a value": ("train_teacher.py", ["brcd.tau=inf"], "brcd.tau='inf'"),
+    "tune: a value": ("tune.py", ["train.cpus_per_worker=inf"], "train.cpus_per_worker='inf'"),
+    "tune: a flag that it does not read": ("tune.py", ["--resume-anyway"], "--resume-anyway"),
+    "make_shards: a value": ("make_shards.py", ["data.image_size=100000"], "data.image_size=100000"),
+    "make_shards: shards as the source": (
+        "make_shards.py",
+        ["data.source=shards"],
+        "data.source=shards: this job makes shards; set data.source to fashion_mnist or imagefolder",
+    ),
+    "make_shards: a flag that it does not read": ("make_shards.py", ["--address", "auto"], "--address"),
+    "evaluate: a value": (
+        "evaluate.py",
+        [str(REPO / "README.md"), "eval.batch_size=0"],  # a file that exists: the value is what is wrong
+        "eval.batch_size=0",
+    ),
+    "evaluate: a registered model without a store": (
+        "evaluate.py",
+        ["models:/nope@x"],
+        "student models:/nope@x: no tracking store at sqlite:///",
+    ),
+    "evaluate: a missing file": ("evaluate.py", ["nope.pt"], "student 'nope.pt': no such file"),
+    "index: a value": (
+        "index.py",
+        ["student.pt", "--images", "imgs", "--out", "out", "--batch-size", "0"],
+        "--batch-size=0: must be >= 1",
+    ),
+    "index: an index kind": (
+        "index.py",
+        ["student.pt", "--images", "imgs", "--out", "out", "--kind", "bogus"],
+        "argument --kind: invalid choice: 'bogus' (choose from 'auto', 'flat', 'ivf', 'hnsw')",
+    ),
+    "index: a registered model without a store": (
+        "index.py",
+        ["models:/nope@x", "--images", "imgs", "--out", "out"],
+        "model models:/nope@x: no tracking store",
+    ),
+    "search: a value": ("search.py", ["idx", "--query", "q.png", "--k", "0"], "--k=0: must be >= 1"),
+    "search: no query": ("search.py", ["idx"], "no query: give --query IMAGE ... or --query-key KEY ..."),
 }
 
 
-@pytest.mark.parametrize("job", BAD_INPUT)
-def test_every_job_refuses_bad_input_before_importing_torch_ray_or_mlflow(job, tmp_path):
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_every_job_refuses_bad_input_before_importing_torch_ray_or_mlflow(case, tmp_path):
+    job, args, message = BAD_INPUT[case]
     t0 = time.monotonic()
-    done = run_job(job, BAD_INPUT[job], tmp_path)
+    done = run_job(job, args, tmp_path)
     seconds = time.monotonic() - t0
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr[-2000:]
+    assert message in done.stderr
     assert done.stdout.strip() == "[]"
     assert seconds < DOOR_SECONDS
-    assert list(tmp_path.iterdir()) == []  # nothing written, no Ray temp dir
+    assert list(tmp_path.iterdir()) == []  # nothing written: no mlflow.db, no Ray temp dir
+
+
+def job_flags(job: str) -> set[str]:
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    spec = importlib.util.spec_from_file_location(f"door_{job}", REPO / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {f for a in module.make_parser()._actions for f in a.option_strings if f.startswith("--")}
+
+
+# What every job's flags are: a flag that nothing reads is not offered.
+FLAGS = {
+    "distill": {"--config", "--address", "--resume-anyway", "--force-alias", "--retrain-teacher"},
+    "train_teacher": {"--config", "--address", "--resume-anyway", "--force-alias"},
+    "make_shards": {"--config", "--procs", "--ray"},
+    "evaluate": {"--config", "--address", "--teacher", "--split"},
+    "tune": {"--config", "--address", "--force-alias", "--alpha", "--delta", "--clusters", "--samples"}
+    | {"--max-concurrent", "--paradigm", "--champion-alias"},
+    "index": {"--address", "--images", "--out", "--split", "--kind", "--nlist", "--nprobe", "--batch-size"}
+    | {"--actors", "--tracking-uri", "--no-log"},
+    "search": {"--query", "--query-key", "--k"},
+}
+
+
+@pytest.mark.parametrize("job", FLAGS)
+def test_every_job_has_verbose_and_quiet_and_only_the_flags_it_reads(job):
+    assert job_flags(job) == FLAGS[job] | {"--help", "--verbose", "--quiet"}
+
+
+def test_index_kinds_are_the_index_modules_kinds():
+    import importlib.util
+
+    from brcd_dist.index import KINDS
+
+    spec = importlib.util.spec_from_file_location("door_index", REPO / "jobs" / "index.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "jobs"))
+    spec.loader.exec_module(module)
+    assert tuple(module.KINDS) == tuple(KINDS)
+
+
+def test_an_empty_tracking_uri_takes_mlflow_tracking_uri_from_the_environment(monkeypatch):
+    sys.path.insert(0, str(REPO / "jobs"))
+    import _cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    args = _cli.parse(_cli.parser("Doc.", prog="x"), ["data.shards_dir=shards"])
+    assert _cli.config_from_args(args).tracking.uri == "http://tracking.example:5000"
+    args = _cli.parse(_cli.parser("Doc.", prog="x"), ["tracking.uri=http://other:5000"])
+    assert _cli.config_from_args(args).tracking.uri == "http://other:5000"  # the config's own value wins
 
 
 def test_a_refusal_naming_a_url_with_a_password_prints_no_password(tmp_path):
