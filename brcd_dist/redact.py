@@ -39,6 +39,7 @@ CREDENTIAL_VARS = (
     "AZURE_STORAGE_KEY",
     "AZURE_STORAGE_SAS_TOKEN",
     "HF_TOKEN",
+    "BRCD_HTTP_TOKEN",  # storage.HTTP_TOKEN_ENV: a bearer token for http(s) shards
 )
 # A variable or parameter whose name says it holds a secret.
 _SECRET_NAME = (

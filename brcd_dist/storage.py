@@ -14,6 +14,7 @@ renamed; an object is uploaded in one go only once the writer has finished witho
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -21,9 +22,12 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from functools import cache
@@ -64,6 +68,22 @@ class ShardIntegrityError(RuntimeError):
 
 class UnreadableError(OSError):
     """An object stayed unreadable after READ_RETRIES attempts; the message is one line naming it."""
+
+
+class PermanentReadError(UnreadableError):
+    """An object that retrying cannot make readable (unknown host, HTTP 401, 403, 404, ...); the message is one
+    line naming it, without credentials, and the cause. A pass fails on it at once instead of skipping it."""
+
+
+HTTP_TOKEN_ENV = "BRCD_HTTP_TOKEN"  # a bearer token for http(s) shard URLs that carry no user-info
+PERMANENT_HTTP = {
+    400: "bad request",
+    401: "check the credentials: user:password@ in the URL or BRCD_HTTP_TOKEN",
+    403: "check the credentials and the server's permissions",
+    404: "no such shard at that URL",
+    405: "the server does not serve GET there",
+    410: "the shard was removed",
+}
 
 
 def scheme(uri: str | os.PathLike) -> str:
@@ -341,13 +361,54 @@ class _ObjectSource(_Source):
             self.f.close()
 
 
+def http_request(uri: str, headers: dict | None = None) -> urllib.request.Request:
+    """A GET of `uri` with its user-info (`http://user:password@host/...`, as curl takes it) turned into an HTTP
+    Basic Authorization header and removed from the URL, or else `Authorization: Bearer $BRCD_HTTP_TOKEN` when that
+    variable is set. The credentials live only in the header, which nothing logs."""
+    parts = urllib.parse.urlsplit(uri)
+    auth = None
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        uri = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    elif os.environ.get(HTTP_TOKEN_ENV):
+        auth = f"Bearer {os.environ[HTTP_TOKEN_ENV]}"
+    req = urllib.request.Request(uri, headers=headers or {})
+    if auth:
+        req.add_unredirected_header("Authorization", auth)  # not carried to the target of a redirect
+    return req
+
+
+def _shown(uri: str) -> str:
+    from brcd_dist.redact import redact  # credentials in a URL never reach a message
+
+    return redact(uri)
+
+
 class _HttpSource(_Source):
     """http(s): one streaming GET with `Range: bytes=offset-` (a server that ignores ranges: skip ahead). A body
-    that ends before its Content-Length is a failure (urllib returns it as a quiet end), so it is retried."""
+    that ends before its Content-Length is a failure (urllib returns it as a quiet end), so it is retried. An
+    unknown host and the HTTP statuses of PERMANENT_HTTP are PermanentReadError: no retry."""
 
     def open_at(self, offset: int) -> None:
-        req = urllib.request.Request(self.uri, headers={"Range": f"bytes={offset}-"} if offset else {})
-        self.resp = urllib.request.urlopen(req, timeout=60)
+        req = http_request(self.uri, {"Range": f"bytes={offset}-"} if offset else {})
+        try:
+            self.resp = urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as err:
+            err.close()
+            if err.code in PERMANENT_HTTP:
+                raise PermanentReadError(
+                    f"{_shown(self.uri)}: HTTP {err.code} {err.reason} ({PERMANENT_HTTP[err.code]})"
+                ) from None
+            raise OSError(f"HTTP {err.code} {err.reason}") from None  # 5xx, 429...: worth retrying
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, socket.gaierror) and err.reason.errno in _UNKNOWN_HOST:
+                host = urllib.parse.urlsplit(self.uri).hostname
+                raise PermanentReadError(f"{_shown(self.uri)}: unknown host {host!r} ({err.reason.strerror})") from None
+            raise
         length = self.resp.headers.get("Content-Length")
         self.left = int(length) if length is not None else None
         if offset and self.resp.status != 206:
@@ -355,20 +416,25 @@ class _HttpSource(_Source):
             while skip:
                 got = self.read(min(skip, CHUNK))
                 if not got:
-                    raise OSError(f"{self.uri}: ended before offset {offset}")
+                    raise OSError(f"{_shown(self.uri)}: ended before offset {offset}")
                 skip -= len(got)
 
     def read(self, n: int) -> bytes:
         data = self.resp.read(n)
         if self.left is not None:
             if not data and self.left > 0:
-                raise OSError(f"{self.uri}: response cut {self.left} bytes short")
+                raise OSError(f"{_shown(self.uri)}: response cut {self.left} bytes short")
             self.left -= len(data)
         return data
 
     def close(self) -> None:
         if getattr(self, "resp", None) is not None:
             self.resp.close()
+
+
+# getaddrinfo's "no such name" answers (EAI_NONAME, EAI_NODATA where defined); EAI_AGAIN (a resolver that did not
+# answer) stays a transient error
+_UNKNOWN_HOST = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)}
 
 
 class _PipeSource(_Source):
@@ -446,7 +512,7 @@ class ResumingReader(io.RawIOBase):
                 self.failed = True
                 self._drop()
                 if isinstance(err, FileNotFoundError):
-                    raise UnreadableError(f"{self.uri}: not found") from err
+                    raise UnreadableError(f"{_shown(self.uri)}: not found") from err
                 raise
             except Exception as err:  # connection reset, timeout, truncated response: retry
                 self._drop()
@@ -454,13 +520,13 @@ class ResumingReader(io.RawIOBase):
                 if attempt > self.retries or (self.offset and not self._src.resumable):
                     self.failed = True
                     raise UnreadableError(
-                        f"{self.uri}: unreadable at byte {self.offset} after {attempt} "
-                        f"attempts: {type(err).__name__}: {str(err)[:200]}"
+                        f"{_shown(self.uri)}: unreadable at byte {self.offset} after {attempt} "
+                        f"attempts: {type(err).__name__}: {_shown(str(err))[:200]}"
                     ) from err
                 wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1))
                 log.info(
                     "%s: read failed at byte %d (%s); re-opening there in %.1f s",
-                    self.uri,
+                    _shown(self.uri),
                     self.offset,
                     type(err).__name__,
                     wait,
@@ -526,6 +592,13 @@ def open_read(
     """A buffered binary stream of `uri` that survives dropped connections (see ResumingReader); the reader is
     at `.raw`."""
     return io.BufferedReader(ResumingReader(uri, sha256=sha256, retries=retries), buffer_size=buffer_size)
+
+
+def probe(uri: str) -> None:
+    """Open `uri` and read its first byte: PermanentReadError (or UnreadableError after the retries) now, before a
+    job starts its workers, rather than in the middle of a pass."""
+    with open_read(uri, buffer_size=1) as f:
+        f.read(1)
 
 
 def file_sha256(uri: str) -> str:

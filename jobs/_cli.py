@@ -166,6 +166,22 @@ def check_model_reachable(model: str, uri: str, what: str) -> None:
         )
 
 
+def check_web_shards(cfg, manifest) -> None:
+    """Shards over http(s): the first shard of each split answers (credentials right, host known, file there), or
+    the job ends now with the shard and the status, before any worker starts."""
+    from brcd_dist import storage
+    from brcd_dist.data.manifest import shard_url
+
+    if storage.scheme(cfg.data.shards_url) not in ("http", "https"):
+        return
+    for split in manifest.splits.values():
+        if split.shards:
+            try:
+                storage.probe(shard_url(split.shards[0], manifest.shards_dir, cfg.data.shards_url))
+            except storage.UnreadableError as err:
+                fail(str(err))
+
+
 def setup_logging() -> None:
     level = logging.WARNING if os.environ.get(PROGRESS_ENV) == "0" else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -195,5 +211,6 @@ def preflight(cfg, address=None, name=None):
         manifest = ensure_shards(cfg)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
+    check_web_shards(cfg, manifest)
     connect_ray(address, env={"MLFLOW_TRACKING_URI": uri})
     return uri, manifest

@@ -240,6 +240,8 @@ class ShardStream(IterableDataset):
         def on_error(exn: BaseException) -> bool:  # webdataset handler: note it, go on with the next item
             if isinstance(exn, storage.ShardIntegrityError):  # a replaced or damaged shard: stop, never train on it
                 raise storage.ShardIntegrityError(str(exn.args[0]).split(" @ ")[0]) from exn
+            if isinstance(exn, storage.PermanentReadError):  # unknown host, 401, 403, 404: no retry can mend it
+                raise storage.PermanentReadError(str(exn.args[0]).split(" @ ")[0]) from None
             stats.errors.append(f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"[:500])
             return True
 
