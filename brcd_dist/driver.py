@@ -74,7 +74,7 @@ def connect_ray(address: Optional[str] = None, env: Optional[dict] = None) -> No
     # Ray Train's PlacementGroupCleaner (which frees the CPUs of a run whose controller died, e.g. a trial that ASHA
     # stopped) finds its cluster by RAY_ADDRESS, else by looking for GCS processes on the host, and fails where it
     # sees several. Name the cluster to every Ray worker when we know it (a local instance cannot be named before
-    # it starts: see the README's known limitation).
+    # it starts: see docs/troubleshooting.md).
     if address and address != "auto" and "://" not in address:
         env_vars.setdefault("RAY_ADDRESS", address)
     env_vars = redact_env(env_vars)  # the dashboard shows runtime_env: credentials travel with credential_env()

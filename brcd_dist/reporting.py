@@ -1,9 +1,13 @@
-"""After a run: its artifacts, pictures and models in MLflow (student registered as NAME@alias), and the short
-result table that jobs/distill.py prints."""
+"""After a run: its artifacts, pictures and models in MLflow (student registered as NAME@alias), and the summary
+that jobs/distill.py prints: what was evaluated, the result table, the time per stage, the MLflow run, the
+registered versions and where the alias went, and the next commands."""
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,47 +88,171 @@ def publish(run_id: str, cfg: Config, out: Outputs, roles: tuple = ("teacher", "
     return versions
 
 
-def launch_and_publish(
-    cfg: Config, run_id: str | None, name: str, roles: tuple = ("teacher", "student"), callbacks: list | None = None
-) -> Outputs:
-    """One distillation run (`driver.launch`) and its outputs published to its MLflow run, if it has one; a run
-    that fails is marked FAILED with its error before the error goes on."""
-    with tracking.failing_run(run_id):
-        out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, name=name, callbacks=callbacks)))
-        if run_id:
-            publish(run_id, cfg, out, roles=roles)
+@dataclass
+class Report:
+    """What a run did, for its summary: registered versions, where each alias points now, seconds per part."""
+
+    run_id: str | None = None
+    versions: dict = field(default_factory=dict)  # role -> registered version
+    holders: dict = field(default_factory=dict)  # role -> version the alias points at after registering
+    seconds: dict = field(default_factory=dict)  # part of the run -> seconds, in order
+
+
+def alias_holders(cfg: Config, versions: dict) -> dict:
+    """The version each role's alias points at now (it moved when that is the version just registered)."""
+    from mlflow import MlflowClient
+
+    names = {"teacher": cfg.tracking.teacher_name, "student": cfg.tracking.student_name}
+    out = {}
+    for role in versions:
+        try:
+            out[role] = str(MlflowClient().get_model_version_by_alias(names[role], cfg.tracking.alias).version)
+        except Exception:  # noqa: BLE001 - no holder: the alias was not set
+            out[role] = None
     return out
 
 
-def result_table(cfg: Config, out: Outputs) -> str:
-    """Teacher, student SSHP and ASHP mAP@K on the test queries, and student vs teacher encode throughput."""
-    t, k = out.test, cfg.eval.topk
-    shape = (cfg.data.in_chans, cfg.data.image_size)
+def launch_and_publish(
+    cfg: Config,
+    run_id: str | None,
+    name: str,
+    roles: tuple = ("teacher", "student"),
+    callbacks: list | None = None,
+    progress=None,
+    report: Report | None = None,
+) -> Outputs:
+    """One distillation run (`driver.launch`) and its outputs published to its MLflow run, if it has one; a run
+    that fails is marked FAILED with its error before the error goes on. `progress` (run_progress.RunProgress)
+    watches the workers' bars on the way; `report` gets the versions, alias holders and seconds per stage."""
+    from contextlib import nullcontext
+
+    from brcd_dist.run_progress import watch
+
+    report = report if report is not None else Report()
+    report.run_id = run_id
+    with tracking.failing_run(run_id):
+        t0 = time.perf_counter()
+        with watch(progress) if progress is not None else nullcontext():
+            result = launch(cfg, run_id=run_id, name=name, callbacks=callbacks)
+        run_s = time.perf_counter() - t0
+        if progress is not None:
+            stages = progress.stage_seconds()
+            report.seconds.update(stages)
+            report.seconds["start-up"] = max(0.0, run_s - sum(stages.values()))
+        else:
+            report.seconds["run"] = run_s
+        out = read_outputs(result_checkpoint_dir(result))
+        if run_id:
+            t1 = time.perf_counter()
+            report.versions = publish(run_id, cfg, out, roles=roles)
+            report.holders = alias_holders(cfg, report.versions) if report.versions else {}
+            report.seconds["MLflow"] = time.perf_counter() - t1
+    return out
+
+
+def shown_path(path) -> str:
+    """A path as the summary shows it: relative to the current directory when under it."""
+    text = str(path)
+    if "://" in text:
+        return text
+    try:
+        return os.path.relpath(text) if Path(text).resolve().is_relative_to(Path.cwd()) else text
+    except ValueError:
+        return text
+
+
+def run_summary(cfg: Config, out: Outputs, report: Report, manifest, *, shards_seconds: float = 0.0) -> str:
+    """The end of jobs/distill.py's output: what was evaluated, the result table, the time per stage, the MLflow
+    run, the registered versions and the alias decision, the checkpoint, and the commands to run next."""
+    from brcd_dist.redact import redact
+    from brcd_dist.run_progress import duration
+
+    t, e, d, k = out.test, cfg.eval, cfg.data, cfg.eval.topk
+    splits = manifest.splits
+    n_db = splits["database"].count if "database" in splits else 0
+    n_test = splits["test_query"].count if "test_query" in splits else 0
+    n_db_used = min(n_db, e.max_database) if e.max_database else n_db
+    n_q_used = min(n_test, e.max_queries) if e.max_queries else n_test
+    queries = f"{n_q_used:,} test queries" + (f" (of {n_test:,})" if n_q_used < n_test else "")
+    bits = out.student.bits if out.student is not None else out.teacher.bits
+    lines = [
+        f"Test retrieval: {queries} against {n_db_used:,} database images, {bits}-bit codes, mAP@{k} by Hamming "
+        "ranking",
+    ]
+    shape = (d.in_chans, d.image_size)
     tf = count_flops(out.teacher, *shape)
     sf = count_flops(out.student, *shape) if out.student is not None else 0
     s_rate, t_rate = t.get("student_images_per_s", 0.0), t.get("teacher_images_per_s", 0.0)
+    kept = " (kept)" if cfg.train.kept_teacher else ""
     rows = [
-        (
-            "teacher (teacher → teacher)",
-            f"{t.get('test_query/teacher_map', float('nan')):.4f}",
-            f"{t_rate:,.0f}",
-            f"{tf / 1e6:,.1f}",
-        ),
-        (
-            "student SSHP (student → student)",
-            f"{t.get('test_query/sshp_map', float('nan')):.4f}",
-            f"{s_rate:,.0f}",
-            f"{sf / 1e6:,.1f}",
-        ),
-        ("student ASHP (student → teacher db)", f"{t.get('test_query/ashp_map', float('nan')):.4f}", "", ""),
-    ]
-    head = ("model / paradigm", f"mAP@{k}", "encode img/s/worker", "MFLOPs/img")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    text = [line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+        ("", "queries by", "database by", f"mAP@{k}", "encode img/s/worker", "MFLOPs/img"),
+        ("teacher", "teacher", "teacher", f"{t.get('test_query/teacher_map', float('nan')):.4f}",
+         f"{t_rate:,.0f}{kept}" if t_rate else "", f"{tf / 1e6:,.1f}"),
+        ("student (SSHP)", "student", "student", f"{t.get('test_query/sshp_map', float('nan')):.4f}",
+         f"{s_rate:,.0f}" if s_rate else "", f"{sf / 1e6:,.1f}"),
+        ("student (ASHP)", "student", "teacher", f"{t.get('test_query/ashp_map', float('nan')):.4f}", "", ""),
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if s_rate and t_rate:
-        text.append(
-            f"student encodes {s_rate / t_rate:.2f}x faster than the teacher "
-            f"({tf / max(sf, 1):.1f}x fewer FLOPs); checkpoint: {out.checkpoint_dir}"
+        lines.append(
+            f"student: {s_rate / t_rate:.2f}x the teacher's encode rate, {tf / max(sf, 1):.1f}x fewer FLOPs per image"
         )
-    return "\n".join(text)
+    n_train = splits["train"].count if "train" in splits else 0
+    teacher_from = (
+        f"loaded from {redact(cfg.teacher.uri)}" if cfg.teacher.uri
+        else f"kept from an earlier run ({shown_path(cfg.train.kept_teacher)})" if cfg.train.kept_teacher
+        else f"{cfg.train.teacher_epochs} epoch{'s' * (cfg.train.teacher_epochs != 1)} on the "
+        f"{cfg.train.teacher_split} split"
+    )  # fmt: skip
+    n_val = splits["val_query"].count if "val_query" in splits else 0
+    student_arch = out.student.arch if out.student is not None else cfg.student.name
+    rest = [
+        (
+            "data",
+            f"{shown_path(d.shards_url or d.shards_dir)}: {n_train:,} train, {n_db:,} database, "
+            f"{n_val:,} validation, {n_test:,} test images",
+        ),
+        (
+            "trained",
+            f"teacher {cfg.teacher.name}, {teacher_from}; student {student_arch}, {cfg.train.epochs} "
+            f"epoch{'s' * (cfg.train.epochs != 1)} of "
+            f"{n_train:,} images, kd={cfg.brcd.kd}",
+        ),
+    ]
+    parts = ({"shards": shards_seconds} if shards_seconds else {}) | report.seconds
+    total = sum(parts.values())
+    rest.append(("time", f"{duration(total)}: " + ", ".join(f"{p} {duration(s)}" for p, s in parts.items())))
+    if report.run_id:
+        uri = cfg.tracking.uri
+        if uri.startswith("sqlite:///"):
+            uri = "sqlite:///" + shown_path(uri[len("sqlite:///") :])  # relative to the current directory: valid
+        view = (
+            f".venv/bin/mlflow ui --backend-store-uri {redact(uri)}" if uri.startswith("sqlite:")
+            else f"{redact(uri)}/#/experiments"
+        )  # fmt: skip
+        rest.append(("mlflow", f"run {report.run_id} in experiment {cfg.tracking.experiment}; view: {view}"))
+    names = {"teacher": cfg.tracking.teacher_name, "student": cfg.tracking.student_name}
+    registered = []
+    for role in ("student", "teacher"):
+        if role in report.versions:
+            v, holder, alias = report.versions[role], report.holders.get(role), cfg.tracking.alias
+            decision = (
+                f"@{alias} moved to it" if holder == str(v)
+                else f"@{alias} stays on version {holder}: its test mAP is higher (--force-alias moves it)"
+            )  # fmt: skip
+            registered.append(f"models:/{names[role]}/{v} ({decision})")
+    if registered:
+        rest.append(("registered", registered[0]))
+        rest += [("", r) for r in registered[1:]]
+    rest.append(("checkpoint", shown_path(out.checkpoint_dir)))
+    if "student" in report.versions:
+        model = f"models:/{names['student']}@{cfg.tracking.alias}"
+        index = f"indexes/{names['student']}"
+        key = splits["database"].keys[0] if "database" in splits and splits["database"].keys else "KEY"
+        images = shown_path(d.shards_url or d.shards_dir)
+        rest.append(("next", f".venv/bin/python jobs/index.py {model} --images {images} --out {index}"))
+        rest.append(("", f".venv/bin/python jobs/search.py {index} --query-key {key} --k 10"))
+    width = max(len(label) for label, _ in rest)
+    lines += [f"{label.ljust(width)}  {text}" for label, text in rest]
+    return "\n".join(lines)

@@ -37,12 +37,14 @@ def main(argv=None) -> dict:
     cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
     from brcd_dist import teacher_reuse, tracking
     from brcd_dist.driver import absolute_paths, run_name
-    from brcd_dist.reporting import launch_and_publish, result_table
+    from brcd_dist.reporting import Report, launch_and_publish, run_summary, shown_path
+    from brcd_dist.run_progress import Plan, RunProgress
 
     setup_logging()
     cfg = teacher_reuse.with_cache(absolute_paths(cfg))  # before the resume check sees it
     name = run_name(cfg)
-    uri, manifest = preflight(cfg, args.address, name)
+    timings: dict = {}
+    uri, manifest = preflight(cfg, args.address, name, timings)
     key = teacher_reuse.teacher_key(cfg, manifest.digest()) if teacher_reuse.reusable(cfg) else None
     kept = teacher_reuse.find_teacher(cfg, key) if key and not args.retrain_teacher else None
     if kept:
@@ -53,11 +55,14 @@ def main(argv=None) -> dict:
         )
         cfg = teacher_reuse.with_teacher(cfg, kept)
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest()) if uri else None
-    outputs = launch_and_publish(cfg, run_id, name)
+    report = Report()
+    progress = RunProgress(Plan.of(cfg, manifest))
+    outputs = launch_and_publish(cfg, run_id, name, progress=progress, report=report)
     if key and not kept:
         path = teacher_reuse.keep_teacher(cfg, key, outputs.teacher, manifest.digest())
-        print(f"teacher: kept as {path} for later runs with the same teacher config, data and seed", flush=True)
-    print(result_table(cfg, outputs))
+        shown = shown_path(path)
+        print(f"teacher: kept as {shown} for later runs with the same teacher config, data and seed", flush=True)
+    print(run_summary(cfg, outputs, report, manifest, shards_seconds=timings.get("shards", 0.0)))
     return outputs.test
 
 

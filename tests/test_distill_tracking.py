@@ -230,9 +230,35 @@ def download(run: DistillRun, path: str, dst: Path) -> Path:
 
 
 def test_distill_job_succeeds_prints_the_result_table_and_finishes_its_run(distill_run):
-    assert "student SSHP (student → student)" in distill_run.job.stdout
+    assert "student (SSHP)    student     student" in distill_run.job.stdout
     assert distill_run.run.info.status == "FINISHED"
     assert distill_run.run.info.run_name == "tracked"
+
+
+def test_distill_job_says_which_stage_runs_and_ends_with_what_it_did_and_what_to_do_next(distill_run):
+    """The run's lines as a user reads them: stage i of 4 as each starts, then a summary naming the sizes and
+    splits evaluated, the time per stage, the MLflow run, the registered versions and the alias decision, and the
+    index and search commands for the student just registered."""
+    from brcd_dist.data import load_manifest
+
+    out, splits = distill_run.job.stdout, load_manifest(distill_run.shards).splits
+    starts = [line.split("  (run ")[0] for line in out.splitlines() if line.startswith("stage ")]
+    assert starts == ["stage 1/4 teacher", "stage 2/4 clustering", "stage 3/4 student", "stage 4/4 evaluation"]
+    summary = out[out.index("Test retrieval: ") :].splitlines()
+    db, test = splits["database"].count, splits["test_query"].count
+    assert summary[0] == (
+        f"Test retrieval: {test:,} test queries against {db:,} database images, 64-bit codes, mAP@50 by Hamming ranking"
+    )
+    labels = {line.split("  ", 1)[0] for line in summary if line and not line.startswith(" ")}
+    assert {"data", "trained", "time", "mlflow", "registered", "checkpoint", "next"} <= labels
+    (time_line,) = [line for line in summary if line.startswith("time ")]
+    assert all(f"{stage} " in time_line for stage in ("shards", "teacher", "clustering", "student", "evaluation"))
+    run_id = distill_run.run.info.run_id
+    assert f"run {run_id} in experiment {distill_run.cfg.tracking.experiment}" in out
+    assert "models:/brcd-student/1 (@candidate moved to it)" in out  # the first versions: the alias moves
+    assert "models:/brcd-teacher/1 (@candidate moved to it)" in out
+    assert ".venv/bin/python jobs/index.py models:/brcd-student@candidate --images " in out
+    assert f"jobs/search.py indexes/brcd-student --query-key {splits['database'].keys[0]} --k 10" in out
 
 
 def test_run_params_are_the_flattened_resolved_config(distill_run):
