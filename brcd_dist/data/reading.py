@@ -44,6 +44,7 @@ from brcd_dist.data.decoding import loader_payload, views_on_device
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
 from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, READABLE_EXTS, check_pixels
 from brcd_dist.data.manifest import Manifest, shard_url
+from brcd_dist.data.prefetch import prefetched
 from brcd_dist.data.tar_samples import DEFAULT_MAX_MEMBER_BYTES, tar_samples
 from brcd_dist.redact import redact
 
@@ -313,8 +314,9 @@ class ShardBatches:
                 self.stats.errors.append(msg)  # the first ones; the counts hold the rest
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self._batches():
-            yield batch if self.dataset.augment_in_loader else self._on_device(batch)
+        if self.dataset.augment_in_loader:
+            return self._batches()
+        return prefetched(self._batches(), self._on_device, self.device)  # the next batches while this one trains
 
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Decode and augment a batch of loader payloads on self.device (decoding.py)."""
