@@ -103,7 +103,9 @@ def main(argv=None) -> dict:
     setup_logging()
 
     try:
-        images = image_source(args.images, args.split)
+        # the encoder actors run in other directories (and on other nodes): a local path goes to them absolute
+        local = "://" not in args.images
+        images = image_source(str(Path(args.images).resolve()) if local else args.images, args.split)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     is_file = Path(args.model).is_file()
