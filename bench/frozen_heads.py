@@ -1,4 +1,4 @@
-"""The paper's student regime on cached frozen-backbone features: KD methods compared on MLP hash heads (issue 16).
+"""The paper's student regime on cached frozen-backbone features: KD methods compared on MLP hash heads.
 
 A frozen backbone's forward pass costs ~60x its head's on CPU, and a frozen backbone gives the same output for the
 same input, so this bench computes it once per image for a fixed set of augmented views and trains only heads:

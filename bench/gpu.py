@@ -1,4 +1,4 @@
-"""GPU checks in one short run, for a lent single-GPU machine that has torch and timm but not Ray or DeepSpeed.
+"""GPU checks in one short run, for a single-GPU machine that has torch and timm but not Ray or DeepSpeed.
 
 1. NCCL + k-means: a 1-rank NCCL process group, `distributed_kmeans` with the torch-cuda assignment backend on
    1M x 256 float32, k = 20,000 (FAISS GPU wheels are not on that machine), and one nearest-centroid pass alone.

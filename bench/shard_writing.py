@@ -4,7 +4,7 @@
 
 Writes the same synthetic JPEG ImageFolder (bench/synthetic_imagefolder.py) into shards three ways, each in a fresh
 process (one encoding process, num_procs=1, so process_time is the whole cost) and `--repeats` times interleaved:
-- before: the code at --baseline (main before issue 14): decode, resize to 256, re-encode as PNG;
+- before: the code at --baseline (the commit before JPEG shards): decode, resize to 256, re-encode as PNG;
 - jpeg256: this tree, shorter_side=256 (JPEG stays JPEG, resized once, quality 90);
 - copy: this tree, shorter_side=0 (the source's JPEG bytes copied).
 Prints one JSON row per run and a median summary.

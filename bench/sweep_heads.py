@@ -1,4 +1,4 @@
-"""Equal-budget Ray Tune sweep of the KD methods on frozen-backbone hash heads, then seeds on test (issue 16).
+"""Equal-budget Ray Tune sweep of the KD methods on frozen-backbone hash heads, then seeds on test.
 
 The frozen-Lite0 regime of bench/frozen_heads.py (its feature cache, teacher and student trainers), searched and
 decided the way the issue asks:

@@ -138,7 +138,7 @@ class BRCDConfig:
     structural: bool = True  # structural-semantic positive term
     cluster_removal: bool = True  # false-negative removal and offset-positive rule
     bit_mask: bool = True  # per-cluster bit masks
-    # BRCD variants (losses/brcd.py; issue 16). The defaults are DESIGN §2.
+    # BRCD variants (losses/brcd.py). The defaults are DESIGN §2.
     mask_normalization: str = "kept"  # a masked similarity over: kept (the kept bits) | length (L)
     mask_sides: str = "anchor"  # mask every code with: anchor (the anchor's cluster mask) | both (its own image's)
     cosine: str = "dot"  # dot (a·b over the normaliser) | normalised (the authors' nn.CosineSimilarity)

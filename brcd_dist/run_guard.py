@@ -1,4 +1,4 @@
-"""Runs are not silently reused or replaced (issue 13 point 4), on the driver, before the workers start:
+"""Runs are not silently reused or replaced, on the driver, before the workers start:
 a run name is resumed only under the config it was started with, default run names are unique, and a
 registry alias moves only to a version at least as good as the one holding it."""
 

@@ -1,4 +1,4 @@
-"""A trained teacher is kept by a content key and reused by the next run that would train the same one (issue 15):
+"""A trained teacher is kept by a content key and reused by the next run that would train the same one:
 same teacher config, code length, CIBHash τ, input geometry, training schedule, seed and data (the shard
 manifest's digest) give the same key. `jobs/distill.py` looks the key up before launching, points
 `train.kept_teacher` at the kept teacher when found (stage A then loads it instead of training), and keeps the

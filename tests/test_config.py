@@ -1,4 +1,4 @@
-"""Config: defaults <- YAML <- key=value overrides, and one-line errors for every bad value (issue #2 item 4)."""
+"""Config: defaults <- YAML <- key=value overrides, and one-line errors for every bad value."""
 
 import dataclasses
 from pathlib import Path
@@ -103,7 +103,7 @@ def test_override_without_equals_sign():
         load_config(None, ["brcd.alpha"])
 
 
-# ----------------------------------------------------------------------------- bad input at the door (issue 13.5)
+# ----------------------------------------------------------------------------- bad input at the door
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""What `python jobs/distill.py` leaves in MLflow (issue #6), on a real sqlite store in a temp dir and a real
+"""What `python jobs/distill.py` leaves in MLflow, on a real sqlite store in a temp dir and a real
 local Ray instance that the job starts itself (DESIGN §1: params, metrics per step/epoch, plots, checkpoints;
 student and teacher registered as NAME@candidate), and how it refuses bad input before anything starts.
 

@@ -1,4 +1,4 @@
-"""Data that cannot hurt the shard writer or the readers (issue 13 point 5, data items): symlinks that leave the
+"""Data that cannot hurt the shard writer or the readers: symlinks that leave the
 ImageFolder root are not followed; an image above the pixel cap is refused from its header, without decoding it;
 a corrupt or empty image is skipped, counted and named instead of ending the run."""
 

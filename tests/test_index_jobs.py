@@ -1,4 +1,4 @@
-"""The student used, not only scored (DESIGN §5, issue 15): jobs/index.py encodes a shard split with Ray Data on
+"""The student used, not only scored (DESIGN §5): jobs/index.py encodes a shard split with Ray Data on
 the session's local Ray into a FAISS index logged to the model's MLflow run; jobs/search.py queries it.
 
 The student is the embedded default's architecture (mobilenetv3_small_050, 1x32x32, 64 bits), random-init with

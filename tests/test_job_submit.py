@@ -183,7 +183,7 @@ def test_each_rank_logs_the_node_it_ran_on(cluster, readme_job):
     assert set(logged.values()) == set(ray_state(cluster, WORKER_NODES))
 
 
-# What Ray Train and DeepSpeed print at their default levels (issue 15): -v only. Ray's C++ core still prints one
+# What Ray Train and DeepSpeed print at their default levels: -v only. Ray's C++ core still prints one
 # ERROR line about Ray Train's PreemptionWatcher actor (RAY_BACKEND_LOG_LEVEL would trade it for one line a worker).
 SET_UP_NOISE = (
     "Requesting resources",

@@ -1,4 +1,4 @@
-"""The CPU reading path's two costs that a bare decode-and-augment loop does not pay (issue 14, reader ratio):
+"""The CPU reading path's two costs that a bare decode-and-augment loop does not pay (the reader ratio):
 batches cut across loader chunks (a copy of every view) and the heap refaulted every chunk (allocator.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""losses/brcd.py's variants (issue 16) against a slow loop reference written from their description, row by row,
+"""losses/brcd.py's variants against a slow loop reference written from their description, row by row,
 on ±1 codes and on continuous codes (where the dot and normalised forms differ in value, so their gradients are
 pinned too), plus hand values of the authors'-release mode and of the authors' negatives."""
 

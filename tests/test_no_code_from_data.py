@@ -1,4 +1,4 @@
-"""Files read from shared stores run no code (issue 13 point 2): caches, clustering and model checkpoints load
+"""Files read from shared stores run no code: caches, clustering and model checkpoints load
 with weights_only=True, and a checkpoint's model spec is checked before timm sees it. A marker file proves that a
 crafted pickle payload did not execute."""
 

@@ -1,4 +1,4 @@
-"""Shard reading for N ranks x M loader workers (issue #2 item 6): every sample once per epoch, the same step
+"""Shard reading for N ranks x M loader workers: every sample once per epoch, the same step
 count on every rank whatever the shard layout, eval splits exactly once, damaged data skipped and counted, and
 the augmentations built from torchvision's functional ops (the batched blur checked against torchvision's).
 

@@ -1,4 +1,4 @@
-"""Credentials leave no trace (issue 13 point 3): one redaction function for URL user-info, signed-URL query
+"""Credentials leave no trace: one redaction function for URL user-info, signed-URL query
 tokens and secret-named variables, applied to MLflow params, the config.yaml artifact, the error tag, reader
 warnings and Ray's runtime_env; credential variables reach the workers through the train loop's config."""
 

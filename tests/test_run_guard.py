@@ -1,4 +1,4 @@
-"""Runs are not silently reused or replaced (issue 13 point 4): a run name resumes only under its own config,
+"""Runs are not silently reused or replaced: a run name resumes only under its own config,
 default names are unique, an alias moves only to a version at least as good as its holder, and the teacher copy
 is atomic."""
 

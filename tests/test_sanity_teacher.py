@@ -1,4 +1,4 @@
-"""Sanity run of the teacher recipe (issue #3), in one process with no Ray and no DeepSpeed: a tiny timm hash
+"""Sanity run of the teacher recipe, in one process with no Ray and no DeepSpeed: a tiny timm hash
 model trained from scratch with the CIBHash loss (DESIGN §2 "Teacher") on Fashion-MNIST shards read through
 brcd_dist.data must rank test queries against the database (DESIGN §3) far better than random codes do, and far
 better than the same network before training.

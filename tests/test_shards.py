@@ -1,4 +1,4 @@
-"""Shard writing: IDX reading, the seeded split of DESIGN §3, the manifest, re-use and refusal (issue #2 item 5).
+"""Shard writing: IDX reading, the seeded split of DESIGN §3, the manifest, re-use and refusal.
 
 Shards are read back here with Python's tarfile, not with our reader, so the check is independent of
 brcd_dist.data.reading. Fashion-MNIST tests use the real IDX files, a subset (max_images) where writing all

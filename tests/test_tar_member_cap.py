@@ -1,4 +1,4 @@
-"""A shard member above data.max_member_bytes is refused one by one (issue 13 point 5): skipped unread, its sample
+"""A shard member above data.max_member_bytes is refused one by one: skipped unread, its sample
 counted and named, the next member read; its bytes still go through the shard's sha256."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A second jobs/distill.py with the same teacher config, data and seed reuses the first run's teacher (issue 15):
+"""A second jobs/distill.py with the same teacher config, data and seed reuses the first run's teacher:
 two tiny runs (conftest's) on the session's Ray, in one storage path, the second differing in a student-side
 setting only; then a third with --retrain-teacher trains again."""
 

@@ -1,4 +1,4 @@
-"""jobs/train_teacher.py end to end with its storage on the session's loopback S3 bucket (issue 12): stage A alone
+"""jobs/train_teacher.py end to end with its storage on the session's loopback S3 bucket: stage A alone
 on the session's Ray, the teacher written once to STORAGE/NAME-teacher/teacher.pt on the bucket, and registered
 as brcd-teacher@candidate in a real sqlite MLflow store, the registered model being that file's teacher."""
 

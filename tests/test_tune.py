@@ -1,7 +1,7 @@
-"""Issue #6: a Ray Tune sweep of tiny trials finishes, reports each trial, registers the best as champion, and
+"""A Ray Tune sweep of tiny trials finishes, reports each trial, registers the best as champion, and
 its trials are child runs in MLflow. jobs/tune.py runs as the user runs it (a subprocess, its own cwd, a sqlite
 store there) on the tiny run of conftest.py: 3 trials over K in {3, 4} and α, δ in [0, 1], one at a time.
-Its storage is on the session's loopback S3 bucket (issue 12): Tune's experiment, every trial's checkpoints, the
+Its storage is on the session's loopback S3 bucket: Tune's experiment, every trial's checkpoints, the
 sweep's teacher and the k-means / teacher-codes cache all live under an s3:// train.storage_path.
 
 The sweep attaches to the session's Ray instance (--address) instead of starting its own. Ray Train's

@@ -3,7 +3,7 @@
 Every rank computes the same plan from (per-shard counts, world size, epoch, seed), so all ranks agree on the
 step count S = max over ranks of ceil(n_r / B) without communicating, and each rank cuts its own n_r samples
 into exactly S non-empty batches of near-equal size. No rank runs out of batches while another still calls a
-collective (a WebDataset split by node alone yields fewer batches on a rank with fewer shards: STACK.md).
+collective (a WebDataset split by node alone yields fewer batches on a rank with fewer shards).
 
 Assignment: shards in a per-epoch seeded order go, one by one, to the rank with the fewest samples so far.
 A shard is read by one rank in an epoch (DESIGN §5): at 64 ranks, reading every shard on every rank and keeping

@@ -1,4 +1,4 @@
-"""A shard's tar stream as samples, one member at a time, with a size cap per member (issue 13 point 5).
+"""A shard's tar stream as samples, one member at a time, with a size cap per member.
 
 webdataset reads every member whole before anyone looks at it, so one crafted multi-gigabyte member would be
 held in memory. Here the tar headers are read in stream mode (`tarfile` "r|"): a member above `max_member_bytes`

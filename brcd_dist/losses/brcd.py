@@ -18,7 +18,7 @@ Choices where DESIGN §2 leaves room (each pinned by a test):
 - The student codes s_j, s'_j used as negatives carry gradient (as in NT-Xent); teacher codes are detached.
 - masks rows must keep >= 1 bit (bit_masks falls back to all bits); an empty mask row raises instead of giving 0.
 
-Variants (issue 16; the defaults, listed first, are DESIGN §2 and the behaviour above, computed by the same ops):
+Variants (the defaults, listed first, are DESIGN §2 and the behaviour above, computed by the same ops):
 - mask_normalization "kept" | "length": a masked similarity is divided by the kept bits, √(|m_a|·|m_z|) (= |m_k|
   with one-sided masks), or by L. Dividing by the kept bits scales every masked logit's gradient by L/|m|.
 - mask_sides "anchor" | "both": every code in the row is masked with the anchor's cluster mask m_k, or (the authors'

@@ -18,7 +18,7 @@ import time
 
 PROGRESS_ENV = "BRCD_PROGRESS"
 VERBOSE_ENV = "BRCD_VERBOSE"
-# Loggers whose INFO lines are noise to a user watching the job (issue 15): Ray's (Train's reports, Data's
+# Loggers whose INFO lines are noise to a user watching the job: Ray's (Train's reports, Data's
 # plans), DeepSpeed's set-up; and two whose warnings are noise on CPU machines: torch's extension builder ("No
 # CUDA runtime is found") and DeepSpeed's accelerator guess. Ray Train's own per-report INFO line comes from a
 # logger named by its file: connect_ray's logging_config lowers Ray's processes as a whole.
