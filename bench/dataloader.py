@@ -1,6 +1,6 @@
 """The reading path's cost per core: shards -> decode -> two views, against a bare loop over the same bytes.
 
-    flock /work/ray.lock .venv/bin/python bench/dataloader.py [--images 256] [--repeats 3] [--size 224]
+    .venv/bin/python bench/dataloader.py [--images 256] [--repeats 3] [--size 224]
 
 On one thread (torch.set_num_threads(1), loader in-process: num_workers=0), CPU seconds by process_time, so the
 figures are per core. Measured side by side, `--repeats` rounds interleaved (reading and bare alternate which

@@ -18,7 +18,7 @@ same input, so this bench computes it once per image for a fixed set of augmente
 Departures from the DESIGN §3 protocol, to keep it cheap: a database subset (default 10,000 of 60,000), 1,000 of
 each query split, `views` fixed views instead of fresh ones each epoch. One process, no Ray.
 
-    flock /work/ray.lock nice .venv/bin/python bench/frozen_heads.py --seed 0
+    nice .venv/bin/python bench/frozen_heads.py --seed 0
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -296,7 +297,7 @@ def teacher_outputs(cache: dict, teacher: torch.nn.Module, args) -> tuple[dict, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument("--cache", default="/tmp/brcd_frozen_lite0_cache.pt")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "brcd_frozen_lite0_cache.pt"))
     ap.add_argument("--views", type=int, default=4, help="cached augmented views per training image (even)")
     ap.add_argument("--train", type=int, default=0, help="first N of the 5,000 training images (0: all; smoke tests)")
     ap.add_argument("--database", type=int, default=10000)

@@ -14,7 +14,7 @@
    `cat teacher64.pt.part* > teacher64.pt` rebuilds a file that `load_hash_model` reads.
 
     python bench/gpu.py --out OUTDIR                       # on the GPU machine
-    python bench/gpu.py --out /tmp/g --smoke               # tiny sizes, CPU: checks the script runs
+    python bench/gpu.py --out OUT --smoke                 # tiny sizes, CPU: checks the script runs
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 make_shards and the whole pipeline with tiny models and few steps; per stage wall time, CPU time, peak RSS per
 process and bytes on disk, and how each grows with N (DESIGN §5: linear or better).
 
-    flock /work/ray.lock .venv/bin/python bench/scale_rehearsal.py --sizes 20000 80000 320000   # the intended run
-    flock /work/ray.lock .venv/bin/python bench/scale_rehearsal.py --sizes 2000 4000 8000       # a 2-core smoke
+    .venv/bin/python bench/scale_rehearsal.py --sizes 20000 80000 320000   # the intended run
+    .venv/bin/python bench/scale_rehearsal.py --sizes 2000 4000 8000       # a 2-core smoke
 
 Each stage is a subprocess (jobs/make_shards.py, then jobs/distill.py on the shards); a sampler thread walks
 its process tree every 0.5 s with psutil: peak RSS per process (grouped by role: driver, Ray train workers,
@@ -24,6 +24,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -213,7 +214,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 8000])
     p.add_argument("--stages", default="shards,pipeline", help="shards,pipeline | shards | retrieval")
     p.add_argument("--steps", type=int, default=3, help="train.max_steps_per_epoch")
-    p.add_argument("--work", default="/tmp/brcd_scale_rehearsal")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "brcd_scale_rehearsal"))
     p.add_argument("--out", default="bench/results/scale_rehearsal.jsonl")
     args = p.parse_args()
     work = Path(args.work)

@@ -1,6 +1,6 @@
 """Shard writing cost before and after JPEG shards: CPU seconds per stored sample and bytes per sample.
 
-    flock /work/ray.lock .venv/bin/python bench/shard_writing.py [--baseline /work/main] [--classes 10] [--per-class 30]
+    .venv/bin/python bench/shard_writing.py --baseline OLD_CHECKOUT [--classes 10] [--per-class 30]
 
 Writes the same synthetic JPEG ImageFolder (bench/synthetic_imagefolder.py) into shards three ways, each in a fresh
 process (one encoding process, num_procs=1, so process_time is the whole cost) and `--repeats` times interleaved:
@@ -53,8 +53,8 @@ def child(folder: str, mode: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", default="/work/main", help="a checkout of the code before (its brcd_dist)")
-    p.add_argument("--folder", default="/tmp/data_bench/folder300")
+    p.add_argument("--baseline", required=True, help="a checkout of the code before (its brcd_dist)")
+    p.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "data_bench" / "folder300"))
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)

@@ -12,7 +12,7 @@ decided the way the issue asks:
    `student_alone`, which has no knob), students at each of --seeds, scored on the test queries (SSHP, and ASHP
    against the teacher's database codes). `--phase table` prints the mean ± std table of the final rows.
 
-    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python bench/sweep_heads.py --cache /tmp/kd/cache64.pt \\
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python bench/sweep_heads.py --cache CACHE.pt \\
         --train 1000 --views 8 --database 2000 --queries 1000 --samples 12
 
 τ is the pipeline's one temperature: it sets the BRCD term's and the student's own CIBHash term's (student_stage).
