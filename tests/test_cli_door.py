@@ -218,3 +218,30 @@ def test_a_refusal_naming_a_url_with_a_password_prints_no_password(tmp_path):
     (line,) = done.stderr.strip().splitlines()
     assert "data.shards_url=" in line and "expected a string" in line
     assert "s3cr3t-pw" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("job", FLAGS)
+def test_help_shows_the_whole_first_paragraph_the_examples_and_the_exit_codes(job):
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    spec = importlib.util.spec_from_file_location(f"help_{job}", REPO / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.make_parser().format_help()
+    first = " ".join(module.__doc__.strip().split("\n\n")[0].split())
+    assert first.endswith(".") and first in " ".join(text.split())  # not cut at the docstring's first line
+    assert f"python jobs/{job}.py" in text  # the docstring's examples
+    assert "exit codes: 0 done, 1 the run failed after it started, 2 bad input" in text
+
+
+def test_an_empty_tracking_uri_flag_takes_mlflow_tracking_uri_then_mlflow_db(monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO / "jobs"))
+    import _cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert _cli.tracking_uri("") == "http://tracking.example:5000"
+    assert _cli.tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("BRCD_HOME", str(tmp_path))
+    assert _cli.tracking_uri("") == f"sqlite:///{tmp_path}/mlflow.db"
