@@ -25,7 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
+try:
+    import faiss
+except ImportError as err:  # the base install names no FAISS build (pyproject.toml): say which to add
+    raise ImportError("brcd_dist.index needs FAISS: pip install 'brcd-dist[cpu]' (or [gpu] on a GPU machine)") from err
 import numpy as np
 import torch
 from PIL import Image

@@ -3,11 +3,9 @@ session's loopback S3 store, as on a cluster whose nodes share no disk): Ray Tra
 last checkpoint, read back from the bucket, the run finishes without redoing the teacher or the clustering, and
 the student ends bit-for-bit the same as the uninterrupted run's (local storage) with the same seed.
 
-How the kill is placed: a thread beside TorchTrainer.fit() polls the run's checkpoint_manager_snapshot.json (the
-checkpoints Ray Train has registered, i.e. that every rank reported) until the latest one's state.json says stage
-"student" with step_in_epoch > 0 (a mid-epoch student checkpoint, past every teacher step), then SIGKILLs one
-RayTrainWorker process, found with ray.util.state.list_actors. train.max_failures=1 lets the controller restart
-the worker group, which gets that checkpoint from ray.train.get_checkpoint().
+How the kill is placed: bench/faults.py's MidStageCKiller, beside TorchTrainer.fit(), SIGKILLs one RayTrainWorker
+(found with ray.util.state.list_actors) once a mid-epoch student checkpoint is registered; train.max_failures=1 lets
+the controller restart the worker group from that checkpoint.
 
 Why equality can be exact here, and is tested as such (measured: all 244 tensors of the student equal):
 - the student's weights, its AdamW moments and step counts, and BatchNorm's running statistics are all in the
@@ -33,13 +31,8 @@ starting elsewhere), and equality would have to become closeness; this test keep
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Optional
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -49,68 +42,15 @@ from conftest import run_tiny
 from brcd_dist import storage
 from brcd_dist.driver import read_outputs, result_checkpoint_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from faults import MidStageCKiller, alive_train_worker_pids, read_json  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-KILL_DEADLINE_S = 600
-
-
-def read_json(uri: str):
-    """A JSON object that another process may be writing or replacing: None until it reads whole."""
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (OSError, ValueError):
-        return None
-
-
-def alive_train_worker_pids(dashboard: str) -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=dashboard,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-        raise_on_missing_output=False,
-    )
-    return sorted(a.pid for a in actors)
-
-
-@dataclass
-class MidStageCKiller:
-    """Run beside fit(): kill one train worker once a mid-epoch student checkpoint is registered."""
-
-    dashboard: str
-    state_at_kill: Optional[dict] = None
-    killed_pid: Optional[int] = None
-    first_pids: list = field(default_factory=list)
-    error: Optional[BaseException] = None
-
-    def __call__(self, run_dir: str, finished: threading.Event) -> None:
-        try:
-            self._run(run_dir, finished)
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            self.error = err
-
-    def _run(self, run_dir: str, finished: threading.Event) -> None:
-        deadline = time.monotonic() + KILL_DEADLINE_S
-        while time.monotonic() < deadline and not finished.is_set():
-            snapshot = read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
-            latest = snapshot.get("latest_checkpoint_result")
-            if latest:
-                if not self.first_pids:  # the workers are up (they reported); note them before stage C
-                    self.first_pids = alive_train_worker_pids(self.dashboard)
-                state = read_json(storage.join(run_dir, latest["checkpoint_dir_name"], "state.json"))
-                if state and state["stage"] == "student" and state["step_in_epoch"] > 0:
-                    pid = self.first_pids[0]
-                    assert psutil.Process(pid).name().startswith("ray::"), "not a Ray worker process"
-                    os.kill(pid, signal.SIGKILL)
-                    self.killed_pid, self.state_at_kill = pid, state
-                    return
-            time.sleep(0.05)
-        raise TimeoutError("the run ended, or ran past the deadline, before a mid-epoch student checkpoint was seen")
 
 
 @pytest.fixture(scope="module")
 def killed_run(local_ray, object_store, tiny_shards):
-    killer = MidStageCKiller(local_ray.dashboard)
+    killer = MidStageCKiller(lambda: alive_train_worker_pids(local_ray.dashboard))
     run = run_tiny(tiny_shards, object_store.url("fault_runs"), "killed", max_failures=1, during=killer)
     if killer.error is not None:
         raise killer.error

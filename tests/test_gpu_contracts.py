@@ -1,7 +1,9 @@
 """What a GPU run needs and a CPU run does not show, pinned on the CPU.
 
-- DeepSpeed's bf16 mode leaves the teacher's weights in bf16, which numpy has no dtype for: the weight digest that
-  names cached codes and k-means results must not go through numpy's dtypes.
+- A teacher can arrive with bf16 weights (DeepSpeed's bf16 mode leaves them so), which numpy has no dtype for: the
+  weight digest that names cached codes and k-means results must not go through numpy's dtypes.
+- train.precision=bf16, what a GPU run computes in, is pinned on the CPU: a bf16 forward under DeepSpeed with fp32
+  weights and BatchNorm statistics.
 - Ray Train's NCCL group maps only `cuda` to a backend: a CPU tensor handed to `dist.all_reduce` fails there and
   passes under gloo. Every tensor collective of the package therefore goes through train/collectives.py, which
   moves the tensor to the group's device and back. A CPU machine has no second device to put a tensor on the
@@ -119,14 +121,39 @@ def _strict_group() -> list:
     return refused
 
 
+def _bf16_step() -> dict:
+    """One DeepSpeed step with train.precision=bf16 on this CPU rank: what the forward computed in, and what the
+    weights and BatchNorm's statistics are kept in."""
+    import os
+    from types import SimpleNamespace
+
+    from brcd_dist.train.engine import make_engine
+
+    os.environ["LOCAL_RANK"] = "0"  # DeepSpeed reads it (Ray Train sets it)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    train = SimpleNamespace(batch_size=4, grad_accum=1, weight_decay=0.0, zero_stage=0, precision="bf16")
+    engine = make_engine(model, train, 1e-2, torch.device("cpu"))
+    out = engine(torch.randn(4, 4))
+    engine.backward(out.float().pow(2).mean())
+    engine.step()
+    return {
+        "forward": str(out.dtype),
+        "weights": sorted({str(p.dtype) for p in engine.module.parameters()}),
+        "bn_stats": str(engine.module[1].running_var.dtype),
+    }
+
+
 def _on_strict_group(rank, world_size):
-    """Stage B's k-means and bit statistics, a buffer sync, and each tensor helper, on a strict gloo group."""
+    """A bf16 DeepSpeed step; then stage B's k-means and bit statistics, a buffer sync, and each tensor helper, on a
+    strict gloo group (DeepSpeed's own collectives run before the group turns strict)."""
     from dataclasses import replace
 
     from brcd_dist.config import Config
     from brcd_dist.train.clustering_stage import kmeans_on_codes
     from brcd_dist.train.context import WorkerContext
 
+    bf16 = _bf16_step()
     refused = _strict_group()
     cfg = Config()
     cfg.brcd = replace(cfg.brcd, clusters=3)
@@ -142,6 +169,7 @@ def _on_strict_group(rank, world_size):
     t = torch.tensor([1.0, 2.0]) * (rank + 1)
     b = torch.full((3,), float(rank))
     return {
+        "bf16": bf16,
         "refused": refused,
         "counts": km["counts"].tolist(),
         "labelled": len(km["pseudo_labels"]),
@@ -165,6 +193,12 @@ def test_stage_b_and_buffer_sync_pass_a_group_that_refuses_unmoved_tensors(stric
     assert r0["refused"] == r1["refused"] == []
     assert r0["counts"] == r1["counts"] and sum(r0["counts"]) == 80  # bit statistics all-reduced over both ranks
     assert r0["labelled"] == r1["labelled"] == 80 and r0["running_mean"] == r1["running_mean"]
+
+
+def test_bf16_computes_the_forward_in_bf16_and_keeps_weights_and_batchnorm_statistics_in_fp32(strict_ranks):
+    """train.precision=bf16 is DeepSpeed's torch_autocast mode (train/engine.py says why not its bf16 mode)."""
+    for r in strict_ranks:
+        assert r["bf16"] == {"forward": "torch.bfloat16", "weights": ["torch.float32"], "bn_stats": "torch.float32"}
 
 
 def test_all_reduce_returns_a_new_tensor_all_gather_stacks_in_rank_order_and_broadcast_fills_in_place(strict_ranks):

@@ -1,4 +1,4 @@
-"""DeepSpeed engines built from our TrainConfig: ZeRO stage, micro-batch, accumulation, bf16 on GPU, fp32 on CPU."""
+"""DeepSpeed engines built from our TrainConfig: ZeRO stage, micro-batch, accumulation, bf16 autocast or fp32."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from brcd_dist.train.progress import quiet_stdout
 
 
 def train_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
-    """The dtype the models are trained and run in (`train.precision`): "auto" is bf16 on a GPU that supports it
-    and fp32 elsewhere; "bf16" also on the CPU (what a GPU run does, so a CPU test can pin it)."""
+    """The dtype the models compute in (`train.precision`; the weights stay fp32): "auto" is bf16 on a GPU that
+    supports it and fp32 elsewhere; "bf16" also on the CPU (what a GPU run does, so a CPU run can pin it)."""
     if train.precision == "bf16":
         return torch.bfloat16
     if train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -23,21 +23,23 @@ def train_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
 
 def deepspeed_config(train: TrainConfig, lr: float, dtype: torch.dtype) -> dict:
     """The DeepSpeed JSON config. The optimizer is torch's AdamW: DeepSpeed's default "Adam" is FusedAdam, a
-    compiled op that costs about 90 s to build on CPU and needs nothing we gain from it here. In bf16 mode
-    DeepSpeed casts the parameters only; the buffers (BatchNorm's running statistics) follow, or batch_norm gets
-    bf16 weights beside fp32 statistics and refuses them."""
-    bf16 = dtype == torch.bfloat16
+    compiled op that costs about 90 s to build on CPU and needs nothing we gain from it here.
+
+    bf16 is DeepSpeed's torch_autocast mode, not its bf16 mode: the weights, their optimizer state and BatchNorm's
+    running statistics stay fp32 and the matmuls and convolutions run in bf16. The bf16 mode casts the weights
+    (DeepSpeed 0.19 leaves the buffers in fp32, which batch_norm refuses beside bf16 weights) and, with the buffers
+    cast too, cost the student 0.020 SSHP mAP against fp32 over three seeds, where autocast stays within 0.01
+    (docs/benchmarks/throughput.md, bench/precision.py)."""
     config = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": train.weight_decay, "torch_adam": True}},
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if bf16:
-        config["data_types"] = {"buffer_dtype": "bf16"}
+    if dtype == torch.bfloat16:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return config
 
 
@@ -54,7 +56,6 @@ def make_engine(model: nn.Module, train: TrainConfig, lr: float, device: torch.d
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on a GPU for forward passes that are not under a DeepSpeed engine (the frozen teacher, the
-    final student), when the run trains in bf16; on the CPU the modules are cast instead (`train_dtype`)."""
-    on = device.type == "cuda" and dtype == torch.bfloat16
-    return torch.autocast("cuda" if on else "cpu", dtype=torch.bfloat16, enabled=on)
+    """bf16 autocast for forward passes that are not under a DeepSpeed engine (the frozen teacher, encoding), on
+    the CPU and the GPU alike, when the run computes in bf16 (`train_dtype`); a no-op in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)

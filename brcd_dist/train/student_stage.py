@@ -20,7 +20,7 @@ from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import HashModel, build_student
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.engine import autocast, make_engine
+from brcd_dist.train.engine import autocast, make_engine, train_dtype
 from brcd_dist.train.epochs import run_epochs, two_view_forward
 from brcd_dist.train.evaluation import Evaluator
 from brcd_dist.train.selection import ModelSelection
@@ -43,10 +43,9 @@ def student_step(batch: dict, teacher, student, clustering: Clustering, cfg: Con
     views, each view's nearest centroid, KDInputs, kd_weight × KD + λ_self × CIBHash. `student` is a DeepSpeed
     engine or a plain module; `clustering`'s centroids and masks are on `device`."""
     b = cfg.brcd
-    t_dtype = next(teacher.parameters()).dtype  # the training dtype (train/teacher_stage.py)
-    with torch.no_grad(), autocast(device, t_dtype):
+    with torch.no_grad(), autocast(device, train_dtype(cfg.train, device)):
         v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
-        t_logits = teacher(torch.cat([v1, v2]).to(t_dtype)).float()
+        t_logits = teacher(torch.cat([v1, v2]).to(next(teacher.parameters()).dtype)).float()
     q, t = probs_and_codes(t_logits)
     n = len(v1)
     l1, l2 = two_view_forward(student, batch, device)

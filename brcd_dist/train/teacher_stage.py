@@ -12,7 +12,7 @@ from brcd_dist.codes import probs_and_codes
 from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import HashModel, build_teacher, load_hash_model, save_hash_model
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.engine import make_engine, train_dtype
+from brcd_dist.train.engine import make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
 from brcd_dist.train.state import ENGINE_TAG, TrainState
 
@@ -37,9 +37,7 @@ def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
         teacher = load_model(cfg.teacher.uri)
     else:
         teacher = train_teacher(ctx, state, resume_dir)
-    # The frozen teacher runs in the training dtype whether it was trained here (DeepSpeed's bf16 mode leaves it in
-    # bf16) or loaded (an fp32 file, as after a restart): the same weights and codes either way.
-    teacher = teacher.to(ctx.device, train_dtype(cfg.train, ctx.device)).eval()
+    teacher = teacher.to(ctx.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if ctx.run_dir and not state.teacher_uri:  # the frozen teacher once per run, not again in every checkpoint

@@ -128,6 +128,8 @@ def run_stages(config: dict) -> None:
         test = evaluator.evaluate(student, "test_query", with_curves=ctx.cfg.eval.pr_curves)
         curves = test.pop("curves", None)
         state.stage = "done"
+        if ctx.use_gpu:  # this attempt's peak, rank 0's device
+            test["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         state.history["test"] = {**test, **evaluator.throughput}
         ctx.checkpoint_files.student = student
         ctx.checkpoint_files.curves = curves
