@@ -44,7 +44,7 @@ def test_make_shards_job_writes_shards_and_manifest_to_the_bucket_and_a_rerun_ke
     object_store, monkeypatch, capsys
 ):
     url = object_store.url(f"job-{uuid.uuid4().hex[:6]}")
-    args = [f"data.shards_url={url}", "data.train_per_class=2", "data.samples_per_shard=25", "--max-images", "100"]
+    args = [f"data.shards_url={url}", "data.train_per_class=2", "data.samples_per_shard=25", "data.max_images=100"]
     assert run_make_shards(args, monkeypatch) == 0
     assert capsys.readouterr().out.startswith(f"{url}: fashion_mnist, ")
     manifest = load_manifest(url)
