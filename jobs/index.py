@@ -94,6 +94,8 @@ def main(argv=None) -> dict:
         value = getattr(args, flag)
         if value is not None and value < 1:
             fail(f"--{flag.replace('_', '-')}={value}: must be >= 1")
+    if "://" not in args.images and not Path(args.images).exists():
+        fail(f"--images {args.images}: no such directory (a shard directory or an image folder)")
     check_model_reachable(args.model, tracking_uri(args.tracking_uri), "model")
     # the heavy imports (FAISS, torch, Ray, MLflow) after the checks that need none of them
     from brcd_dist import tracking

@@ -138,8 +138,13 @@ BAD_INPUT = {
     ),
     "index: a registered model without a store": (
         "index.py",
-        ["models:/nope@x", "--images", "imgs", "--out", "out"],
+        ["models:/nope@x", "--images", str(REPO / "configs"), "--out", "out"],  # a directory that exists
         "model models:/nope@x: no tracking store",
+    ),
+    "index: images that are not there": (
+        "index.py",
+        ["models:/nope@x", "--images", "imgs", "--out", "out"],
+        "--images imgs: no such directory",
     ),
     "search: a value": ("search.py", ["idx", "--query", "q.png", "--k", "0"], "--k=0: must be >= 1"),
     "search: no query": ("search.py", ["idx"], "no query: give --query IMAGE ... or --query-key KEY ..."),
