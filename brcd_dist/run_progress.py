@@ -6,7 +6,8 @@ module watches those states on the driver, on their way to the bars. A bar's nam
 (A), `k-means ...` and the teacher's encode of the train split (B), `student` (C, with its validation encodes),
 and the encodes after the student's bar closed (D). Each bar is prefixed with `[i/4]` and, once rates are known,
 the time left for the whole run; a line is printed as each stage starts. The estimate is the work left in the
-plan (steps and encode batches from the config and the manifest) at the rates measured so far.
+plan (steps and encode batches from the config and the manifest) at the rates measured so far. The final ranking
+draws no bar on the workers; the driver draws one (its elapsed time) once the evaluation's encodes are done.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class RunProgress:
     step_rate: float | None = None  # training steps a second, latest measured
     batch_rate: float | None = None  # encode batches a second, latest measured
     student_closed: bool = False
+    open: set = field(default_factory=set)  # uuids of the bars not closed yet
+    idle_since: float | None = None  # when the last open bar closed
 
     def __post_init__(self):
         if self.t0 is None:
@@ -114,8 +117,14 @@ class RunProgress:
                 self.step_rate = rate
             elif unit == "batch":
                 self.batch_rate = rate
-        if state.get("closed") and desc.startswith("student"):
-            self.student_closed = True
+        if state.get("closed"):
+            self.open.discard(uuid)
+            self.student_closed |= desc.startswith("student")
+            if not self.open:
+                self.idle_since = now
+        else:
+            self.open.add(uuid)
+            self.idle_since = None
         tagged = dict(state)
         tagged["desc"] = f"[{stage + 1}/4] {desc}{self._left(now, sep='  run ')}"
         return tagged
@@ -149,20 +158,33 @@ class RunProgress:
         left = self.left()
         return f"{sep}about {duration(left)} left" if left is not None else ""
 
+    def ranking(self, now: float | None = None, after_s: float = 1.0) -> bool:
+        """True while the evaluation ranks: its encodes are done (no bar open for `after_s`), the run goes on."""
+        now = time.perf_counter() if now is None else now
+        return self.stage == 3 and self.idle_since is not None and now - self.idle_since >= after_s
+
     def stage_seconds(self) -> dict[str, float]:
         return {STAGES[i]: self.ended[i] - self.started[i] for i in sorted(self.started) if i in self.ended}
 
 
+RANKING = "[4/4] ranking the test queries against the database (Hamming, SSHP, ASHP and the teacher)"
+
+
 def watch(progress: RunProgress):
-    """Route the driver's tqdm_ray bar states through `progress` while the returned context is open."""
+    """Route the driver's tqdm_ray bar states through `progress` while the returned context is open, and draw the
+    ranking's bar: the workers rank after their last encode with no bar of their own, so the driver shows one
+    (its elapsed time) from then until the next bar or the end of the run."""
     import contextlib
+    import threading
 
     @contextlib.contextmanager
     def ctx():
         from ray.experimental import tqdm_ray
+        from tqdm.auto import tqdm
 
         manager = tqdm_ray.instance()
         original = manager.process_state_update
+        stop = threading.Event()
 
         def process(state):
             try:
@@ -171,11 +193,28 @@ def watch(progress: RunProgress):
                 pass
             original(state)
 
+        def ranking_bar():
+            bar = None
+            while not stop.wait(0.5):
+                if progress.ranking() and bar is None:
+                    bar = tqdm(desc=RANKING, total=None, bar_format="{desc}: {elapsed}", leave=False)
+                elif bar is not None and not progress.ranking():
+                    bar.close()
+                    bar = None
+                elif bar is not None:
+                    bar.refresh()
+            if bar is not None:
+                bar.close()
+
         manager.process_state_update = process
         progress.print_line = lambda line: tqdm_ray.safe_print(line, flush=True)
+        ticker = threading.Thread(target=ranking_bar, daemon=True)
+        ticker.start()
         try:
             yield progress
         finally:
             manager.process_state_update = original
+            stop.set()
+            ticker.join(timeout=5)
 
     return ctx()

@@ -88,3 +88,18 @@ def test_a_loaded_teacher_starts_the_run_at_stage_two(clock):
 @pytest.mark.parametrize("seconds,text", [(4.4, "4s"), (65, "1m05s"), (3725, "1h02m")])
 def test_durations_read_as_a_person_writes_them(seconds, text):
     assert duration(seconds) == text
+
+
+def test_the_ranking_is_shown_once_the_evaluation_encodes_are_done_and_no_bar_is_open(clock):
+    progress = RunProgress(Plan(student_steps=2, evaluation_batches=2), print_line=lambda line: None)
+    progress.observe(state("s", "student  epoch 1/1", 2, 2, "step", closed=True))
+    assert not progress.ranking(now=100.0)  # the student stage ends: not the ranking yet
+    clock.now = 1.0
+    progress.observe(state("d", "encode database (student)", 0, 2, "batch"))
+    clock.now = 2.0
+    progress.observe(state("d", "encode database (student)", 2, 2, "batch", closed=True))
+    assert not progress.ranking(now=2.5)  # maybe only the gap between two encodes
+    assert progress.ranking(now=3.5)
+    clock.now = 4.0
+    progress.observe(state("q", "encode test_query (teacher)", 0, 1, "batch"))
+    assert not progress.ranking(now=10.0)  # another encode: not ranking
