@@ -22,7 +22,7 @@ def smoke(local_ray, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("smoke")
     out = work / "report.json"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the session's Ray, as a cluster's
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the suite's own Ray, as a cluster's
     proc = subprocess.run(
         ["bash", str(SCRIPT), "cpu", "--out", str(out), "--work", str(work / "work")],
         cwd=REPO,
