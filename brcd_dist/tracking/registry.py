@@ -51,7 +51,7 @@ def _public_version(package: str) -> str:
 
 
 def pip_requirements() -> list[str]:
-    """What a logged hash model needs; explicit, so MLflow skips its slow requirement inference (STACK.md)."""
+    """What a logged hash model needs; explicit, so MLflow skips its slow requirement inference (about 10 s a model)."""
     return [f"torch=={_public_version('torch')}", f"timm=={_public_version('timm')}", f"brcd-dist=={__version__}"]
 
 

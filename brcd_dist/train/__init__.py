@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 # DeepSpeed JIT-compiles its CPU shm comm op on first use; keep the build next to the venv's torch so that a
-# different torch never reuses (and dead-locks on) a stale build (../shared/STACK.md).
+# different torch never reuses (and dead-locks on) a stale build (docs/troubleshooting.md).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 from brcd_dist.train.progress import quiet_worker_logs, verbose
