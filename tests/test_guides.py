@@ -74,11 +74,17 @@ def run(words: list[str], tiny: list[str] = ()):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch, local_ray):
-    """A user's working directory: cwd and BRCD_HOME, no tracking store named by the environment."""
+    """A user's working directory: cwd and BRCD_HOME, no tracking store named by the environment. A job run in this
+    process makes its store MLflow's current one and exports it as MLFLOW_TRACKING_URI: both are undone afterwards,
+    or the processes of later tests (a local cluster's jobs) would register their models in this store."""
+    import mlflow
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BRCD_HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # so that teardown restores the variable as it was before
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
 
 
 def test_the_readme_smoke_demo_then_its_index_and_search(home, capsys):
