@@ -129,47 +129,51 @@ def run_distill(args, folder: Path, work: Path, report: dict):
     return read_outputs(Path(run_dir) / latest["checkpoint_dir_name"])
 
 
+def timed_student_steps(teacher, student, clustering, cfg, device, views: dict, steps: int) -> float:
+    """Images/s of the student's training step alone (student_step, backward, AdamW; under the run's autocast) on
+    `views` already on `device`, after 3 warm-up steps: the bare loop a pipeline's rate is read against. The weights
+    stay fp32, as in the pipeline (train/engine.py)."""
+    import torch
+
+    from brcd_dist.train.engine import autocast, train_dtype
+    from brcd_dist.train.student_stage import student_step
+
+    dtype = train_dtype(cfg.train, device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(steps + 3):
+        if i == 3:  # after the warm-up: kernels chosen, allocator grown
+            sync()
+            t0 = time.perf_counter()
+        with autocast(device, dtype):
+            loss = student_step(views, teacher, student, clustering, cfg, device)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync()
+    return steps * len(views["key"]) / (time.perf_counter() - t0)
+
+
 def bare_student_steps(outputs, args, device, steps: int) -> float:
-    """Images/s of the student's training step alone (student_step, backward, AdamW) on `device`, on random views
-    already there: what the pipeline's rate is read against."""
+    """The bare student step on this run's teacher and clustering, at the run's batch and input size."""
     import torch
 
     from brcd_dist.config import load_config
     from brcd_dist.models import build_student
-    from brcd_dist.train.engine import autocast, train_dtype
-    from brcd_dist.train.student_stage import on_device, student_step
+    from brcd_dist.train.student_stage import on_device
 
     cfg = load_config(None, distill_args(args, Path("."), Path(".")), validate=False)
-    dtype = train_dtype(cfg.train, device)
     torch.set_num_threads(int(cfg.train.cpus_per_worker))  # a worker's share, as in the pipeline
     torch.manual_seed(0)
-    teacher = outputs.teacher.to(device, dtype).eval()
-    student = build_student(cfg).to(device, dtype)
-    clustering = on_device(outputs.clustering, device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr)
     b, s = cfg.train.batch_size, cfg.data.image_size
-    batch = {
+    views = {
         "view1": torch.randn(b, 3, s, s, device=device),
         "view2": torch.randn(b, 3, s, s, device=device),
         "key": [f"bare-{i}" for i in range(b)],
     }
-
-    def step():
-        with autocast(device, dtype):
-            loss = student_step(batch, teacher, student, clustering, cfg, device)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(3):  # warm-up: kernels chosen, allocator grown
-        step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return steps * b / (time.perf_counter() - t0)
+    teacher = outputs.teacher.to(device).eval()
+    student = build_student(cfg).to(device)
+    return timed_student_steps(teacher, student, on_device(outputs.clustering, device), cfg, device, views, steps)
 
 
 def device_checks(args, report: dict):

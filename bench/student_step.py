@@ -68,33 +68,24 @@ def distill(tree: Path, overrides: list[str], work: Path) -> dict:
 
 def bare_rate(teacher_path: Path, steps: int, batch: int = 64) -> float:
     import torch
+    from gpu_smoke import timed_student_steps
 
     from brcd_dist.config import load_config
     from brcd_dist.models import build_student, load_hash_model
     from brcd_dist.train.state import Clustering
-    from brcd_dist.train.student_stage import student_step
 
     torch.set_num_threads(1)
     cfg = load_config(REPO / "configs" / "fashion_mnist.yaml", ["student.name=mobilenetv3_small_050"], validate=False)
     torch.manual_seed(0)
-    teacher = load_hash_model(teacher_path).eval()
-    student = build_student(cfg)
     k, bits = cfg.brcd.clusters, cfg.brcd.bits
     clustering = Clustering(
         centroids=torch.randn(k, bits), masks=torch.ones(k, bits), agreement=torch.ones(k, bits),
         counts=torch.ones(k), pseudo_labels={}, inertia=[0.0], n_mask_fallback=0, backend="torch-cpu",
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr)
     views = {"view1": torch.randn(batch, 1, 32, 32), "view2": torch.randn(batch, 1, 32, 32)}
     views["key"] = [f"k{i}" for i in range(batch)]
-    for i in range(steps + 3):  # 3 warm-up steps
-        if i == 3:
-            t0 = time.perf_counter()
-        loss = student_step(views, teacher, student, clustering, cfg, torch.device("cpu"))["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return steps * batch / (time.perf_counter() - t0)
+    teacher, student = load_hash_model(teacher_path).eval(), build_student(cfg)
+    return timed_student_steps(teacher, student, clustering, cfg, torch.device("cpu"), views, steps)
 
 
 def main(argv=None) -> int:
