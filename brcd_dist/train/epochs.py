@@ -63,13 +63,14 @@ def run_epochs(
                 v = v.detach().double()
                 sums[k] = sums[k] + v if k in sums else v
             log_now = state.global_step % LOG_EVERY == 0
-            if log_now or state.global_step % cfg.checkpoint_every == 0:
+            checkpoint_now = state.global_step % cfg.checkpoint_every == 0
+            if log_now or checkpoint_now:
                 values = {k: float(v.detach()) for k, v in losses.items()}  # the host waits here, not every step
                 shown = _show_losses(progress, float(sums["loss"]), shown, n_steps - shown_steps)
                 shown_steps = n_steps
                 if log_now:
                     ctx.step_log.log({f"{prefix}/{k}": v for k, v in values.items()}, state.global_step)
-                if state.global_step % cfg.checkpoint_every == 0:
+                if checkpoint_now:
                     ctx.checkpoint.report(state, {f"{prefix}/{k}": v for k, v in values.items()}, engine=engine)
         if sums:
             _show_losses(progress, float(sums["loss"]), shown, n_steps - shown_steps)

@@ -22,9 +22,9 @@ from brcd_dist.train.context import WorkerContext
 def teacher_digest(teacher) -> str:
     """A short hash of the teacher's weights: cached results are reusable only for the same teacher.
 
-    Floating tensors are hashed as float32 bytes, whatever their dtype: numpy has no bfloat16 (DeepSpeed's bf16
-    mode leaves the teacher's weights in it), and a bf16 teacher and its exact fp32 copy (the `teacher.pt` that a
-    restarted worker loads) are the same teacher. The bytes go through a uint8 view, never through numpy's dtypes.
+    Floating tensors are hashed as float32 bytes, whatever their dtype: numpy has no bfloat16 (a teacher trained in
+    DeepSpeed's bf16 mode elsewhere arrives in it), and a bf16 teacher and its exact fp32 copy (a `teacher.pt` loads
+    as fp32) are the same teacher. The bytes go through a uint8 view, never through numpy's dtypes.
     """
     h = hashlib.sha256()
     for name, t in sorted(teacher.state_dict().items()):
