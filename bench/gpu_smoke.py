@@ -135,7 +135,7 @@ def timed_student_steps(teacher, student, clustering, cfg, device, views: dict, 
     stay fp32, as in the pipeline (train/engine.py)."""
     import torch
 
-    from brcd_dist.train.engine import autocast, train_dtype
+    from brcd_dist.train.precision import autocast, train_dtype
     from brcd_dist.train.student_stage import student_step
 
     dtype = train_dtype(cfg.train, device)

@@ -10,7 +10,7 @@ Order: seed 0 at every bit length (largest first), then the extra seeds at --see
 still has one full column per bit length. Per bit length: one teacher (trained once, or given), ITQ on pixels
 (bench/itq.py, same queries, database and mAP code), then one student per method with the same architecture,
 data, seed and steps (no validation: the last epoch's student is tested; no PR curves); k-means results and
-the teacher's database codes are computed once per teacher and reused (brcd.clustering_cache). Every finished run is
+the teacher's database codes are computed once per teacher and reused (train.teacher_cache). Every finished run is
 appended to --results (JSON lines); rerunning with the same file
 skips what is there (resume) and logs to the same MLflow sweep run. Each run's Ray checkpoints are deleted once its
 outputs are logged (they hold a copy of the teacher); the MLflow run keeps the student.
@@ -142,7 +142,7 @@ def run_config(args, bits: int, seed: int, extra: list[str], name: str, cache: P
         f"brcd.bits={bits}",
         f"train.seed={seed}",
         f"train.name={name}",
-        f"brcd.clustering_cache={cache}",
+        f"train.teacher_cache={cache}",
         f"tracking.experiment={args.experiment}",
         "tracking.register=false",
         "train.eval_every=0",

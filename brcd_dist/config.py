@@ -145,7 +145,6 @@ class BRCDConfig:
     negatives: str = "all"  # all ({s_j, s'_j, t_j, t'_j}) | authors ({s_j, t'_j})
     authors_release: bool = False  # the authors' shipped all-zero masks: an individual-only pull
     recluster_every: int = 0  # re-run k-means every R student epochs (0: once)
-    clustering_cache: str = ""  # directory where k-means results are kept by (teacher, data, K, seed) and reused
 
     def validate(self, s: str = "brcd") -> None:
         _check(0.0 <= self.alpha <= 1.0, f"{s}.alpha", self.alpha, "must be in [0, 1]")
@@ -217,7 +216,7 @@ class TrainConfig:
     s3_endpoint: str = ""  # S3-compatible store (MinIO, Ceph, R2) for every s3:// path; "" = AWS_ENDPOINT_URL
     name: str = ""  # run name under storage_path; "" makes a unique one from the time
     resume_anyway: bool = False  # resume a run of this name even if it was started with another config
-    kept_teacher: str = ""  # set by jobs/distill.py: a kept teacher of the same content key, loaded, not trained
+    teacher_cache: str = ""  # the teacher's codes and k-means results; "" = {storage_path}/teachers/cache
 
     def validate(self, s: str = "train") -> None:
         _check(self.workers >= 1, f"{s}.workers", self.workers, "must be >= 1")
@@ -346,6 +345,30 @@ def _coerce(key: str, raw: Any, typ: type) -> Any:
     raise ConfigError(f"{key}: unsupported type {typ}")
 
 
+# Keys that moved: the old name is still read, with a one-line notice on stderr.
+RENAMED = {("brcd", "clustering_cache"): ("train", "teacher_cache")}
+
+
+def _renamed(data: Any) -> Any:
+    """`data` (a config mapping) with each old key of RENAMED moved to its new place."""
+    if not isinstance(data, dict):
+        return data
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (old_section, old), (new_section, new) in RENAMED.items():
+        section = data.get(old_section)
+        if isinstance(section, dict) and old in section:
+            import sys
+
+            print(
+                f"warning: {old_section}.{old} is now {new_section}.{new} (the old name still works; rename it)",
+                file=sys.stderr,
+            )
+            target = data.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new, section.pop(old))
+    return data
+
+
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r}: expected a mapping")
@@ -415,9 +438,9 @@ def load_config(
             raise ConfigError(f"--config {str(path)!r}: not valid YAML ({_yaml_problem(err)})") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"--config {str(path)!r}: cannot be read ({err.__class__.__name__})") from None
-        _apply(cfg, data)
+        _apply(cfg, _renamed(data))
     if overrides:
-        _apply(cfg, parse_overrides(overrides))
+        _apply(cfg, _renamed(parse_overrides(overrides)))
     if validate:
         validate_config(cfg, training=training)
     return cfg
@@ -458,7 +481,7 @@ DIGEST_IGNORES = (
     "train.storage_path",
     "train.max_failures",
     "train.resume_anyway",
-    "train.kept_teacher",  # the same teacher that stage A would train (teacher_reuse's content key)
+    "train.teacher_cache",  # where results are cached, not what they are
     "data.loader_workers",
     "tracking.",
 )
@@ -566,7 +589,7 @@ def _validate_on_disk(cfg: Config, training: bool) -> None:
                 "file not found (allowed: models:/NAME@alias, runs:/..., or a checkpoint path)",
             )
     _not_a_file("data.shards_dir", d.shards_dir)
-    _not_a_file("brcd.clustering_cache", cfg.brcd.clustering_cache)
+    _not_a_file("train.teacher_cache", cfg.train.teacher_cache)
     if "://" not in cfg.train.storage_path:
         _not_a_file("train.storage_path", cfg.train.storage_path)
     remote_manifest = (

@@ -17,6 +17,7 @@ from brcd_dist.config import Config, to_dict
 from brcd_dist.models import HashModel, load_hash_model
 from brcd_dist.redact import credential_env, redact_env
 from brcd_dist.run_guard import check_resume, unique_run_name
+from brcd_dist.teacher_reuse import TeacherPlan
 from brcd_dist.train.progress import PROGRESS_ENV, VERBOSE_ENV, verbose
 from brcd_dist.train.state import Clustering, TrainState, read_state
 
@@ -34,7 +35,7 @@ def absolute_paths(cfg: Config) -> Config:
     out = storage.output_root()
     cfg.data = replace(cfg.data, shards_dir=ab(cfg.data.shards_dir), source_path=ab(cfg.data.source_path))
     cfg.train = replace(cfg.train, storage_path=ab(cfg.train.storage_path, out))
-    cfg.brcd = replace(cfg.brcd, clustering_cache=ab(cfg.brcd.clustering_cache, out))
+    cfg.train = replace(cfg.train, teacher_cache=ab(cfg.train.teacher_cache, out))
     from brcd_dist.tracking import resolve_tracking_uri  # "" means ./mlflow.db of the driver, not of a worker
 
     cfg.tracking = replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri))
@@ -101,9 +102,12 @@ def launch(
     stages: str = "all",
     name: Optional[str] = None,
     callbacks: Optional[list] = None,
+    teacher: Optional[TeacherPlan] = None,
 ):
     """Run the workers under a TorchTrainer; returns ray.train.Result. A run with the same name and storage path
-    resumes from its latest checkpoint (Ray Train V2), and FailureConfig restarts failed workers from it."""
+    resumes from its latest checkpoint (Ray Train V2), and FailureConfig restarts failed workers from it.
+    `teacher`: where stage A takes the teacher from and keeps it (teacher_reuse.resolve; default: the config's
+    teacher.uri or a trained one, no reuse)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,6 +121,7 @@ def launch(
         run_stages,
         train_loop_config={
             "cfg": to_dict(cfg),
+            "teacher": (teacher or TeacherPlan.of_config(cfg)).to_dict(),
             "run_id": run_id,
             "stages": stages,
             "run_dir": storage.join(t.storage_path, name),
@@ -193,10 +198,11 @@ def result_checkpoint_dir(result) -> Path:
     return Path(ckpt.to_directory())  # remote storage (s3://, gs://): a local copy to read the outputs from
 
 
-def launch_teacher_job(cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None) -> tuple[str, Outputs]:
-    """Stage A alone. Returns the teacher's file, written once beside the run's checkpoints under
-    train.storage_path (a local path or s3://...: Ray keeps only the last two checkpoints), and the run's
-    outputs."""
+def launch_teacher_job(
+    cfg: Config, *, run_id: Optional[str] = None, name: Optional[str] = None, teacher: Optional[TeacherPlan] = None
+) -> tuple[str, Outputs]:
+    """Stage A alone. Returns the teacher's file (the plan's kept teacher, or written once beside the run's
+    checkpoints under train.storage_path: Ray keeps only the last two checkpoints), and the run's outputs."""
     name = name or run_name(cfg) + "-teacher"
-    out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, stages="teacher", name=name)))
+    out = read_outputs(result_checkpoint_dir(launch(cfg, run_id=run_id, stages="teacher", name=name, teacher=teacher)))
     return out.state.teacher_uri, out

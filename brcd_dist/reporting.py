@@ -18,6 +18,7 @@ from brcd_dist.config import Config, to_yaml
 from brcd_dist.driver import Outputs, launch, read_outputs, result_checkpoint_dir
 from brcd_dist.models import count_flops
 from brcd_dist.redact import redact
+from brcd_dist.teacher_reuse import TeacherPlan
 
 
 def log_config(run_id: str, cfg: Config) -> None:
@@ -96,6 +97,7 @@ class Report:
     versions: dict = field(default_factory=dict)  # role -> registered version
     holders: dict = field(default_factory=dict)  # role -> version the alias points at after registering
     seconds: dict = field(default_factory=dict)  # part of the run -> seconds, in order
+    teacher: TeacherPlan | None = None  # where stage A took the teacher from (launch_and_publish sets it)
 
 
 def alias_holders(cfg: Config, versions: dict) -> dict:
@@ -120,20 +122,23 @@ def launch_and_publish(
     callbacks: list | None = None,
     progress=None,
     report: Report | None = None,
+    teacher: TeacherPlan | None = None,
 ) -> Outputs:
     """One distillation run (`driver.launch`) and its outputs published to its MLflow run, if it has one; a run
     that fails is marked FAILED with its error before the error goes on. `progress` (run_progress.RunProgress)
-    watches the workers' bars on the way; `report` gets the versions, alias holders and seconds per stage."""
+    watches the workers' bars on the way; `report` gets the versions, alias holders and seconds per stage. `teacher`:
+    where stage A takes the teacher from (teacher_reuse.resolve; default: the config's teacher.uri or trained)."""
     from contextlib import nullcontext
 
     from brcd_dist.run_progress import watch
 
     report = report if report is not None else Report()
     report.run_id = run_id
+    report.teacher = teacher or TeacherPlan.of_config(cfg)
     with tracking.failing_run(run_id):
         t0 = time.perf_counter()
         with watch(progress) if progress is not None else nullcontext():
-            result = launch(cfg, run_id=run_id, name=name, callbacks=callbacks)
+            result = launch(cfg, run_id=run_id, name=name, callbacks=callbacks, teacher=report.teacher)
         run_s = time.perf_counter() - t0
         if progress is not None:
             stages = progress.stage_seconds()
@@ -183,7 +188,8 @@ def run_summary(cfg: Config, out: Outputs, report: Report, manifest, *, shards_s
     tf = count_flops(out.teacher, *shape)
     sf = count_flops(out.student, *shape) if out.student is not None else 0
     s_rate, t_rate = t.get("student_images_per_s", 0.0), t.get("teacher_images_per_s", 0.0)
-    kept = " (kept)" if cfg.train.kept_teacher else ""
+    reused = report.teacher is not None and report.teacher.reused
+    kept = " (kept)" if reused else ""
     rows = [
         ("", "queries by", "database by", f"mAP@{k}", "encode img/s/worker", "MFLOPs/img"),
         ("teacher", "teacher", "teacher", f"{t.get('test_query/teacher_map', float('nan')):.4f}",
@@ -201,7 +207,7 @@ def run_summary(cfg: Config, out: Outputs, report: Report, manifest, *, shards_s
     n_train = splits["train"].count if "train" in splits else 0
     teacher_from = (
         f"loaded from {redact(cfg.teacher.uri)}" if cfg.teacher.uri
-        else f"kept from an earlier run ({shown_path(cfg.train.kept_teacher)})" if cfg.train.kept_teacher
+        else f"kept from an earlier run ({shown_path(report.teacher.load)})" if reused
         else f"{cfg.train.teacher_epochs} epoch{'s' * (cfg.train.teacher_epochs != 1)} on the "
         f"{cfg.train.teacher_split} split"
     )  # fmt: skip

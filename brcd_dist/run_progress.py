@@ -37,8 +37,12 @@ class Plan:
     evaluation_batches: int = 0
 
     @classmethod
-    def of(cls, cfg, manifest) -> Plan:
+    def of(cls, cfg, manifest, trains_teacher: bool | None = None) -> Plan:
+        """The work of a run of `cfg` over `manifest`; `trains_teacher` (default: no teacher.uri) from the driver's
+        teacher_reuse.TeacherPlan."""
         t, e = cfg.train, cfg.eval
+        if trains_teacher is None:
+            trains_teacher = not cfg.teacher.uri
         per_step = max(1, t.workers * t.batch_size)
         per_batch = max(1, t.workers * e.batch_size)
 
@@ -51,11 +55,10 @@ class Plan:
             return min(n, cap) if cap else n
 
         teacher_split = "database" if t.teacher_split == "database" else "train"
-        trained = not (cfg.teacher.uri or t.kept_teacher)
         db, val, test = count("database"), count("val_query"), count("test_query")
         validations = t.epochs // t.eval_every if t.eval_every else 0
         return cls(
-            teacher_steps=steps(count(teacher_split), t.teacher_epochs) if trained else 0,
+            teacher_steps=steps(count(teacher_split), t.teacher_epochs) if trains_teacher else 0,
             clustering_batches=math.ceil(count("train") / per_batch),
             student_steps=steps(count("train"), t.epochs),
             validation_batches=validations * math.ceil((db + val) / per_batch),

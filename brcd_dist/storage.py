@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def output_root():
-    """Where relative output locations (train.storage_path, brcd.clustering_cache, the default sqlite tracking
+    """Where relative output locations (train.storage_path, train.teacher_cache, the default sqlite tracking
     store) resolve: $BRCD_HOME if set; else the current directory, unless that is the working dir that Ray
     uploaded for a submitted job (under the node's `runtime_resources/`, removed when the job's runtime env is
     released), then ~/brcd-dist on the node that runs the driver. Either is created if missing."""

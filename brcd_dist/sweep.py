@@ -63,7 +63,10 @@ def apply(cfg_dict: dict, config: dict):
     return cfg
 
 
-def make_trainable(base: dict, parent_run_id: str | None, sweep: str):
+def make_trainable(base: dict, parent_run_id: str | None, sweep: str, teacher=None):
+    """A Tune trainable: one distillation run of `base` with the trial's α, δ and K, its teacher from `teacher`
+    (teacher_reuse.TeacherPlan: the sweep's, loaded, never trained again)."""
+
     def trainable(config: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -82,7 +85,7 @@ def make_trainable(base: dict, parent_run_id: str | None, sweep: str):
             else None
         )
         out = launch_and_publish(
-            cfg, run_id, f"{sweep}-{trial_id}", roles=("student",), callbacks=[TuneReportCallback()]
+            cfg, run_id, f"{sweep}-{trial_id}", roles=("student",), callbacks=[TuneReportCallback()], teacher=teacher
         )
         evals = out.state.history.get("eval", [])
         best = {f"best_val_{p}": max((e[f"val_query/{p}_map"] for e in evals), default=0.0) for p in ("sshp", "ashp")}

@@ -1,29 +1,30 @@
-"""A trained teacher is kept by a content key and reused by the next run that would train the same one:
-same teacher config, code length, CIBHash τ, input geometry, training schedule, seed and data (the shard
-manifest's digest) give the same key. `jobs/distill.py` looks the key up before launching, points
-`train.kept_teacher` at the kept teacher when found (stage A then loads it instead of training), and keeps the
-teacher of a run that trained one. `train.kept_teacher` is not part of the run's config digest: loading the kept
+"""Where a run's teacher comes from and where it is kept, decided once on the driver (`resolve`) for every job
+(distill, tune, train_teacher) and handed to stage A in the workers' `train_loop_config`, never in the config.
+
+A trained teacher is kept by a content key and reused by the next run that would train the same one: same
+teacher config, code length, CIBHash τ, input geometry, training schedule, seed and data (the shard manifest's
+digest) give the same key. Stage A writes a teacher it trains straight to `{train.storage_path}/teachers/KEY.pt`
+(a save_hash_model checkpoint, beside KEY.json: what the key was made of), through the storage layer (a local path
+or s3:// / gs://, written atomically); the next run with that key loads it instead of training. Loading the kept
 teacher and training it are the same run, so a run name resumes either way. `--retrain-teacher` skips the lookup.
 
-Kept under `{train.storage_path}/teachers/KEY.pt` (a save_hash_model checkpoint) beside KEY.json (what the key was
-made of), through the storage layer (brcd_dist/storage.py): a local path or s3:// / gs://, written atomically.
-What depends only on the teacher and the data (its codes of each split, the k-means result) is kept under
-`{train.storage_path}/teachers/cache/` when `brcd.clustering_cache` is unset (`with_cache`): those files are named
-by the teacher's weights and the shards' digest (train/teacher_cache.py), so a run that reuses the teacher also
-skips its encoding and the clustering.
+What depends only on the teacher and the data (its codes of each split, the k-means results) is kept under
+`train.teacher_cache`, by default `{train.storage_path}/teachers/cache/`: those files are named by the teacher's
+weights and the shards' digest (train/teacher_cache.py), so a run that reuses a teacher, and every trial of a
+sweep, also skips its encoding and the clustering.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 
 from brcd_dist import __version__, storage
 from brcd_dist.config import Config
 
 TEACHERS_DIR = "teachers"
-CACHE_DIR = "cache"  # under TEACHERS_DIR: the default brcd.clustering_cache of a run that keeps its teacher
+CACHE_DIR = "cache"  # under TEACHERS_DIR: the default train.teacher_cache
 # Every TrainConfig field that changes what stage A computes (not the student's schedule, checkpoints or failures).
 TRAIN_FIELDS = (
     "workers",
@@ -39,6 +40,35 @@ TRAIN_FIELDS = (
     "seed",
     "max_steps_per_epoch",
 )
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """What stage A does with the teacher. Stage A loads `load` when set (a kept teacher, or teacher.uri: a
+    checkpoint file or an MLflow URI) and trains otherwise; the teacher then lives at `keep` (written there unless
+    it was loaded from there; "" = the run's own `teacher.pt` beside its checkpoints), once per run."""
+
+    load: str = ""
+    keep: str = ""
+    inputs: str = ""  # KEY.json's text, written beside a kept teacher that stage A trains
+    cache: str = ""  # train.teacher_cache: the teacher's codes and k-means results ("" = not kept)
+
+    @property
+    def reused(self) -> bool:
+        """Stage A loads a teacher kept by an earlier run under the same key."""
+        return bool(self.load) and self.load == self.keep
+
+    @property
+    def trains(self) -> bool:
+        return not self.load
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of_config(cls, cfg: Config) -> "TeacherPlan":
+        """No reuse: teacher.uri if given, else trained into the run's own teacher.pt; the cache as configured."""
+        return cls(load=cfg.teacher.uri, cache=cfg.train.teacher_cache)
 
 
 def teacher_inputs(cfg: Config, manifest_digest: str) -> dict:
@@ -72,34 +102,28 @@ def teacher_path(cfg: Config, key: str) -> str:
     return storage.join(cfg.train.storage_path, TEACHERS_DIR, f"{key}.pt")
 
 
-def with_cache(cfg: Config) -> Config:
-    """A run whose teacher is kept also keeps its teacher's codes and k-means result (under teachers/cache/) unless
-    brcd.clustering_cache names another place; other configs are returned as they are."""
-    if not reusable(cfg) or cfg.brcd.clustering_cache:
-        return cfg
-    cache = storage.join(cfg.train.storage_path, TEACHERS_DIR, CACHE_DIR)
-    return replace(cfg, brcd=replace(cfg.brcd, clustering_cache=cache))
+def default_cache(cfg: Config) -> str:
+    return cfg.train.teacher_cache or storage.join(cfg.train.storage_path, TEACHERS_DIR, CACHE_DIR)
 
 
-# ----------------------------------------------------------------------------- lookup and keeping
+def resolve(cfg: Config, manifest_digest: str, retrain: bool = False) -> TeacherPlan:
+    """The one reuse rule: teacher.uri is loaded; a teacher that would be trained is loaded from its key's file
+    when an earlier run kept one there (unless `retrain`), else trained and kept there. The teacher's codes and
+    k-means results are cached under train.teacher_cache or its default."""
+    cache = default_cache(cfg)
+    if not reusable(cfg):
+        return TeacherPlan(load=cfg.teacher.uri, cache=cache)
+    path = teacher_path(cfg, teacher_key(cfg, manifest_digest))
+    if not retrain and storage.is_file(path):
+        return TeacherPlan(load=path, keep=path, cache=cache)
+    return TeacherPlan(keep=path, inputs=json.dumps(teacher_inputs(cfg, manifest_digest), indent=1), cache=cache)
 
 
-def find_teacher(cfg: Config, key: str) -> str | None:
-    path = teacher_path(cfg, key)
-    return path if storage.is_file(path) else None
-
-
-def with_teacher(cfg: Config, path: str) -> Config:
-    """The config with stage A loading the teacher at `path` instead of training it."""
-    return replace(cfg, train=replace(cfg.train, kept_teacher=path))
-
-
-def keep_teacher(cfg: Config, key: str, teacher, manifest_digest: str) -> str:
-    """Keep a trained teacher (a HashModel) under its key; returns where."""
+def keep_teacher(plan: TeacherPlan, teacher) -> None:
+    """Write the teacher where the plan keeps it (atomic, storage.open_write: a concurrent lookup sees the whole
+    file or none), with what its key was made of beside it."""
     from brcd_dist.models import save_hash_model
 
-    path = teacher_path(cfg, key)
-    save_hash_model(teacher, path)  # atomic (storage.open_write): a concurrent lookup sees the whole file or none
-    inputs = json.dumps(teacher_inputs(cfg, manifest_digest), indent=1).encode()
-    storage.write_bytes(path[: -len(".pt")] + ".json", inputs)
-    return path
+    save_hash_model(teacher, plan.keep)
+    if plan.inputs:
+        storage.write_bytes(plan.keep[: -len(".pt")] + ".json", plan.inputs.encode())

@@ -12,7 +12,7 @@ registry names, the shards (made here when missing).
 
 A teacher trained by an earlier run with the same teacher config, data and seed is reused instead of trained again
 (brcd_dist/teacher_reuse.py: kept under train.storage_path/teachers/ by a content key), and so are its codes and
-k-means result (teachers/cache/, unless brcd.clustering_cache is set); --retrain-teacher trains it.
+k-means result (teachers/cache/, unless train.teacher_cache is set); --retrain-teacher trains it.
 -v keeps Ray's and DeepSpeed's own log lines, which the default hides behind one progress bar a stage; -q hides
 the bars too.
 """
@@ -41,26 +41,23 @@ def main(argv=None) -> dict:
     from brcd_dist.run_progress import Plan, RunProgress
 
     setup_logging()
-    cfg = teacher_reuse.with_cache(absolute_paths(cfg))  # before the resume check sees it
+    cfg = absolute_paths(cfg)
     name = run_name(cfg)
     timings: dict = {}
     uri, manifest = preflight(cfg, args.address, name, timings)
-    key = teacher_reuse.teacher_key(cfg, manifest.digest()) if teacher_reuse.reusable(cfg) else None
-    kept = teacher_reuse.find_teacher(cfg, key) if key and not args.retrain_teacher else None
-    if kept:
+    teacher = teacher_reuse.resolve(cfg, manifest.digest(), retrain=args.retrain_teacher)
+    if teacher.reused:
         print(
-            f"teacher: reusing {kept} (an earlier run's, same teacher config, data and seed; "
+            f"teacher: reusing {teacher.load} (an earlier run's, same teacher config, data and seed; "
             "--retrain-teacher trains it again)",
             flush=True,
         )
-        cfg = teacher_reuse.with_teacher(cfg, kept)
     run_id = tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest()) if uri else None
     report = Report()
-    progress = RunProgress(Plan.of(cfg, manifest))
-    outputs = launch_and_publish(cfg, run_id, name, progress=progress, report=report)
-    if key and not kept:
-        path = teacher_reuse.keep_teacher(cfg, key, outputs.teacher, manifest.digest())
-        shown = shown_path(path)
+    progress = RunProgress(Plan.of(cfg, manifest, trains_teacher=teacher.trains))
+    outputs = launch_and_publish(cfg, run_id, name, progress=progress, report=report, teacher=teacher)
+    if teacher.trains and teacher.keep:
+        shown = shown_path(teacher.keep)
         print(f"teacher: kept as {shown} for later runs with the same teacher config, data and seed", flush=True)
     print(run_summary(cfg, outputs, report, manifest, shards_seconds=timings.get("shards", 0.0)))
     return outputs.test

@@ -3,8 +3,11 @@ student stage, reusing one teacher (trained once, or teacher.uri) and the k-mean
 
     python jobs/tune.py --samples 8 --alpha 0:1 --delta 0:1 --clusters 5,10,20 [--config X.yaml] [key=value ...]
 
-Each trial is a child MLflow run of the sweep's run; the best finished trial's student is registered as
-NAME@champion. Ranges are LO:HI (uniform; integers for K), lists are comma-separated (a choice).
+The teacher is decided as jobs/distill.py decides it (brcd_dist/teacher_reuse.py): teacher.uri, or a teacher kept
+by an earlier run with the same content key, or trained once for the sweep and kept under that key; its codes and
+k-means results are cached under train.teacher_cache (default: train.storage_path/teachers/cache), so trials with
+the same K cluster once. Each trial is a child MLflow run of the sweep's run; the best finished trial's student is
+registered as NAME@champion. Ranges are LO:HI (uniform; integers for K), lists are comma-separated (a choice).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from dataclasses import replace
 
 from _cli import config_from_args, fail, parse, parser, preflight, setup_logging
 
-from brcd_dist import storage
 from brcd_dist.config import ConfigError, to_dict
 from brcd_dist.sweep import (
     SEARCHED,
@@ -54,7 +56,7 @@ def main(argv=None) -> list[dict]:
     if args.samples < 1 or args.max_concurrent < 1:
         fail(f"--samples {args.samples} / --max-concurrent {args.max_concurrent}: must be >= 1")
     # the input is checked: now the heavy imports (torch, Ray, MLflow); bad input was refused in a second
-    from brcd_dist import tracking
+    from brcd_dist import teacher_reuse, tracking
     from brcd_dist.driver import absolute_paths, launch_teacher_job, run_name
 
     setup_logging()
@@ -77,20 +79,16 @@ def main(argv=None) -> list[dict]:
     metric = f"val_query/{args.paradigm}_map"
     with tracking.failing_run(parent, on_failure=close_stopped_trials):
         teacher_run = None
-        if not cfg.teacher.uri:  # stage A once for the whole sweep
-            path, out = launch_teacher_job(cfg, run_id=parent, name=f"{sweep}-teacher")
-            cfg.teacher = replace(cfg.teacher, uri=str(path))
+        teacher = teacher_reuse.resolve(cfg, manifest.digest())
+        if teacher.trains:  # stage A once for the whole sweep, kept under its key
+            path, out = launch_teacher_job(cfg, run_id=parent, name=f"{sweep}-teacher", teacher=teacher)
+            teacher = replace(teacher, load=path, keep=path)
             if parent:
                 tracking.log_hash_model(parent, out.teacher, "teacher", input_example(cfg))
                 teacher_run = parent
-        cfg.brcd = replace(
-            cfg.brcd,
-            clustering_cache=cfg.brcd.clustering_cache
-            or storage.join(cfg.train.storage_path, sweep, "clustering_cache"),
-        )
         evals = max(cfg.train.eval_every, 1)
         tuner = tune.Tuner(
-            tune.with_resources(make_trainable(to_dict(cfg), parent, sweep), {"CPU": 0.01}),
+            tune.with_resources(make_trainable(to_dict(cfg), parent, sweep, teacher), {"CPU": 0.01}),
             param_space=space,
             tune_config=tune.TuneConfig(
                 num_samples=args.samples,

@@ -178,7 +178,7 @@ def job_flags(job: str) -> set[str]:
 # What every job's flags are: a flag that nothing reads is not offered.
 FLAGS = {
     "distill": {"--config", "--address", "--resume-anyway", "--force-alias", "--retrain-teacher"},
-    "train_teacher": {"--config", "--address", "--resume-anyway", "--force-alias"},
+    "train_teacher": {"--config", "--address", "--resume-anyway", "--force-alias", "--retrain-teacher"},
     "make_shards": {"--config", "--procs", "--ray"},
     "evaluate": {"--config", "--address", "--teacher", "--split"},
     "tune": {"--config", "--address", "--force-alias", "--alpha", "--delta", "--clusters", "--samples"}

@@ -150,7 +150,7 @@ def test_python_tag_in_yaml_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("key", ["data.shards_dir", "brcd.clustering_cache", "train.storage_path"])
+@pytest.mark.parametrize("key", ["data.shards_dir", "train.teacher_cache", "train.storage_path"])
 def test_directory_key_naming_a_file_is_refused(key, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -224,3 +224,22 @@ def test_s3_endpoint_must_be_an_http_url_without_credentials(endpoint, shown):
 
 def test_s3_endpoint_accepts_an_http_url():
     assert load_config(None, ["train.s3_endpoint=https://minio.internal:9000"]).train.s3_endpoint.endswith(":9000")
+
+
+@pytest.mark.parametrize("given", ["override", "file"])
+def test_the_old_name_of_the_teacher_cache_still_works_with_a_one_line_notice(given, tmp_path, capsys):
+    if given == "override":
+        cfg = load_config(FMNIST, ["brcd.clustering_cache=/elsewhere"])
+    else:
+        path = tmp_path / "old.yaml"
+        path.write_text("brcd:\n  alpha: 0.5\n  clustering_cache: /elsewhere\n")
+        cfg = load_config(path)
+        assert cfg.brcd.alpha == 0.5
+    assert cfg.train.teacher_cache == "/elsewhere"
+    err = capsys.readouterr().err
+    assert err == "warning: brcd.clustering_cache is now train.teacher_cache (the old name still works; rename it)\n"
+
+
+def test_the_new_name_wins_over_the_old_one():
+    cfg = load_config(FMNIST, ["brcd.clustering_cache=/old", "train.teacher_cache=/new"])
+    assert cfg.train.teacher_cache == "/new"

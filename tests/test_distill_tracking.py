@@ -164,7 +164,6 @@ def distill_run(tiny_shards, tmp_path_factory) -> DistillRun:
 
     from brcd_dist.config import load_config
     from brcd_dist.driver import absolute_paths, read_outputs
-    from brcd_dist.teacher_reuse import with_cache
 
     work = tmp_path_factory.mktemp("distill")
     overrides = distill_overrides(tiny_shards, work)
@@ -174,7 +173,7 @@ def distill_run(tiny_shards, tmp_path_factory) -> DistillRun:
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert job.returncode == 0, f"distill.py failed ({job.seconds:.0f} s):\n{job.stdout[-3000:]}\n{job.stderr[-5000:]}"
-    cfg = with_cache(absolute_paths(load_config(DEFAULT_CONFIG, overrides)))  # as jobs/distill.py resolves it
+    cfg = absolute_paths(load_config(DEFAULT_CONFIG, overrides))  # as jobs/distill.py resolves it
     client = MlflowClient(tracking_uri=sqlite_uri(work))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([experiment.experiment_id])
@@ -481,3 +480,18 @@ def test_bad_config_value_exits_2_with_one_line_and_changes_nothing(tiny_shards,
     assert job.stderr.splitlines() == ["error: brcd.alpha=2.0: must be in [0, 1]"]
     assert ray_files == []
     assert snapshot(tmp_path) == before
+
+
+def test_the_trained_teacher_is_kept_once_under_its_content_key(distill_run):
+    """Stage A writes the teacher it trains straight to teachers/KEY.pt (teacher_reuse.resolve's plan), which the
+    run's state names: no second copy beside the checkpoints, none rewritten by the driver."""
+    from brcd_dist import teacher_reuse
+    from brcd_dist.data import load_manifest
+
+    key = teacher_reuse.teacher_key(distill_run.cfg, load_manifest(distill_run.shards).digest())
+    kept = distill_run.work / "runs" / "teachers" / f"{key}.pt"
+    assert kept.is_file() and kept.with_suffix(".json").is_file()
+    assert distill_run.outputs.state.teacher_uri == str(kept)
+    assert not (distill_run.work / "runs" / "tracked" / "teacher.pt").exists()
+    assert "teacher: kept as" in distill_run.job.stdout
+    assert sorted(p.name for p in (distill_run.work / "runs" / "teachers" / "cache").iterdir())  # codes, k-means

@@ -280,13 +280,14 @@ def test_readme_recipe_leaves_checkpoints_on_the_bucket(object_store, readme_job
     latest = snapshot["latest_checkpoint_result"]
     assert latest["metrics"]["stage"] == "done"
     assert {"clustering.pt", "student.pt"} <= set(storage.listdir(storage.join(run_dir, latest["checkpoint_dir_name"])))
-    assert "teacher.pt" in storage.listdir(run_dir)
 
 
-def test_readme_recipe_writes_the_teacher_once_beside_the_checkpoints_not_into_them(object_store, readme_job):
+def test_readme_recipe_keeps_the_teacher_once_on_the_bucket_by_its_key_not_in_the_checkpoints(object_store, readme_job):
     from brcd_dist import storage
 
     run_dir = object_store.url("runs", "fmnist-1")
+    kept = [n for n in storage.listdir(object_store.url("runs", "teachers")) if n.endswith(".pt")]
+    assert kept and "teacher.pt" not in storage.listdir(run_dir)
     checkpoints = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")]
     assert checkpoints and all("teacher.pt" not in storage.listdir(storage.join(run_dir, c)) for c in checkpoints)
 

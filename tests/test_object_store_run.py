@@ -97,7 +97,7 @@ def test_a_training_shard_gone_for_good_fails_stage_b_naming_it_and_the_run_succ
     overrides += [
         f"data.shards_dir={tmp_path_factory.getbasetemp() / 'no-such-dir'}",
         f"data.shards_url={copy}",
-        f"brcd.clustering_cache={cache}",
+        f"train.teacher_cache={cache}",
         "train.teacher_epochs=0",
         "train.epochs=1",
         "train.max_steps_per_epoch=2",

@@ -25,7 +25,7 @@ def job_working_dir(tmp_path, monkeypatch) -> Path:
 
 
 def _resolved(overrides=()):
-    return absolute_paths(load_config(DEFAULT_CONFIG, ["brcd.clustering_cache=cache", *overrides]))
+    return absolute_paths(load_config(DEFAULT_CONFIG, ["train.teacher_cache=cache", *overrides]))
 
 
 def test_a_plain_run_resolves_outputs_in_its_current_directory(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_a_submitted_job_puts_outputs_under_brcd_home_not_its_working_dir(job_wo
     monkeypatch.setenv("BRCD_HOME", str(home))
     cfg = _resolved()
     assert cfg.train.storage_path == str(home / "runs")
-    assert cfg.brcd.clustering_cache == str(home / "cache")
+    assert cfg.train.teacher_cache == str(home / "cache")
     assert cfg.tracking.uri == f"sqlite:///{home}/mlflow.db"
 
 
@@ -56,5 +56,5 @@ def test_a_submitted_jobs_inputs_stay_relative_to_its_working_dir(job_working_di
 
 
 def test_remote_outputs_are_left_as_they_are(job_working_dir):
-    cfg = _resolved(["train.storage_path=s3://b/runs", "brcd.clustering_cache=s3://b/cache"])
-    assert (cfg.train.storage_path, cfg.brcd.clustering_cache) == ("s3://b/runs", "s3://b/cache")
+    cfg = _resolved(["train.storage_path=s3://b/runs", "train.teacher_cache=s3://b/cache"])
+    assert (cfg.train.storage_path, cfg.train.teacher_cache) == ("s3://b/runs", "s3://b/cache")

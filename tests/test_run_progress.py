@@ -33,7 +33,7 @@ def state(uuid, desc, x, total, unit, closed=False):
 def test_the_plan_counts_steps_and_encode_batches_from_the_config_and_the_manifest():
     cfg = SimpleNamespace(
         train=SimpleNamespace(workers=2, batch_size=64, max_steps_per_epoch=0, teacher_split="database",
-                              teacher_epochs=1, epochs=3, eval_every=3, kept_teacher=""),
+                              teacher_epochs=1, epochs=3, eval_every=3),
         eval=SimpleNamespace(batch_size=256),
         teacher=SimpleNamespace(uri=""),
     )  # fmt: skip

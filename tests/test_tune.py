@@ -183,7 +183,7 @@ def test_champion_is_the_finished_trial_with_the_best_validation_ashp_map(mlflow
 def cache_files(sweep: Sweep, prefix: str) -> dict[str, float]:
     """The sweep's cache objects whose names start with `prefix`: name -> when written (ms, whole seconds on S3:
     never later than the write)."""
-    cache = store.join(sweep.storage, NAME, "clustering_cache")
+    cache = store.join(sweep.storage, "teachers", "cache")
     return {n: store.modified(store.join(cache, n)) * 1000 for n in store.listdir(cache) if n.startswith(prefix)}
 
 

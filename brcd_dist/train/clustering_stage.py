@@ -5,8 +5,6 @@ all-reduced bit sums (DESIGN §2 "Pseudo-labels", "Bit masks")."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -15,31 +13,22 @@ from brcd_dist.clustering.bit_masks import bit_agreement, bit_masks_from_stats, 
 from brcd_dist.clustering.kmeans import distributed_kmeans
 from brcd_dist.train.collectives import all_gather_objects, all_reduce
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.encoding import encode_local
 from brcd_dist.train.progress import StageBar
 from brcd_dist.train.state import Clustering
-from brcd_dist.train.teacher_cache import cache_file, load_cached, save_cached, teacher_digest
+from brcd_dist.train.teacher_cache import TeacherCodes
 
 log = logging.getLogger("brcd_dist.train")
 
 
-def encode_train_split(ctx: WorkerContext, teacher) -> tuple[np.ndarray, list]:
-    """This rank's teacher codes of the training split (deterministic view, no augmentation)."""
-    codes, keys, _, _ = encode_local(ctx, {"teacher": teacher}, "train")
-    return codes["teacher"], keys
-
-
-def cache_path(ctx: WorkerContext, teacher, cluster_round: int) -> Optional[Path]:
-    """Where the k-means result for this (teacher, shards, K, seed, iterations, geometry) lives, if caching is on.
-    The masks are not part of the key: they are recomputed from the cached bit sums for each δ."""
-    if not ctx.cfg.brcd.clustering_cache:
-        return None
+def kmeans_stem(ctx: WorkerContext, cluster_round: int) -> str:
+    """The cache name of a k-means result of this (K, seed, iterations, geometry); the teacher and the shards are
+    in TeacherCodes.file's key. The masks are not part of it: they are recomputed from the cached bit sums for
+    each δ."""
     cfg, km = ctx.cfg, ctx.cfg.kmeans
-    stem = (
+    return (
         f"k{cfg.brcd.clusters}-seed{km.seed + cluster_round}-it{km.iters}-tol{km.tol:g}-"
         f"{'sph' if km.spherical else 'l2'}"
     )
-    return cache_file(ctx, teacher_digest(teacher), stem)
 
 
 def kmeans_on_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, cluster_round: int) -> dict:
@@ -102,24 +91,17 @@ def clustering_from_kmeans(ctx: WorkerContext, km: dict) -> Clustering:
     )
 
 
-def clustering_stage(
-    ctx: WorkerContext, teacher, cluster_round: int = 0, codes_cache: dict | None = None
-) -> Clustering:
-    """Run stage B; `codes_cache` keeps this rank's teacher codes for later re-clustering rounds (the teacher is
-    frozen, so they do not change)."""
-    cached = cache_path(ctx, teacher, cluster_round)
-    km = load_cached(ctx, cached)
+def clustering_stage(ctx: WorkerContext, teacher: TeacherCodes, cluster_round: int = 0) -> Clustering:
+    """Run stage B (or one re-clustering round): a cached k-means result of this teacher, or k-means over the
+    teacher's codes of the training split (encoded once per run, whatever the rounds)."""
+    stem = kmeans_stem(ctx, cluster_round)
+    km = teacher.load(stem)
     if km is not None:
-        log.info("k-means result reused from %s", cached)
+        log.info("k-means result reused from %s", teacher.file(stem))
         return clustering_from_kmeans(ctx, km)
-    if codes_cache is not None and "codes" in codes_cache:
-        codes, keys = codes_cache["codes"], codes_cache["keys"]
-    else:
-        codes, keys = encode_train_split(ctx, teacher)
-        if codes_cache is not None:
-            codes_cache.update(codes=codes, keys=keys)
+    codes, keys = teacher.local_train()
     km = kmeans_on_codes(ctx, codes, keys, cluster_round)
-    save_cached(ctx, km, cached)
+    teacher.save(km, stem)
     return clustering_from_kmeans(ctx, km)
 
 

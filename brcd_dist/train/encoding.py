@@ -13,7 +13,7 @@ from brcd_dist.codes import pack_codes, probs_and_codes, unpack_codes
 from brcd_dist.data import eval_batches
 from brcd_dist.train.collectives import all_gather_objects
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.engine import autocast, train_dtype
+from brcd_dist.train.precision import autocast, train_dtype
 from brcd_dist.train.progress import StageBar
 
 

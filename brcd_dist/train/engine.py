@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import deepspeed
 import torch
 from torch import nn
 
 from brcd_dist.config import TrainConfig
-from brcd_dist.train.engine_checkpoint import load_weights_only
-from brcd_dist.train.progress import quiet_stdout
-
-
-def train_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
-    """The dtype the models compute in (`train.precision`; the weights stay fp32): "auto" is bf16 on a GPU that
-    supports it and fp32 elsewhere; "bf16" also on the CPU (what a GPU run does, so a CPU run can pin it)."""
-    if train.precision == "bf16":
-        return torch.bfloat16
-    if train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+from brcd_dist.train.precision import train_dtype
+from brcd_dist.train.progress import quiet_stdout, setup_worker_process
 
 
 def deepspeed_config(train: TrainConfig, lr: float, dtype: torch.dtype) -> dict:
@@ -44,7 +33,13 @@ def deepspeed_config(train: TrainConfig, lr: float, dtype: torch.dtype) -> dict:
 
 
 def make_engine(model: nn.Module, train: TrainConfig, lr: float, device: torch.device):
-    """Wrap a model in a DeepSpeed engine on the process group that Ray Train already set up."""
+    """Wrap a model in a DeepSpeed engine on the process group that Ray Train already set up. DeepSpeed is imported
+    here, after the worker's set-up (train.progress.setup_worker_process), which its import reads."""
+    setup_worker_process()  # idempotent; run_stages has called it already, a test or bench may not have
+    import deepspeed
+
+    from brcd_dist.train.engine_checkpoint import load_weights_only
+
     params = [p for p in model.parameters() if p.requires_grad]
     config = deepspeed_config(train, lr, train_dtype(train, device))
     with quiet_stdout():  # its shm op's "built successfully" print on every rank: -v only
@@ -53,9 +48,3 @@ def make_engine(model: nn.Module, train: TrainConfig, lr: float, device: torch.d
         )
     load_weights_only(engine)  # its checkpoints are read with torch.load(weights_only=True): no code from storage
     return engine
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast for forward passes that are not under a DeepSpeed engine (the frozen teacher, encoding), on
-    the CPU and the GPU alike, when the run computes in bf16 (`train_dtype`); a no-op in fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)

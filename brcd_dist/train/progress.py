@@ -72,6 +72,24 @@ def quiet_worker_logs(root: bool = False) -> None:
         logging.getLogger("brcd_dist").setLevel(logging.WARNING)
 
 
+def setup_worker_process() -> None:
+    """What a Ray Train worker sets before it imports DeepSpeed (train/engine.py imports it late, for this):
+    DeepSpeed JIT-compiles its CPU shm comm op on first use, so keep the build next to the venv's torch (a different
+    torch never reuses, and dead-locks on, a stale build: docs/troubleshooting.md); and, at default verbosity,
+    the noisy loggers lowered and DS_ACCELERATOR named on a machine without CUDA (else torch's extension builder
+    warns "No CUDA runtime is found" and DeepSpeed logs its guess)."""
+    import sys
+    from pathlib import Path
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    quiet_worker_logs()
+    if not verbose():
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 @contextlib.contextmanager
 def quiet_stdout():
     """Drop what the block prints to stdout unless BRCD_VERBOSE: DeepSpeed's engine set-up prints "DeepSpeed

@@ -8,7 +8,7 @@ import copy
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,11 +18,11 @@ from brcd_dist.config import Config
 from brcd_dist.losses import KDInputs, kd_loss
 from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import HashModel, build_student
-from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.engine import autocast, make_engine, train_dtype
+from brcd_dist.train.engine import make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
 from brcd_dist.train.evaluation import Evaluator
+from brcd_dist.train.precision import autocast, train_dtype
 from brcd_dist.train.selection import ModelSelection
 from brcd_dist.train.state import ENGINE_TAG, Clustering, TrainState
 
@@ -92,33 +92,31 @@ def student_stage(
     clustering: Clustering,
     evaluator: Evaluator,
     resume_dir: Optional[Path],
-    codes_cache: dict,
+    *,
+    recluster: Callable[[], tuple[Clustering, dict]],
+    keep_best: Callable[[dict], None],
+    best_weights: Optional[dict] = None,
 ) -> HashModel:
+    """Train the student from `clustering`; `recluster()` (run_stages's) runs the next k-means round every
+    brcd.recluster_every epochs and returns it with its metrics; `keep_best(weights)` hands each new best student
+    to the checkpoints; `best_weights` is the best so far of a resumed run."""
     cfg, b = ctx.cfg, ctx.cfg.brcd
     # The student's initial weights depend on the seed only, not on what this process ran before (a restart
     # at the start of stage C loads the teacher instead of building and training it).
     torch.manual_seed(cfg.train.seed)
     model = build_student(ctx.cfg).to(ctx.device)
     engine = make_engine(model, cfg.train, cfg.train.lr, ctx.device)
-    selection = ModelSelection(state, cfg.train.early_stop_patience)
-    if resume_dir is not None and state.stage == "student":
-        if (resume_dir / "engine").is_dir():
-            engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
-        if (resume_dir / "best_student.pt").is_file():
-            selection.best_weights = torch.load(resume_dir / "best_student.pt", weights_only=True)
-            # carried into the next checkpoints, or a second restart loses it
-            ctx.checkpoint_files.best_student = selection.best_weights
+    selection = ModelSelection(state, cfg.train.early_stop_patience, best_weights)
+    if resume_dir is not None and (resume_dir / "engine").is_dir():
+        engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
     current = on_device(clustering, ctx.device)  # replaced when k-means is re-run every R epochs
 
     def on_epoch_end(epoch: int) -> tuple[dict, bool]:
         nonlocal current
         metrics: dict = {}
         if b.recluster_every and (epoch + 1) % b.recluster_every == 0 and epoch + 1 < cfg.train.epochs:
-            state.cluster_round += 1
-            reclustered = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
+            reclustered, metrics = recluster()
             current = on_device(reclustered, ctx.device)
-            ctx.checkpoint_files.clustering = reclustered
-            metrics.update(clustering_metrics(reclustered))
         stop = False
         last = epoch + 1 == cfg.train.epochs
         if cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last):
@@ -126,7 +124,7 @@ def student_stage(
             metrics.update(result)
             state.history["eval"].append({"epoch": epoch + 1, **result})
             if selection.offer(result["val_query/sshp_map"], lambda: full_state_dict(engine)):
-                ctx.checkpoint_files.best_student = selection.best_weights
+                keep_best(selection.best_weights)
             stop = selection.should_stop
         return metrics, stop
 

@@ -1,5 +1,7 @@
-"""Results that depend only on the frozen teacher and the shards (k-means, the teacher's codes of a split), kept
-under `brcd.clustering_cache` and reused by later runs with the same teacher: Tune trials, the quality benchmark.
+"""The frozen teacher and everything derived from it alone (with the shards): its codes of the training split
+for k-means, its gathered codes of the evaluation splits, the k-means results. `TeacherCodes` is built once per
+worker by run_stages and is the only holder of them: in memory for the run, and on disk under `train.teacher_cache`
+(teacher_reuse.TeacherPlan.cache) for later runs with the same teacher: a rerun, Tune trials, the quality benchmark.
 
 Every rank takes rank 0's view of whether a file is there: a rank that loaded it while another recomputed would
 hang the collectives of the recomputation. Rank 0 alone writes, atomically, so that concurrent runs never read
@@ -17,6 +19,7 @@ import torch
 from brcd_dist import storage
 from brcd_dist.train.collectives import broadcast_object
 from brcd_dist.train.context import WorkerContext
+from brcd_dist.train.encoding import encode_local, encode_split
 
 
 def teacher_digest(teacher) -> str:
@@ -34,15 +37,6 @@ def teacher_digest(teacher) -> str:
         h.update(name.encode())
         h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def cache_file(ctx: WorkerContext, digest: str, stem: str) -> Optional[str]:
-    """`<cache>/<stem>-t<teacher digest>-d<shards digest>.pt` (a local path or s3://...), or None when caching
-    is off."""
-    cache = ctx.cfg.brcd.clustering_cache
-    if not cache:
-        return None
-    return storage.join(cache, f"{stem}-t{digest}-d{ctx.manifest.digest()[:16]}.pt")
 
 
 NUMPY_KEYS = "_numpy_keys"  # a cached dict's entries that were numpy arrays, stored as tensors
@@ -77,3 +71,56 @@ def save_cached(ctx: WorkerContext, obj: Any, path: Optional[str]) -> None:
         return
     with storage.open_write(path) as f:  # atomic: concurrent runs never read half a file
         torch.save(to_stored(obj), f)
+
+
+class TeacherCodes:
+    """The frozen teacher of a run and its codes, computed at most once per run and once per cache.
+
+    `local_train()` is this rank's share of the training split (k-means and the bit statistics: every clustering
+    round reuses it); `gathered(split, max_items)` is a split's codes on every rank in key order (evaluation),
+    with the teacher's encode rate in `throughput` (a cache hit reports the rate measured when the codes were
+    made). `load(stem)` / `save(obj, stem)` keep other teacher-derived results (k-means) by the same key.
+    """
+
+    def __init__(self, ctx: WorkerContext, teacher, cache: str = ""):
+        self.ctx, self.teacher, self.cache = ctx, teacher, cache
+        self._digest = ""
+        self._local: Optional[tuple[np.ndarray, list]] = None
+        self._gathered: dict = {}
+        self.throughput: dict = {}
+
+    def file(self, stem: str) -> Optional[str]:
+        """`<cache>/<stem>-t<teacher digest>-d<shards digest>.pt` (a local path or s3://...), or None when
+        caching is off. The teacher's digest hashes every weight: computed once, on first use."""
+        if not self.cache:
+            return None
+        if not self._digest:
+            self._digest = teacher_digest(self.teacher)
+        return storage.join(self.cache, f"{stem}-t{self._digest}-d{self.ctx.manifest.digest()[:16]}.pt")
+
+    def load(self, stem: str) -> Any:
+        return load_cached(self.ctx, self.file(stem))
+
+    def save(self, obj: Any, stem: str) -> None:
+        save_cached(self.ctx, obj, self.file(stem))
+
+    def local_train(self) -> tuple[np.ndarray, list]:
+        """This rank's teacher codes of the training split (deterministic view, no augmentation) and their keys."""
+        if self._local is None:
+            codes, keys, _, _ = encode_local(self.ctx, {"teacher": self.teacher}, "train")
+            self._local = codes["teacher"], keys
+        return self._local
+
+    def gathered(self, split: str, max_items: int) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, labels) of `split` in key order on every rank, from memory, the cache or an encoding pass."""
+        if split not in self._gathered:
+            stem = f"codes-{split}-n{max_items}"
+            saved = self.load(stem)
+            if saved is None or "images_per_s" not in saved:  # absent: a file from before rates were kept
+                codes, _, labels, rates = encode_split(self.ctx, {"teacher": self.teacher}, split, max_items)
+                saved = {"codes": codes["teacher"], "labels": labels, "images_per_s": rates["teacher"]}
+                self.save(saved, stem)
+            self._gathered[split] = (saved["codes"], saved["labels"])
+            if split == "database":
+                self.throughput["teacher_images_per_s"] = saved["images_per_s"]
+        return self._gathered[split]

@@ -1,5 +1,6 @@
-"""Stage A: the teacher. Loaded when the config names one (MLflow URI or checkpoint file), otherwise a timm
-backbone + hash head trained with the CIBHash loss (DESIGN §2 "Teacher")."""
+"""Stage A: the teacher. Loaded when the driver's plan names one (a kept teacher, an MLflow URI or a checkpoint
+file: teacher_reuse.resolve), otherwise a timm backbone + hash head trained with the CIBHash loss (DESIGN §2
+"Teacher")."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from brcd_dist import storage
 from brcd_dist.codes import probs_and_codes
 from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import HashModel, build_teacher, load_hash_model, save_hash_model
+from brcd_dist.teacher_reuse import TeacherPlan, keep_teacher
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.engine import make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
@@ -19,34 +21,42 @@ from brcd_dist.train.state import ENGINE_TAG, TrainState
 log = logging.getLogger("brcd_dist.train")
 
 
-def teacher_stage(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Path]) -> HashModel:
-    cfg = ctx.cfg
-    if state.teacher_uri:  # stage A finished before the restart: the run's teacher file
-        teacher = load_hash_model(state.teacher_uri)
-    elif resume_dir is not None and (resume_dir / "teacher.pt").is_file():  # a checkpoint that carries it
-        teacher = load_hash_model(resume_dir / "teacher.pt")
-    elif cfg.train.kept_teacher:  # teacher_reuse: an earlier run's teacher of the same content key
-        teacher = load_hash_model(cfg.train.kept_teacher)
-    elif cfg.teacher.uri and (
-        storage.scheme(cfg.teacher.uri) in storage.OBJECT_SCHEMES or Path(cfg.teacher.uri).is_file()
-    ):
-        teacher = load_hash_model(cfg.teacher.uri)  # a checkpoint file (local or s3://): no MLflow involved
-    elif cfg.teacher.uri:
-        from brcd_dist.tracking import load_model  # models:/NAME@alias, runs:/...
+def teacher_source(state: TrainState, plan: TeacherPlan, resume_dir: Optional[Path]) -> str:
+    """Where stage A takes the teacher from, in this order ("" = train it):
+    1. stage A finished before a restart: the run's teacher (`state.teacher_uri`, written once when it finished),
+       or the `teacher.pt` of a checkpoint that carries it (a run without a run directory);
+    2. the plan's teacher (teacher_reuse.resolve): a teacher kept by an earlier run of the same key, or
+       teacher.uri (a checkpoint file, local or s3://, or an MLflow URI)."""
+    if state.stage != "teacher":
+        return state.teacher_uri or str(resume_dir / "teacher.pt")
+    return plan.load
 
-        teacher = load_model(cfg.teacher.uri)
-    else:
-        teacher = train_teacher(ctx, state, resume_dir)
+
+def load_teacher(uri: str) -> HashModel:
+    if uri.startswith(("models:/", "runs:/")):
+        from brcd_dist.tracking import load_model
+
+        return load_model(uri)
+    return load_hash_model(uri)  # a checkpoint file (local or s3://): no MLflow involved
+
+
+def teacher_stage(
+    ctx: WorkerContext, state: TrainState, plan: TeacherPlan, resume_dir: Optional[Path]
+) -> tuple[HashModel, str]:
+    """The frozen teacher on this worker's device, and where the run keeps it ("" = in every checkpoint, for a
+    run without a run directory). Rank 0 writes it there once, unless it was loaded from there."""
+    source = teacher_source(state, plan, resume_dir)
+    teacher = load_teacher(source) if source else train_teacher(ctx, state, resume_dir)
     teacher = teacher.to(ctx.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    if ctx.run_dir and not state.teacher_uri:  # the frozen teacher once per run, not again in every checkpoint
-        state.teacher_uri = storage.join(ctx.run_dir, "teacher.pt")
-        if ctx.is_chief:
-            save_hash_model(teacher, state.teacher_uri)
-    elif not ctx.run_dir:
-        ctx.checkpoint_files.teacher = teacher
-    return teacher
+    keep = state.teacher_uri or plan.keep or (storage.join(ctx.run_dir, "teacher.pt") if ctx.run_dir else "")
+    if keep and keep != source and ctx.is_chief:
+        if keep == plan.keep:
+            keep_teacher(plan, teacher)  # the content-keyed file, beside what its key was made of
+        else:
+            save_hash_model(teacher, keep)
+    return teacher, keep
 
 
 def train_teacher(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Path]) -> HashModel:

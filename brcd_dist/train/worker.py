@@ -17,14 +17,16 @@ from brcd_dist.data.manifest import manifest_location
 from brcd_dist.models import load_hash_model
 from brcd_dist.redact import apply_credential_env
 from brcd_dist.storage import use_s3_endpoint
+from brcd_dist.teacher_reuse import TeacherPlan
 from brcd_dist.train.checkpoint import CheckpointWriter
 from brcd_dist.train.clustering_stage import clustering_metrics, clustering_stage
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.evaluation import Evaluator
-from brcd_dist.train.progress import quiet_worker_logs
+from brcd_dist.train.progress import quiet_worker_logs, setup_worker_process
 from brcd_dist.train.state import CheckpointFiles, Clustering, TrainState, read_state
 from brcd_dist.train.step_log import StepLogger
 from brcd_dist.train.student_stage import student_stage
+from brcd_dist.train.teacher_cache import TeacherCodes
 from brcd_dist.train.teacher_stage import teacher_stage
 
 log = logging.getLogger("brcd_dist.train")
@@ -74,10 +76,17 @@ def begin_attempt(state: TrainState, resumed: bool) -> list:
 
 def run_stages(config: dict) -> None:
     """Stages A–D of DESIGN §1 on this worker (`driver.launch` hands it to TorchTrainer).
-    config = {"cfg": Config as dict, "run_id": MLflow run or None, "stages": "all" | "teacher", "run_dir": where
-    the run's teacher is written once, "env": the driver's credential variables (redact.credential_env)}."""
+    config = {"cfg": Config as dict, "teacher": teacher_reuse.TeacherPlan as dict, "run_id": MLflow run or None,
+    "stages": "all" | "teacher", "run_dir": where the run's teacher is written once, "env": the driver's credential
+    variables (redact.credential_env)}.
+
+    A stage runs when `state.stage` says it has not finished, and is skipped otherwise: its product is read from the
+    checkpoint. The stages return their products; this function alone puts them into the checkpoint files."""
+    setup_worker_process()
     apply_credential_env(config.get("env"))
     ctx = make_context(config)
+    files = ctx.checkpoint_files
+    plan = TeacherPlan(**config["teacher"]) if config.get("teacher") else TeacherPlan.of_config(ctx.cfg)
     with ExitStack() as stack:
         stack.callback(ctx.step_log.flush)  # queued step metrics reach MLflow whether the stages end or fail
         checkpoint = ray.train.get_checkpoint()
@@ -91,35 +100,57 @@ def run_stages(config: dict) -> None:
                 state.epoch,
                 state.step_in_epoch,
             )
+        resumed_stage = state.stage if resume_dir else None
         ran = begin_attempt(state, resumed=resume_dir is not None)
 
         # Stage A: teacher.
         if state.stage == "teacher":
             ran.append("teacher")
-        teacher = teacher_stage(ctx, state, resume_dir)
+        model, kept_at = teacher_stage(ctx, state, plan, resume_dir)
+        if not kept_at:
+            files.teacher = model  # no run directory: every checkpoint carries it
         if state.stage == "teacher":
+            state.teacher_uri = kept_at
             state.stage, state.epoch, state.step_in_epoch = "clustering", 0, 0
             ctx.checkpoint.report(state, {"teacher/done": 1})
         if config.get("stages", "all") == "teacher":
             return
+        teacher = TeacherCodes(ctx, model, plan.cache)
 
         # Stage B: distributed k-means, pseudo-labels, bit masks.
-        codes_cache: dict = {}
-        if resume_dir is not None and (resume_dir / "clustering.pt").is_file():
-            clustering = Clustering.load(resume_dir / "clustering.pt")
-        else:
-            ran.append("clustering")
-            clustering = clustering_stage(ctx, teacher, state.cluster_round, codes_cache)
-        ctx.checkpoint_files.clustering = clustering
         if state.stage == "clustering":
+            ran.append("clustering")
+            files.clustering = clustering_stage(ctx, teacher, state.cluster_round)
             state.stage = "student"
-            ctx.checkpoint.report(state, clustering_metrics(clustering))
+            ctx.checkpoint.report(state, clustering_metrics(files.clustering))
+        else:
+            files.clustering = Clustering.load(resume_dir / "clustering.pt")
 
         # Stage C: the student.
         evaluator = Evaluator(ctx, teacher)
         if state.stage == "student":
             ran.append("student")
-            student = student_stage(ctx, state, teacher, clustering, evaluator, resume_dir, codes_cache)
+            resumed = resume_dir if resumed_stage == "student" else None  # else its engine/ is another stage's
+            if resumed is not None and (resumed / "best_student.pt").is_file():
+                # carried into the next checkpoints, or a second restart loses it
+                files.best_student = torch.load(resumed / "best_student.pt", weights_only=True)
+
+            def recluster() -> tuple[Clustering, dict]:
+                state.cluster_round += 1
+                files.clustering = clustering_stage(ctx, teacher, state.cluster_round)
+                return files.clustering, clustering_metrics(files.clustering)
+
+            student = student_stage(
+                ctx,
+                state,
+                model,
+                files.clustering,
+                evaluator,
+                resumed,
+                recluster=recluster,
+                keep_best=lambda weights: setattr(files, "best_student", weights),
+                best_weights=files.best_student,
+            )
         else:  # the run had finished; a restart only re-reports
             student = load_hash_model(resume_dir / "student.pt").to(ctx.device)
 
@@ -131,6 +162,5 @@ def run_stages(config: dict) -> None:
         if ctx.use_gpu:  # this attempt's peak, rank 0's device
             test["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         state.history["test"] = {**test, **evaluator.throughput}
-        ctx.checkpoint_files.student = student
-        ctx.checkpoint_files.curves = curves
+        files.student, files.curves = student, curves
         ctx.checkpoint.report(state, {**test, **evaluator.throughput})
