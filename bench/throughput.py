@@ -34,7 +34,6 @@ import time
 import numpy as np
 import torch
 
-from brcd_dist.codes import probs_and_codes
 from brcd_dist.config import load_config
 from brcd_dist.models import HashModel
 
@@ -140,80 +139,34 @@ def in_memory_views(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]
     return v1, v2, keys
 
 
-def bare_rate(
-    cfg,
-    *,
-    steps: int,
-    warmup: int,
-    threads: int,
-    device: torch.device,
-    views: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None,
-    amp: torch.dtype | None = None,
-) -> float:
-    """Images/s of the stage-C step (student_stage.step + backward + AdamW) in a plain loop, in-memory views.
+def bare_rate(cfg, *, steps: int, threads: int, device: torch.device) -> float:
+    """Images/s of the stage-C step in a plain loop: train/student_stage.student_step + backward + AdamW, under the
+    run's autocast (gpu_smoke.timed_student_steps, the same loop the GPU smoke times), on one in-memory batch of
+    augmented training images, with a random clustering of the config's K."""
+    from gpu_smoke import timed_student_steps
 
-    views: (v1, v2, keys) of at least batch x (steps + warmup) images; default: Fashion-MNIST's, augmented once.
-    amp: autocast dtype for the forwards (bf16 on the GPU), None for full precision.
-    """
-    from brcd_dist.clustering.pseudo_labels import assign_nearest
-    from brcd_dist.losses import KDInputs, kd_loss
-    from brcd_dist.losses.cibhash import cibhash_loss
     from brcd_dist.models import build_student, build_teacher
+    from brcd_dist.train.state import Clustering
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
-    b, B, L, K = cfg.brcd, cfg.train.batch_size, cfg.brcd.bits, cfg.brcd.clusters
+    B, L, K = cfg.train.batch_size, cfg.brcd.bits, cfg.brcd.clusters
     teacher = build_teacher(cfg).to(device).eval().requires_grad_(False)
     student = build_student(cfg).to(device).train()
-    opt = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
-    v1_all, v2_all, keys = views or in_memory_views(cfg, B * (steps + warmup))
+    v1, v2, keys = in_memory_views(cfg, B)
     gen = torch.Generator().manual_seed(0)
-    pseudo = {k: int(torch.randint(K, (1,), generator=gen)) for k in keys}
-    centroids = (torch.randint(0, 2, (K, L), generator=gen) * 2 - 1).float().to(device)
-    masks = (torch.rand(K, L, generator=gen) < 0.7).float().to(device)
-
-    def step(i: int) -> None:
-        sl = slice(i * B, (i + 1) * B)
-        v1, v2 = v1_all[sl].to(device), v2_all[sl].to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            with torch.no_grad():
-                t_logits = teacher(torch.cat([v1, v2]))
-            logits = student(torch.cat([v1, v2]))
-        q, t = probs_and_codes(t_logits.float())
-        logits = logits.float()
-        p1, s1 = probs_and_codes(logits[:B])
-        p2, s2 = probs_and_codes(logits[B:])
-        labels = torch.tensor([pseudo[k] for k in keys[sl]], device=device)
-        vc = assign_nearest(t, centroids, spherical=cfg.kmeans.spherical)
-        inputs = KDInputs(
-            s1=s1,
-            s2=s2,
-            p1=p1,
-            p2=p2,
-            t1=t[:B],
-            t2=t[B:],
-            q1=q[:B],
-            q2=q[B:],
-            labels=labels,
-            view_clusters1=vc[:B],
-            view_clusters2=vc[B:],
-            masks=masks,
-        )
-        loss = b.kd_weight * kd_loss(b.kd, inputs, b) + b.lambda_self * cibhash_loss(p1, s1, p2, s2, tau=b.tau)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for i in range(warmup):
-        step(i)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(i)
-    sync(device)
-    return B * steps / (time.perf_counter() - t0)
+    clustering = Clustering(
+        centroids=(torch.randint(0, 2, (K, L), generator=gen) * 2 - 1).float().to(device),
+        masks=(torch.rand(K, L, generator=gen) < 0.7).float().to(device),
+        agreement=torch.zeros(K, L),
+        counts=torch.zeros(K),
+        pseudo_labels={k: int(torch.randint(K, (1,), generator=gen)) for k in keys},
+        inertia=[],
+        n_mask_fallback=0,
+        backend="none",
+    )
+    views = {"view1": v1.to(device), "view2": v2.to(device), "key": keys}
+    return timed_student_steps(teacher, student, clustering, cfg, device, views, steps)
 
 
 # ----------------------------------------------------------------------------- (a) the pipeline
@@ -268,7 +221,7 @@ def run_training(args, device) -> dict:
     if device.type == "cuda":
         overrides.append("train.use_gpu=true")
     cfg = load_config(args.config, overrides)
-    kw = dict(steps=args.steps, warmup=3, threads=1, device=device)
+    kw = dict(steps=args.steps, threads=1, device=device)
     bare = [bare_rate(cfg, **kw)]
     print(f"bare loop: {bare[-1]:.1f} img/s", flush=True)
     res: dict = {"batch": args.batch, "steps": args.steps, "bare": bare}

@@ -17,7 +17,6 @@ Used by jobs/index.py and jobs/evaluate.py (and bench/serving.py). Ray lives her
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,7 +231,3 @@ def encode_images(
         )
     order = np.argsort(keys, kind="stable")
     return Encoded(codes[order], keys[order], labels[order])
-
-
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

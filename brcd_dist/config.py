@@ -28,15 +28,6 @@ FASHION_MNIST_PER_CLASS = 6000  # training images of each of its 10 classes
 FASHION_MNIST_NUM_CLASSES = 10
 
 
-def __getattr__(name: str) -> Any:
-    """KD_METHODS: the names in brcd_dist.losses' registry (read on first use: importing the losses needs torch)."""
-    if name == "KD_METHODS":
-        from brcd_dist.losses import kd_names
-
-        return kd_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line meant for the user."""
 

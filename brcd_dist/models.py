@@ -59,7 +59,7 @@ def create_backbone(
 
 
 def hash_head(in_features: int, bits: int, head: str, hidden: int = MLP_HIDDEN) -> nn.Module:
-    """`hidden`: the mlp head's width (the paper's 1000; bench/frozen_heads.py tries others)."""
+    """`hidden`: the mlp head's width (the paper's 1000)."""
     if head == "linear":
         return nn.Linear(in_features, bits)
     if head == "mlp":

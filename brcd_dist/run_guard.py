@@ -21,25 +21,18 @@ def unique_run_name(prefix: str = "distill") -> str:
 
 
 def _states(storage_path: str, name: str) -> list[dict]:
-    """state.json of every checkpoint under storage_path/name (local or any pyarrow filesystem URI)."""
-    import pyarrow.fs as pafs
+    """state.json of every checkpoint under storage_path/name (a local path or s3:// / gs://)."""
+    from brcd_dist import storage
 
-    if "://" in storage_path:
-        fs, base = pafs.FileSystem.from_uri(storage_path)
-    else:
-        fs, base = pafs.LocalFileSystem(), storage_path
-    run_dir = f"{base.rstrip('/')}/{name}"
-    infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    run_dir = storage.join(storage_path, name)
     out = []
-    for info in infos:
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            path = f"{info.path}/state.json"
-            if fs.get_file_info(path).type == pafs.FileType.File:
-                with fs.open_input_stream(path) as f:
-                    try:
-                        out.append(json.loads(f.read()))
-                    except ValueError:
-                        continue
+    for entry in storage.listdir(run_dir):  # empty when there is none
+        path = storage.join(run_dir, entry, "state.json")
+        if entry.startswith("checkpoint_") and storage.is_file(path):
+            try:
+                out.append(json.loads(storage.read_bytes(path)))
+            except ValueError:
+                continue
     return out
 
 
@@ -89,21 +82,3 @@ def alias_scores(client, name: str, alias: str, role: str, new_tags: dict) -> tu
     except MlflowException:
         return None, _score(new_tags, role)
     return _score(holder.tags, role), _score(new_tags, role)
-
-
-def atomic_copy(src, dst) -> None:
-    """Copy to a temporary file beside dst, fsync, then rename: dst is either the old file or the whole new one
-    (a full disk leaves no truncated file at the final path)."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)

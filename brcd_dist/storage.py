@@ -106,12 +106,6 @@ def join(base: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])
 
 
-def parent(uri: str) -> str:
-    if is_local(uri):
-        return os.path.dirname(_local_path(uri))
-    return uri.rstrip("/").rsplit("/", 1)[0]
-
-
 def _local_path(uri: str | os.PathLike) -> str:
     uri = os.fspath(uri)
     return uri[len("file://") :] if uri.startswith("file://") else os.path.expanduser(uri)
@@ -280,11 +274,6 @@ def open_write(uri: str) -> Iterator[BinaryIO]:
 def upload(local_path: str, uri: str) -> None:
     """Copy a local file to `uri` (atomically, as open_write)."""
     with open(local_path, "rb") as src, open_write(uri) as dst:
-        shutil.copyfileobj(src, dst, CHUNK)
-
-
-def download(uri: str, local_path: str) -> None:
-    with open_read(uri) as src, open(local_path, "wb") as dst:
         shutil.copyfileobj(src, dst, CHUNK)
 
 
@@ -614,7 +603,6 @@ __all__ = [
     "ShardIntegrityError",
     "UnreadableError",
     "copy_tree",
-    "download",
     "exists",
     "file_sha256",
     "is_file",
@@ -624,7 +612,6 @@ __all__ = [
     "makedirs",
     "open_read",
     "open_write",
-    "parent",
     "read_bytes",
     "remove",
     "scheme",

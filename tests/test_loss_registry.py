@@ -29,10 +29,6 @@ def test_names_list_brcd_and_none_first_then_baselines_alphabetically():
     )
 
 
-def test_config_kd_methods_is_the_registry():
-    assert config.KD_METHODS == kd_names()
-
-
 def test_a_registered_term_is_dispatched_and_accepted_by_validation(scratch_registry):
     @register_kd("twice_individual")
     def _twice(x, cfg):

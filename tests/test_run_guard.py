@@ -16,7 +16,6 @@ from brcd_dist.config import Config, config_digest
 from brcd_dist.run_guard import (
     RunReuseError,
     alias_may_move,
-    atomic_copy,
     check_resume,
     unique_run_name,
 )
@@ -131,7 +130,8 @@ def test_registry_alias_stays_on_the_better_version(tmp_path, monkeypatch):
         assert str(holder) == versions[holds]
 
 
-def test_atomic_copy_leaves_the_old_file_when_the_disk_fills(tmp_path):
+def test_an_atomic_write_leaves_the_old_file_when_the_disk_fills(tmp_path):
+    """storage.open_write, which every kept file goes through (the teacher, caches, shards), on a local path."""
     src, dst = tmp_path / "big.pt", tmp_path / "teacher.pt"
     src.write_bytes(b"x" * 1_000_000)
     dst.write_bytes(b"old")
@@ -139,7 +139,8 @@ def test_atomic_copy_leaves_the_old_file_when_the_disk_fills(tmp_path):
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
-        "from brcd_dist.run_guard import atomic_copy; atomic_copy(sys.argv[1], sys.argv[2])"
+        "from pathlib import Path; from brcd_dist import storage; "
+        "storage.write_bytes(sys.argv[2], Path(sys.argv[1]).read_bytes())"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(src), str(dst)],
@@ -150,7 +151,9 @@ def test_atomic_copy_leaves_the_old_file_when_the_disk_fills(tmp_path):
     assert done.returncode != 0 and "File too large" in done.stderr
     assert dst.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt", "teacher.pt"]
-    atomic_copy(src, dst)
+    from brcd_dist import storage
+
+    storage.write_bytes(str(dst), src.read_bytes())
     assert dst.read_bytes() == src.read_bytes()
 
 

@@ -38,29 +38,12 @@ _SUM_CHUNK = 1 << 16  # rows per block when summing, so that no float64 copy of 
 
 @dataclass
 class KMeansState:
-    """Checkpointable progress: the centroids at the start of iteration `iteration` (= updates done so far)."""
+    """Progress, as on_iteration sees it: the centroids at the start of iteration `iteration` (= updates done)."""
 
     centroids: np.ndarray  # (k, d) float32
     iteration: int = 0
     inertia: list[float] = field(default_factory=list)  # J_0..J_{iteration-1}
     n_splits: int = 0  # empty-cluster splits so far
-
-    def to_dict(self) -> dict:
-        return {
-            "centroids": np.asarray(self.centroids, dtype=np.float32),
-            "iteration": int(self.iteration),
-            "inertia": [float(v) for v in self.inertia],
-            "n_splits": int(self.n_splits),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "KMeansState":
-        return cls(
-            centroids=np.asarray(data["centroids"], dtype=np.float32),
-            iteration=int(data["iteration"]),
-            inertia=[float(v) for v in data.get("inertia", [])],
-            n_splits=int(data.get("n_splits", 0)),
-        )
 
 
 @dataclass
@@ -98,7 +81,7 @@ class _Comm:
 # ----------------------------------------------------------------------------- input checks
 
 
-def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm: _Comm) -> np.ndarray:
+def _validate(x, k: int, iters: int, seed: int, init, bad_arg: str, comm: _Comm) -> np.ndarray:
     """Check the inputs of all ranks together, so that every rank raises the same error instead of one rank
     leaving a collective that the others wait in. Returns the shard sizes of all ranks (rank order)."""
     shape = tuple(x.shape)
@@ -106,8 +89,6 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
     n, d = (shape[0], shape[1]) if ndim_ok else (0, 0)
     finite = bool(torch.isfinite(x).all()) if ndim_ok else True
     init_k, init_d = (init.shape if init.ndim == 2 else (-1, -1)) if init is not None else (k, d)
-    st = np.asarray(state.centroids) if state is not None else None
-    st_k, st_d = (st.shape if st.ndim == 2 else (-1, -1)) if st is not None else (k, d)
     mine = {
         "ndim": len(shape),
         "n": n,
@@ -118,15 +99,12 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
         "seed": seed,
         "init_k": init_k,
         "init_d": init_d,
-        "state_k": st_k,
-        "state_d": st_d,
         "bad_arg": int(bool(bad_arg)),
     }
     table = comm.all_gather(torch.tensor(list(mine.values()), dtype=torch.int64)).numpy()  # (ranks, columns)
     col = dict(zip(mine, table.T))  # column name -> one value per rank
     ndims, ns, ds, fin, ks, its, seeds = (col[c] for c in ("ndim", "n", "d", "finite", "k", "iters", "seed"))
     init_shapes = np.stack([col["init_k"], col["init_d"]], axis=1)
-    state_shapes = np.stack([col["state_k"], col["state_d"]], axis=1)
 
     def fail(msg: str):
         raise ValueError(f"distributed_kmeans: {msg}")
@@ -154,8 +132,6 @@ def _validate(x, k: int, iters: int, seed: int, init, state, bad_arg: str, comm:
         fail(f"x contains NaN or Inf on rank(s) {np.flatnonzero(fin == 0).tolist()}")
     if (init_shapes != [[k, ds[0]]]).any():
         fail(f"init centroids must have shape ({k}, {ds[0]}); per rank: {init_shapes.tolist()}")
-    if (state_shapes != [[k, ds[0]]]).any():
-        fail(f"state centroids must have shape ({k}, {ds[0]}); per rank: {state_shapes.tolist()}")
     return ns
 
 
@@ -301,7 +277,6 @@ def distributed_kmeans(
     tol: float = 1e-4,
     seed: int = 0,
     spherical: bool = False,
-    state: KMeansState | None = None,
     group=None,
     on_iteration: Callable[[KMeansState], None] | None = None,
     init: str | np.ndarray = "k-means++",
@@ -313,8 +288,7 @@ def distributed_kmeans(
     iters: most centroid updates; stops earlier when |J_t - J_{t-1}| < tol · J_{t-1}.
     spherical: unit-norm centroids (FAISS's spherical k-means); on ±1 codes, whose norms are all √L, that is
         cosine (= Hamming) geometry. Inertia is still Σ||x - c||², which unit-norm means minimise.
-    state: resume from a KMeansState (a checkpoint; it overrides init); on_iteration(state) is called on every rank
-        after each update, with what a restarted job needs to go on from there.
+    on_iteration(state): called on every rank after each update with a KMeansState (progress bars).
     init: "k-means++" (distributed, D²-weighted by squared L2 distance, also in spherical mode), "random" (k distinct
         points, uniform), or (k, d) centroids. Both draws use numpy's default_rng(seed) over the global order, so
         they do not depend on the number of ranks.
@@ -335,7 +309,7 @@ def distributed_kmeans(
         bad_arg = f"tol={tol}: must be >= 0"
     elif init_arr is not None and not np.isfinite(init_arr).all():
         bad_arg = "init centroids contain NaN or Inf"
-    shard_sizes = _validate(x, k, iters, seed, init_arr, state, bad_arg, comm)
+    shard_sizes = _validate(x, k, iters, seed, init_arr, bad_arg, comm)
     offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
 
     device = (
@@ -352,18 +326,14 @@ def distributed_kmeans(
     x_sq = _sq_dist_to(x, torch.zeros(d, dtype=torch.float64, device=device)) if spherical else None
     x_cols = np.ascontiguousarray(x.numpy().T) if device.type == "cpu" else None  # see _local_stats
 
-    if state is not None:
-        centroids = np.asarray(state.centroids, dtype=np.float32)
-        t, inertia, n_splits = int(state.iteration), list(state.inertia), int(state.n_splits)
+    if init_arr is not None:
+        c0 = init_arr.astype(np.float64)
     else:
-        if init_arr is not None:
-            c0 = init_arr.astype(np.float64)
-        else:
-            rng = np.random.default_rng(seed)
-            c0 = (_init_kmeanspp if init == "k-means++" else _init_random)(x, k, rng, offsets, comm)
-        if spherical:
-            c0 /= np.maximum(np.linalg.norm(c0, axis=1, keepdims=True), np.finfo(np.float64).tiny)
-        centroids, t, inertia, n_splits = c0.astype(np.float32), 0, [], 0
+        rng = np.random.default_rng(seed)
+        c0 = (_init_kmeanspp if init == "k-means++" else _init_random)(x, k, rng, offsets, comm)
+    if spherical:
+        c0 /= np.maximum(np.linalg.norm(c0, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    centroids, t, inertia, n_splits = c0.astype(np.float32), 0, [], 0
 
     while True:
         labels, dis = assign(x, x_sq, centroids)
