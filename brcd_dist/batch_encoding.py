@@ -29,6 +29,7 @@ from brcd_dist.codes import pack_codes
 from brcd_dist.data.augment import eval_batch
 from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, has_train_val, scan_class_folders
 from brcd_dist.data.manifest import load_manifest, manifest_path, shard_url
+from brcd_dist.data.tar_samples import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS, shard_samples
 from brcd_dist.models import HashModel
 
 DEFAULT_BATCH_SIZE = 256
@@ -37,7 +38,8 @@ FOLDER_FILES_PER_ROW_BATCH = 256
 
 @dataclass
 class ImageSource:
-    """What to encode: `rows` are units of reading (a shard {"url", "count"} or a file {"path", "key", "label"})."""
+    """What to encode: `rows` are units of reading (a shard {"url", "count", "sha256"} or a file {"path", "key",
+    "label"})."""
 
     kind: str  # "shards" or "folder"
     rows: list[dict]
@@ -61,7 +63,11 @@ def image_source(location: str, split: str = "database", shards_url: str = "") -
             raise ValueError(f"split {split!r}: {location} has {', '.join(manifest.splits)}")
         info = manifest.splits[split]
         rows = [
-            {"url": shard_url(name, manifest.shards_dir, shards_url), "count": int(n)}
+            {
+                "url": shard_url(name, manifest.shards_dir, shards_url),
+                "count": int(n),
+                "sha256": manifest.sha256.get(name, ""),
+            }
             for name, n in zip(info.shards, info.shard_counts)
         ]
         return ImageSource("shards", rows, info.count, f"{location} split {split} ({len(rows)} shards)")
@@ -83,39 +89,24 @@ def image_source(location: str, split: str = "database", shards_url: str = "") -
 
 # ----------------------------------------------------------------------------- the actor
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what shards may hold (data/reading.py decodes the same)
 
-
-def _shard_samples(url: str):
-    """(key, label, image bytes) of one shard, in stored order, read through the storage layer (retries, byte-range
-    re-open); errors propagate (this pass must be whole)."""
-    import tarfile
-
-    def sample(key: str, parts: dict):
-        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        if image is None or "cls" not in parts:
+def _shard_samples(url: str, sha256: str | None, max_member_bytes: int):
+    """(key, label, image bytes) of one shard, in stored order, through the one tar reader (data/tar_samples.py:
+    the member cap, the shard's sha256); a refused or incomplete sample fails the pass (it must be whole)."""
+    for s in shard_samples(url, max_member_bytes, sha256):
+        key = s["__key__"]
+        if "__refused__" in s:
+            raise ValueError(f"{url}: sample {key}: {'; '.join(s['__refused__'])}")
+        image = next((s[e] for e in IMAGE_EXTENSIONS if e in s), None)
+        if image is None or "cls" not in s:
             raise ValueError(f"{url}: sample {key} has no {'image' if image is None else 'cls'}")
-        return key, int(parts["cls"]), image
-
-    key, parts = None, {}
-    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-            if k != key and key is not None:
-                yield sample(key, parts)
-                parts = {}
-            key = k
-            parts[ext.lower()] = tar.extractfile(member).read()
-    if key is not None:
-        yield sample(key, parts)
+        yield key, int(s["cls"]), image
 
 
 class Encoder:
     """A Ray Data actor: model on its device, batches of images in, packed codes out."""
 
-    def __init__(self, model_ref, batch_size: int, threads: int):
+    def __init__(self, model_ref, batch_size: int, threads: int, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         import ray
 
         model = model_ref[0] if isinstance(model_ref[0], HashModel) else ray.get(model_ref[0])
@@ -124,6 +115,7 @@ class Encoder:
             torch.set_num_threads(max(1, threads))
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
+        self.max_member_bytes = max_member_bytes
         self.mode = "L" if self.model.in_chans == 1 else "RGB"
 
     def _encode(self, keys: list, labels: list, blobs: list, where: str) -> dict:
@@ -144,9 +136,9 @@ class Encoder:
 
     def __call__(self, rows: dict):
         if "url" in rows:  # one shard a call: stream it in batches
-            for url, count in zip(rows["url"], rows["count"]):
+            for url, count, sha in zip(rows["url"], rows["count"], rows["sha256"]):
                 keys, labels, blobs, seen = [], [], [], 0
-                for key, label, blob in _shard_samples(str(url)):
+                for key, label, blob in _shard_samples(str(url), str(sha) or None, self.max_member_bytes):
                     keys.append(key), labels.append(label), blobs.append(blob)
                     if len(keys) == self.batch_size:
                         seen += len(keys)
@@ -186,6 +178,7 @@ def encode_images(
     batch_size: int = DEFAULT_BATCH_SIZE,
     actors: int | None = None,
     progress: bool = False,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Encoded:
     """Encode every image of `source` on the attached Ray cluster (ray.init first); codes sorted by key."""
     import ray
@@ -212,7 +205,12 @@ def encode_images(
         batch_size=rows_per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=n_actors),
-        fn_constructor_kwargs={"model_ref": model_ref, "batch_size": batch_size, "threads": int(cpus)},
+        fn_constructor_kwargs={
+            "model_ref": model_ref,
+            "batch_size": batch_size,
+            "threads": int(cpus),
+            "max_member_bytes": max_member_bytes,
+        },
         num_cpus=cpus,
         num_gpus=gpus,
     )

@@ -91,7 +91,9 @@ def main(argv=None) -> dict:
     def encode(model, split):
         """(±1 codes, labels) sorted by key: the pipeline's order, so ties break alike."""
         source = image_source(manifest.shards_dir, split, cfg.data.shards_url)
-        encoded = encode_images(model, source, batch_size=cfg.eval.batch_size)
+        encoded = encode_images(
+            model, source, batch_size=cfg.eval.batch_size, max_member_bytes=cfg.data.max_member_bytes
+        )
         return unpack_codes(encoded.codes, model.bits), encoded.labels
 
     codes = {}

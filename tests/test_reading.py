@@ -104,12 +104,10 @@ LAYOUTS = [
 def test_plan_gives_each_sample_position_to_exactly_one_rank(counts, world):
     for epoch in (0, 1):
         plan = plan_epoch(counts, world, epoch=epoch, seed=3)
-        taken = Counter(
-            (p.shard, pos) for parts in plan for p in parts for pos in range(p.residue, counts[p.shard], p.stride)
-        )
+        taken = Counter((p.shard, pos) for parts in plan for p in parts for pos in range(p.count))
         assert sorted(taken) == [(s, i) for s, c in enumerate(counts) for i in range(c)]
         assert set(taken.values()) == {1}
-        assert all(p.count == len(range(p.residue, counts[p.shard], p.stride)) for parts in plan for p in parts)
+        assert all(p.count == counts[p.shard] for parts in plan for p in parts)
 
 
 @pytest.mark.parametrize("counts,world", LAYOUTS)
@@ -124,7 +122,7 @@ def test_every_rank_gets_the_same_number_of_non_empty_batches(counts, world, bat
 
 
 def test_at_64_ranks_every_shard_is_read_by_one_rank():
-    """The audit's case: ImageNet's 100k train subset at 64 ranks x 6 loader workers. Shards cut for 384 readers
+    """ImageNet's 100k train subset at 64 ranks x 6 loader workers. Shards cut for 384 readers
     (make_shards) give every rank whole shards, 6 of them, and no shard to two ranks."""
     from brcd_dist.data.shards import shard_sizes
 
@@ -133,7 +131,6 @@ def test_at_64_ranks_every_shard_is_read_by_one_rank():
         plan = plan_epoch(counts, 64, epoch=epoch, seed=0)
         shards = [p.shard for parts in plan for p in parts]
         assert sorted(shards) == list(range(len(counts)))  # each shard once, on one rank
-        assert all(p.stride == 1 and p.residue == 0 for parts in plan for p in parts)
         assert {len(parts) for parts in plan} == {6}
 
 

@@ -23,11 +23,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ShardPart:
-    """Samples at positions p of shard `shard` with p % stride == residue; `count` of them."""
+    """The `count` samples of shard `shard` (a rank reads whole shards)."""
 
     shard: int
-    residue: int
-    stride: int
     count: int
 
 
@@ -43,7 +41,7 @@ def plan_epoch(
     loads = [0] * world_size
     for i in order:
         r = min(range(world_size), key=lambda q: (loads[q], q))
-        plan[r].append(ShardPart(int(i), 0, 1, int(shard_counts[i])))
+        plan[r].append(ShardPart(int(i), int(shard_counts[i])))
         loads[r] += int(shard_counts[i])
     if shuffle and 2 * min(loads) < max(loads):
         raise ValueError(

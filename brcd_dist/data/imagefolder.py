@@ -66,7 +66,6 @@ def has_train_val(root: str | Path) -> bool:
 
 # Formats a shard keeps as they are (the reader decodes all three); any other source format is stored as PNG.
 SHARD_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-READABLE_EXTS = ("jpg", "jpeg", "png", "webp")  # sample extensions the shard reader decodes
 JPEG_QUALITY = 90  # re-encoded (resized) JPEGs: FFCV's default; 256-px ImageNet crops at about 26 KB
 
 

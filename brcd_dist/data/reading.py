@@ -32,20 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import pipelinefilter
 
 from brcd_dist import storage
 from brcd_dist.data import tensor_augment
 from brcd_dist.data.allocator import tune_for_augmentation
 from brcd_dist.data.decoding import loader_payload, views_on_device
 from brcd_dist.data.epoch_plan import ShardPart, batch_sizes, plan_epoch, rank_count, steps_per_epoch
-from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, READABLE_EXTS, check_pixels
+from brcd_dist.data.imagefolder import DEFAULT_MAX_IMAGE_PIXELS, check_pixels
 from brcd_dist.data.manifest import Manifest, shard_url
 from brcd_dist.data.prefetch import prefetched
-from brcd_dist.data.tar_samples import DEFAULT_MAX_MEMBER_BYTES, tar_samples
+from brcd_dist.data.tar_samples import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS, tar_samples
 from brcd_dist.redact import redact
 
 log = logging.getLogger(__name__)
@@ -78,55 +76,14 @@ class ReadStats:
 
 def image_bytes(sample: dict) -> tuple[str, bytes]:
     """(extension, encoded image) of a shard sample, whichever readable extension it is stored under."""
-    for ext in READABLE_EXTS:
+    for ext in IMAGE_EXTENSIONS:
         if ext in sample:
             return ext, sample[ext]
-    raise ValueError(f"{sample.get('__key__')}: no image (extensions read: {', '.join(READABLE_EXTS)})")
-
-
-class RankShards:
-    """webdataset nodesplitter: of the split's shard URLs, yield this rank's, in the plan's order."""
-
-    def __init__(self, urls: list[str]):
-        self.urls = urls
-
-    def __call__(self, src):
-        available = {d["url"] for d in src}
-        for url in self.urls:
-            if url in available:
-                yield {"url": url}
-
-
-def split_by_loader_worker(src):
-    """webdataset workersplitter from torch's DataLoader worker info (worker w of M takes every M-th shard)."""
-    info = get_worker_info()
-    if info is None:
-        yield from src
-    else:
-        for i, item in enumerate(src):
-            if i % info.num_workers == info.id:
-                yield item
+    raise ValueError(f"{sample.get('__key__')}: no image (extensions read: {', '.join(IMAGE_EXTENSIONS)})")
 
 
 class IncompleteReadError(RuntimeError):
     """A pass that must see every key lost some (unreadable shard, undecodable sample); one line naming it."""
-
-
-def open_shards(hashes: dict[str, str]):
-    """webdataset stage: {"url"} -> {"url", "stream"} through brcd_dist.storage (retry + byte-range re-open),
-    the shard's sha256 checked when the tar reader is done with it."""
-
-    def stage(src):
-        for item in src:
-            url = item["url"]
-            stream = storage.open_read(url, sha256=hashes.get(url))
-            try:
-                yield {**item, "stream": stream}
-                stream.raw.finish()  # the tar reader stops at the end-of-archive blocks: hash the rest too
-            finally:
-                stream.close()
-
-    return stage
 
 
 class ShardStream(IterableDataset):
@@ -163,19 +120,27 @@ class ShardStream(IterableDataset):
 
     # -- stages
 
+    def _streams(self, parts: list[ShardPart]):
+        """{"url", "stream"} of each part's shard, in order, through brcd_dist.storage (retry + byte-range
+        re-open), the shard's sha256 checked when the tar reader is done with it."""
+        for part in parts:
+            url = self.urls[part.shard]
+            stream = storage.open_read(url, sha256=self.hashes.get(url))
+            try:
+                yield {"url": url, "stream": stream}
+                stream.raw.finish()  # the tar reader stops at the end-of-archive blocks: hash the rest too
+            finally:
+                stream.close()
+
     def _kept_samples(self, samples, parts: list[ShardPart], stats: ReadStats):
-        """Samples at the parts' positions; a shard that delivers fewer than its part's count is reported."""
+        """The parts' samples; a shard that delivers fewer than its part's count is reported."""
         by_url = {self.urls[p.shard]: p for p in parts}
         seen: dict[str, int] = {}
-        url, pos = None, 0
         for sample in samples:
-            if sample.get("__url__") != url:
-                url, pos = sample.get("__url__"), 0
-            part = by_url.get(url)
-            if part is not None and pos % part.stride == part.residue:
+            url = sample.get("__url__")
+            if url in by_url:
                 seen[url] = seen.get(url, 0) + 1
                 yield sample
-            pos += 1
         for u, part in by_url.items():
             short = part.count - seen.get(u, 0)
             if short > 0:
@@ -234,8 +199,7 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.augment_in_loader:
             tune_for_augmentation()  # no page faults per chunk (allocator.py)
-        rank_urls = [self.urls[p.shard] for p in self.parts]
-        my_parts = self.parts[worker::workers]  # what split_by_loader_worker gives this worker
+        my_parts = self.parts[worker::workers]  # DataLoader worker w of M reads every M-th of the rank's shards
         stats, sent = ReadStats(), {"bad": 0, "missing": 0, "errors": 0}
 
         def on_error(exn: BaseException) -> bool:  # webdataset handler: note it, go on with the next item
@@ -246,14 +210,8 @@ class ShardStream(IterableDataset):
             stats.errors.append(f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"[:500])
             return True
 
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            RankShards(rank_urls),
-            split_by_loader_worker,
-            open_shards(self.hashes),
-            pipelinefilter(tar_samples)(max_member_bytes=self.max_member_bytes, handler=on_error),
-        )
-        samples = self._kept_samples(pipeline, my_parts, stats)
+        samples = tar_samples(self._streams(my_parts), max_member_bytes=self.max_member_bytes, handler=on_error)
+        samples = self._kept_samples(samples, my_parts, stats)
         if self.train:
             samples = self._shuffled(samples, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}"))
         planned = iter(self.chunk_sizes[worker::workers] if self.chunk_sizes else ())

@@ -54,6 +54,7 @@ from brcd_dist.data.manifest import (
     manifest_path,
     save_manifest,
 )
+from brcd_dist.data.tar_samples import shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +211,7 @@ PROGRESS_NAME = "shards.progress.json"  # written shards' hashes while a run of 
 def _shard_keys(uri: str) -> list[str]:
     """The sample keys of a written shard, in order (a resumed run re-lists a kept shard: some of its images may
     have been skipped when it was written)."""
-    import tarfile
-
-    keys: list[str] = []
-    with storage.open_read(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            key = os.path.basename(member.name).split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
+    return [sample["__key__"] for sample in shard_samples(uri)]
 
 
 def _plan(name: str, order: np.ndarray, samples_per_shard: int, readers: int) -> list[tuple[str, np.ndarray]]:

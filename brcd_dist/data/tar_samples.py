@@ -7,7 +7,9 @@ sample is yielded as a placeholder carrying `__refused__`, so the sample keeps i
 epoch plan assigns positions to ranks) and the reader counts and names it like any undecodable sample.
 
 Samples are consecutive members sharing a key (the member name up to the first dot of its base name), as
-webdataset groups them: {"__key__", "__url__", EXT: bytes, ...}.
+webdataset groups them: {"__key__", "__url__", EXT: bytes, ...}. This is the one tar reader: the training and
+evaluation loader (data/reading.py), Ray Data's encoding (batch_encoding.py) and the shard writer's resume
+(data/shards.py) all read shards through it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # data.max_member_bytes: larger tar members are skipped unread
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the image members a sample may hold, in the order looked for
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: "dir/key.ext.more"
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped
 
@@ -69,3 +72,12 @@ def _samples(stream, url: str, cap: int) -> Iterator[dict[str, Any]]:
             sample[ext] = tar.extractfile(info).read()
     if sample is not None:
         yield sample
+
+
+def shard_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, sha256: str | None = None):
+    """The samples of one shard (a local path or any location storage.open_read takes), read through the storage
+    layer (retries, byte-range re-open, the sha256 checked when given); errors propagate."""
+    from brcd_dist import storage
+
+    with storage.open_read(url, sha256=sha256) as stream:
+        yield from tar_samples([{"url": url, "stream": stream}], max_member_bytes)
