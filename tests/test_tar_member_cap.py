@@ -131,3 +131,18 @@ def test_a_200_mb_member_is_skipped_without_reading_it_into_memory(shards):
     assert len(out["keys"]) == count - 1 and key not in out["keys"] and out["bad"] == 1
     assert f"{200 << 20} bytes, above data.max_member_bytes={64 << 20}" in out["errors"][0]
     assert out["grew_kb"] < 50_000  # < 50 MB: the 200 MB member never sat in memory
+
+
+def test_ray_data_encoding_reads_through_the_same_cap_and_checks_the_shard_hash(tmp_path):
+    """batch_encoding (jobs/index.py, jobs/evaluate.py) reads shards with the one tar reader: a member above the cap
+    fails the pass naming the sample, and a shard whose bytes differ from the manifest's sha256 is refused."""
+    from brcd_dist.batch_encoding import _shard_samples
+
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_tar([("a.cls", b"1"), ("a.jpg", b"J"), ("b.cls", b"2"), ("b.jpg", b"K" * 5000)]))
+    digest = file_sha256(shard)
+    assert [k for k, _, _ in _shard_samples(str(shard), digest, 0)] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"s\.tar: sample b: b\.jpg: 5000 bytes, above data\.max_member_bytes=4096"):
+        list(_shard_samples(str(shard), digest, 4096))
+    with pytest.raises(ShardIntegrityError):
+        list(_shard_samples(str(shard), "0" * 64, 0))

@@ -81,3 +81,4 @@ def shard_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, sh
 
     with storage.open_read(url, sha256=sha256) as stream:
         yield from tar_samples([{"url": url, "stream": stream}], max_member_bytes)
+        stream.raw.finish()  # the tar reader stops at the end-of-archive blocks: hash the rest too
