@@ -18,14 +18,11 @@ from typing import Any, get_type_hints
 
 import yaml
 
-DATA_SOURCES = ("fashion_mnist", "imagefolder", "shards")
 HEADS = ("linear", "mlp", "classifier_mlp")
 TEACHER_SPLITS = ("train", "database")
 PRECISIONS = ("auto", "bf16", "fp32")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 MAX_IMAGE_SIZE = 4096  # data.image_size above this builds tensors of tens of GB (100000 px: 40 GB)
-FASHION_MNIST_PER_CLASS = 6000  # training images of each of its 10 classes
-FASHION_MNIST_NUM_CLASSES = 10
 
 
 class ConfigError(ValueError):
@@ -77,7 +74,9 @@ class DataConfig:
     max_images: int = 0  # only the first N training and N test images go into the shards (smoke runs; 0: all)
 
     def validate(self, s: str = "data") -> None:
-        _choice(f"{s}.source", self.source, DATA_SOURCES)
+        from brcd_dist.data import sources  # lists its modules' names, imports none of them
+
+        _choice(f"{s}.source", self.source, (*sources.names(), "shards"))
         _check(
             8 <= self.image_size <= MAX_IMAGE_SIZE,
             f"{s}.image_size",
@@ -513,46 +512,22 @@ def _train_split_size(cfg: Config) -> tuple[int, str] | None:
             return int(json.loads(manifest.read_text())["splits"]["train"]["count"]), f"{manifest}"
         except (OSError, ValueError, KeyError, TypeError):
             return None  # an unreadable manifest is reported by the shard checks that follow
-    if d.source == "fashion_mnist":
-        _check(
-            d.train_per_class <= FASHION_MNIST_PER_CLASS,
-            "data.train_per_class",
-            d.train_per_class,
-            f"must be <= {FASHION_MNIST_PER_CLASS} (the images of each Fashion-MNIST class)",
-        )
-        return FASHION_MNIST_NUM_CLASSES * d.train_per_class, "Fashion-MNIST"
-    if d.source == "imagefolder" and Path(d.source_path).is_dir():
-        import numpy as np
+    if d.source == "shards":
+        return None
+    from brcd_dist.data import sources
 
-        from brcd_dist.data import imagefolder, splits
+    try:
+        return sources.get(d.source).train_split_size(d)
+    except ValueError as err:  # a request the source cannot meet: the key it concerns, in one line
+        key = "data.train_per_class" if str(err).startswith("must be") else "data.source_path"
+        value = d.train_per_class if key == "data.train_per_class" else d.source_path
+        raise ConfigError(f"{key}={value!r}: {err}") from None
 
-        root = Path(d.source_path)
-        try:
-            if imagefolder.has_train_val(root):
-                classes, images = imagefolder.scan_class_folders(root / "train")
-                labels = images.labels
-            else:
-                classes, images = imagefolder.scan_class_folders(root)
-                kept, _ = splits.holdout_split(images.labels, splits.DEFAULT_HOLDOUT, d.split_seed)
-                labels = images.labels[kept]
-        except ValueError as err:
-            raise ConfigError(f"data.source_path={d.source_path!r}: {err}") from None
-        _check(
-            len(classes) >= 2,
-            "data.source_path",
-            d.source_path,
-            f"holds {len(classes)} class folder(s); retrieval needs >= 2 classes",
-        )
-        counts = np.bincount(labels, minlength=len(classes))
-        smallest = int(counts.argmin())
-        _check(
-            d.train_per_class <= counts[smallest],
-            "data.train_per_class",
-            d.train_per_class,
-            f"must be <= {int(counts[smallest])}, the training images of class {classes[smallest]!r}",
-        )
-        return len(classes) * d.train_per_class, f"{len(classes)} classes x data.train_per_class"
-    return None
+
+def _missing_hint(source: str) -> str:
+    from brcd_dist.data import sources
+
+    return sources.get(source).MISSING_HINT if source in sources.names() else ""
 
 
 def validate_config(cfg: Config, check_paths: bool = True, training: bool = True) -> Config:
@@ -603,7 +578,7 @@ def _validate_on_disk(cfg: Config, training: bool) -> None:
                 Path(d.source_path).exists(),
                 "data.source_path",
                 d.source_path,
-                "not found" + (" (apt-get install dataset-fashion-mnist)" if d.source == "fashion_mnist" else ""),
+                "not found" + _missing_hint(d.source),
             )
     split = _train_split_size(cfg)
     if split is not None and training:

@@ -42,24 +42,19 @@ def main(argv=None) -> None:
     if (
         light is not None and light.data.source == "shards"
     ):  # before the config's own checks, which would ask for the shards this job makes
-        fail("data.source=shards: this job makes shards; set data.source to fashion_mnist or imagefolder")
+        from brcd_dist.data import sources
+
+        fail(f"data.source=shards: this job makes shards; set data.source to one of {', '.join(sources.names())}")
     cfg = config_from_args(args, training=False)  # brcd.clusters does not concern the shards
     d = cfg.data
     from brcd_dist.data.manifest import ShardsMismatchError, manifest_location  # after the checks: the writer
-    from brcd_dist.data.shards import shard_params, write_shards  # stack (numpy, PIL, webdataset) is not light
+    from brcd_dist.data.shards import ShardSpec, write  # stack (numpy, PIL, webdataset) is not light
 
     setup_logging()
     t0 = time.perf_counter()
     where = manifest_location(d.shards_dir, d.shards_url)
     try:
-        manifest = write_shards(
-            where,
-            d.source,
-            d.source_path,
-            **shard_params(d),
-            num_procs=args.procs,
-            ray_address=args.ray,
-        )
+        manifest = write(ShardSpec.of_data(d), where, num_procs=args.procs, ray_address=args.ray)
     except (ShardsMismatchError, FileNotFoundError, ValueError, OSError) as err:
         fail(str(err))
     seconds = time.perf_counter() - t0

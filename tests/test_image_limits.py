@@ -119,7 +119,7 @@ def test_a_truncated_jpeg_is_refused_where_a_good_one_is_copied_byte_for_byte(tm
 
 
 def test_a_ray_shard_task_skips_counts_and_names_a_corrupt_image_too(tmp_path):
-    from brcd_dist.data.shards import write_one_shard
+    from brcd_dist.data.shard_writer import write_one_shard
 
     root = _folder(tmp_path / "root", {"a": 2})
     (root / "a" / "empty.png").write_bytes(b"")

@@ -77,5 +77,5 @@ def test_a_rerun_after_a_crash_writes_only_the_unfinished_shards(local_ray, fold
 
 
 def test_ray_writes_imagefolders_only(tmp_path):
-    with pytest.raises(ValueError, match="data.source='fashion_mnist': --ray writes ImageFolder shards"):
+    with pytest.raises(ValueError, match="data.source='fashion_mnist': --ray writes the shards of imagefolder only"):
         shards_module.write_shards(tmp_path, "fashion_mnist", "/nowhere", ray_address="auto")

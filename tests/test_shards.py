@@ -325,12 +325,12 @@ def test_readers_cut_every_split_into_at_least_that_many_shards_and_other_reader
 
 
 def test_encoding_in_a_process_pool_gives_the_same_shards(tmp_path, monkeypatch):
-    import brcd_dist.data.shards as shards
+    from brcd_dist.data.sources import imagefolder as source
 
     root = make_image_folder(tmp_path / "imgs", n_per_class=(12, 10, 10))
     kw = dict(seed=0, train_per_class=3, samples_per_shard=7, in_chans=3, shorter_side=27, progress=False)
     serial = write_shards(tmp_path / "a", "imagefolder", str(root), num_procs=1, **kw)
-    monkeypatch.setattr(shards, "POOL_MIN_IMAGES", 4)
+    monkeypatch.setattr(source, "POOL_MIN_IMAGES", 4)
     pooled = write_shards(tmp_path / "b", "imagefolder", str(root), num_procs=2, **kw)
     assert pooled.sha256 == serial.sha256
 

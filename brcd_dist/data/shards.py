@@ -11,8 +11,9 @@ byte-identical shards (and hashes) again.
 Shard sizes: `samples_per_shard` at most; with `readers` > 0 (the expected ranks x loader workers), a split
 has at least that many shards (near-equal sizes), so that every loader worker of every rank has its own.
 
-Writers: this process (encoding with a pool), or with `ray_address` one Ray task per shard across a cluster's
-CPUs (jobs/make_shards.py --ray). Both write the same bytes, record each finished shard's sha256 in
+What is read comes from a source (data/sources/: one module each, found by name); how a shard is written is in
+data/shard_writer.py: this process (encoding with a pool), or with `ray_address` one Ray task per shard across a
+cluster's CPUs (jobs/make_shards.py --ray). Both write the same bytes, record each finished shard's sha256 in
 shards.progress.json, and so resume the same way. Why not Ray Data (read_binary_files -> write_webdataset): its
 writer names and fills files by blocks, so the seeded split's sample -> shard -> position layout, the shard names
 and the per-shard counts that the epoch plan reads would have to be rebuilt after the fact, and it has no
@@ -23,176 +24,76 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import logging
 import math
-import multiprocessing
 import os
-import tempfile
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
-import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from brcd_dist import storage
-from brcd_dist.data import imagefolder, splits
-from brcd_dist.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
+from brcd_dist.data import imagefolder, sources, splits
 from brcd_dist.data.manifest import (
     Manifest,
     ShardsMismatchError,
     SplitInfo,
     check_same_params,
-    file_sha256,
     load_manifest,
     manifest_location,
     manifest_path,
     save_manifest,
 )
+from brcd_dist.data.shard_writer import write_serial, write_with_ray
+from brcd_dist.data.sources import ImageSet
 from brcd_dist.data.tar_samples import shard_samples
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("fashion_mnist", "imagefolder")
-FASHION_MNIST_SIZE = 28
 DEFAULT_HOLDOUT = splits.DEFAULT_HOLDOUT  # (in splits.py: config validation reads it without torch)
-POOL_MIN_IMAGES = 1000  # fewer images: encoding in this process beats starting a pool
 
 
-@dataclass
-class _ImageSet:
-    """One side of a source (training or test images): keys, labels, and how to get image i's stored bytes."""
+@dataclass(frozen=True)
+class ShardSpec:
+    """What shards to make: the source, the split protocol, the layout and how images are stored."""
 
-    keys: list[str]
-    labels: np.ndarray
-    encode_many: Callable[[np.ndarray], Iterable[tuple[str, bytes]]]  # indices -> (extension, bytes), in order
-    paths: list[str] | None = None  # ImageFolder: image i's file (what the Ray tasks of --ray read)
+    source: str
+    source_path: str
+    seed: int = 0
+    train_per_class: int = 500
+    val_fraction: float = 0.5
+    samples_per_shard: int = 1000
+    in_chans: int = 1
+    shorter_side: int = 0  # 0: keep the source's size and bytes
+    holdout_fraction: float = DEFAULT_HOLDOUT
+    max_images: int = 0  # > 0: only the first max_images training and test images (tests, smoke runs)
+    readers: int = 0  # > 0: at least that many shards a split (ranks x loader workers)
+    max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS
 
-
-@dataclass
-class _Source:
-    classes: list[str]
-    image_size: int
-    in_chans: int
-    train: _ImageSet
-    test: _ImageSet
-
-
-def _keys(prefix: str, indices: Iterable[int], n: int) -> list[str]:
-    width = max(5, len(str(max(n - 1, 0))))
-    return [f"{prefix}-{i:0{width}d}" for i in indices]
-
-
-def _limit(n: int, max_images: int) -> int:
-    return min(n, max_images) if max_images > 0 else n
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def _png_gray(image: np.ndarray) -> tuple[str, bytes]:
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buf, format="PNG")
-    return "png", buf.getvalue()
-
-
-def _fashion_mnist(path: str, max_images: int) -> _Source:
-    arrays = load_fashion_mnist(path)
-
-    def side(part: str) -> _ImageSet:
-        n = _limit(len(arrays[f"{part}_images"]), max_images)
-        images, labels = arrays[f"{part}_images"][:n], arrays[f"{part}_labels"][:n].astype(np.int64)
-        cache: dict[int, tuple[str, bytes]] = {}  # the train subset re-uses the database's encodings
-
-        def encode_many(indices: np.ndarray) -> Iterator[tuple[str, bytes]]:
-            for i in indices:
-                i = int(i)
-                if i not in cache:
-                    cache[i] = _png_gray(images[i])
-                yield cache[i]
-
-        return _ImageSet(_keys(part, range(n), len(arrays[f"{part}_images"])), labels, encode_many)
-
-    return _Source(list(FASHION_MNIST_CLASSES), FASHION_MNIST_SIZE, 1, side("train"), side("test"))
-
-
-def _folder_side(
-    images: imagefolder.ImageList,
-    keys: list[str],
-    positions: np.ndarray,
-    in_chans: int,
-    shorter_side: int,
-    num_procs: int,
-    max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
-) -> _ImageSet:
-    paths = [str(images.root / images.files[p]) for p in positions]
-    # (extension, bytes), or the reason (str) why an image is skipped: corrupt, empty or above the pixel cap
-    encode = partial(
-        imagefolder.encode_for_shard_or_reason, in_chans=in_chans, shorter_side=shorter_side, max_pixels=max_pixels
-    )
-
-    def encode_many(indices: np.ndarray) -> Iterator[tuple[str, bytes]]:
-        todo = [paths[int(i)] for i in indices]
-        if num_procs <= 1 or len(todo) < POOL_MIN_IMAGES:
-            yield from map(encode, todo)
-            return
-        # fork, as DataLoader does: spawn would re-import the caller's main module in every child, and a script
-        # without a __main__ guard would then re-enter write_shards and wait on the directory lock forever
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        with multiprocessing.get_context(method).Pool(num_procs) as pool:
-            yield from pool.imap(encode, todo, chunksize=16)
-
-    return _ImageSet([keys[p] for p in positions], images.labels[positions], encode_many, paths)
-
-
-def _image_folder(
-    path: str,
-    *,
-    shorter_side: int,
-    in_chans: int,
-    holdout_fraction: float,
-    seed: int,
-    max_images: int,
-    num_procs: int,
-    max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
-) -> _Source:
-    """train/ + val/ when both exist (keys 'train-N', 'val-N'); else one folder, split by the seed ('img-N')."""
-    size = shorter_side
-    root = Path(path)
-    if imagefolder.has_train_val(root):
-        classes, train = imagefolder.scan_class_folders(root / "train")
-        _, val = imagefolder.scan_class_folders(root / "val", classes)
-        n_tr, n_te = _limit(len(train.files), max_images), _limit(len(val.files), max_images)
-        tr_keys, te_keys = (
-            _keys("train", range(len(train.files)), len(train.files)),
-            _keys("val", range(len(val.files)), len(val.files)),
+    @classmethod
+    def of_data(cls, d) -> "ShardSpec":
+        """The spec of the config's data section (brcd_dist.config.DataConfig)."""
+        return cls(
+            source=d.source,
+            source_path=d.source_path,
+            seed=d.split_seed,
+            train_per_class=d.train_per_class,
+            val_fraction=d.val_fraction,
+            samples_per_shard=d.samples_per_shard,
+            in_chans=d.in_chans,
+            shorter_side=d.shard_shorter_side,
+            readers=d.shard_readers,
+            max_image_pixels=d.max_image_pixels,
+            max_images=d.max_images,
         )
-        return _Source(
-            classes,
-            size,
-            in_chans,
-            _folder_side(train, tr_keys, np.arange(n_tr), in_chans, size, num_procs, max_pixels),
-            _folder_side(val, te_keys, np.arange(n_te), in_chans, size, num_procs, max_pixels),
-        )
-    classes, allimg = imagefolder.scan_class_folders(root)
-    keys = _keys("img", range(len(allimg.files)), len(allimg.files))
-    kept, held = splits.holdout_split(allimg.labels, holdout_fraction, seed)
-    kept, held = kept[: _limit(len(kept), max_images)], held[: _limit(len(held), max_images)]
-    return _Source(
-        classes,
-        size,
-        in_chans,
-        _folder_side(allimg, keys, kept, in_chans, size, num_procs, max_pixels),
-        _folder_side(allimg, keys, held, in_chans, size, num_procs, max_pixels),
-    )
 
-
-# ----------------------------------------------------------------------------- writing
+    def stored(self) -> dict:
+        """The manifest's content parameters, known before reading the source (the layout's `readers` and the
+        pixel cap are not content). image_size is the stored shorter side; a source may fix some (FIXED)."""
+        params = {k: v for k, v in asdict(self).items() if k not in ("source_path", "readers", "max_image_pixels")}
+        params["image_size"] = params.pop("shorter_side")
+        return {**params, **sources.get(self.source).FIXED}
 
 
 def shard_sizes(n: int, samples_per_shard: int, readers: int = 0) -> list[int]:
@@ -221,7 +122,7 @@ def _plan(name: str, order: np.ndarray, samples_per_shard: int, readers: int) ->
 
 
 def _split_info(
-    name: str, images: _ImageSet, plan: list[tuple[str, np.ndarray]], keys: dict[str, list[str]], skipped: list[str]
+    name: str, images: ImageSet, plan: list[tuple[str, np.ndarray]], keys: dict[str, list[str]], skipped: list[str]
 ) -> SplitInfo:
     """The manifest's record of a written split: its shards and the keys and labels they hold, in order."""
     if skipped:
@@ -239,146 +140,6 @@ def _split_info(
         shard_counts=[len(keys[fname]) for fname, _ in plan],
         keys=kept,
         labels=[label_of[k] for k in kept],
-    )
-
-
-def _write_tar(path: str, rows: Iterable[tuple[str, int, tuple[str, bytes] | str]]) -> tuple[list[str], list[str]]:
-    """One tar at `path` from rows (key, label, (extension, bytes) or the reason the image is skipped: corrupt,
-    empty, above the pixel cap); returns (keys written, reasons skipped)."""
-    keys, skipped = [], []
-    with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
-        for key, label, item in rows:
-            if isinstance(item, str):
-                skipped.append(item)
-                continue
-            ext, data = item
-            sink.write({"__key__": key, ext: data, "cls": str(int(label)).encode()})
-            keys.append(key)
-    return keys, skipped
-
-
-@contextlib.contextmanager
-def _shard_file(out: str, fname: str) -> Iterator[str]:
-    """A temporary path to write shard `fname` at; when the block ends it becomes out/fname whole (renamed in a
-    local directory, uploaded to an object store) or, on error, nothing."""
-    local = storage.is_local(out)
-    if local:
-        os.makedirs(out, exist_ok=True)  # a Ray task may run on a node that has not seen the directory yet
-    with tempfile.TemporaryDirectory(prefix="brcd-shard-") as scratch:
-        tmp = os.path.join(out if local else scratch, f"{fname}.{os.getpid()}.tmp")
-        try:
-            yield tmp
-            if local:
-                os.replace(tmp, os.path.join(out, fname))
-            else:
-                storage.upload(tmp, storage.join(out, fname))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def _write_shard(out: str, fname: str, rows: Iterable[tuple[str, int, tuple[str, bytes] | str]]) -> dict:
-    """Shard `fname` in `out` from rows as _write_tar takes them; returns its name, sha256, the keys written and the
-    reasons of the images skipped (what write_shards records)."""
-    with _shard_file(out, fname) as tmp:
-        keys, skipped = _write_tar(tmp, rows)
-        sha = file_sha256(tmp)
-    return {"name": fname, "sha256": sha, "keys": keys, "skipped": skipped}
-
-
-def write_one_shard(
-    out: str,
-    fname: str,
-    samples: list[tuple[str, str, int]],
-    in_chans: int,
-    shorter_side: int,
-    max_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
-) -> dict:
-    """One ImageFolder shard from [(key, image path, label)], encoded here (a Ray task's body: --ray)."""
-    rows = (
-        (key, label, imagefolder.encode_for_shard_or_reason(path, in_chans, shorter_side, max_pixels))
-        for key, path, label in samples
-    )
-    return _write_shard(out, fname, rows)
-
-
-def _write_serial(
-    out: str, todo: list[tuple[str, str, np.ndarray]], sides: dict[str, _ImageSet], bar: tqdm, record
-) -> None:
-    """The shards in `todo` [(split, file name, side indices)], in this process; each split's images are encoded
-    in one stream (the side's pool, if any, stays up across its shards)."""
-    for name in dict.fromkeys(split for split, _, _ in todo):
-        images = sides[name]
-        mine = [(fname, part) for split, fname, part in todo if split == name]
-        encoded = iter(images.encode_many(np.concatenate([part for _, part in mine])))
-        for fname, part in mine:
-
-            def rows(part=part):
-                for j in part:
-                    bar.update(1)
-                    yield images.keys[int(j)], int(images.labels[int(j)]), next(encoded)
-
-            record(name, _write_shard(out, fname, rows()), 0)
-
-
-def _write_with_ray(
-    out: str,
-    todo: list[tuple[str, str, np.ndarray]],
-    sides: dict[str, _ImageSet],
-    bar: tqdm,
-    record,
-    encoding: tuple[int, int, int],
-    address: str,
-) -> None:
-    """The shards in `todo`, one Ray task (one CPU) each on the Ray cluster at `address` (joined unless this
-    process is in one already), at most twice the cluster's CPUs in flight; each is recorded as it finishes. The
-    tasks read the images by path."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address)
-    task = ray.remote(num_cpus=1)(write_one_shard)
-    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    queue, pending = list(todo), {}
-    while queue or pending:
-        while queue and len(pending) < limit:
-            name, fname, part = queue.pop(0)
-            side = sides[name]
-            samples = [(side.keys[int(j)], side.paths[int(j)], int(side.labels[int(j)])) for j in part]
-            pending[task.remote(out, fname, samples, *encoding)] = (name, len(part))
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        name, n = pending.pop(ready[0])
-        record(name, ray.get(ready[0]), n)
-
-
-def _stored_params(
-    source: str,
-    *,
-    seed: int,
-    train_per_class: int,
-    val_fraction: float,
-    samples_per_shard: int,
-    in_chans: int,
-    shorter_side: int,
-    holdout_fraction: float,
-    max_images: int,
-) -> dict:
-    """The manifest's content parameters for a request, known before reading the source. The manifest's
-    image_size is the stored shorter side: 28 for Fashion-MNIST, `shorter_side` for an ImageFolder (0: as the
-    source's files are)."""
-    image_size = shorter_side
-    if source == "fashion_mnist":
-        in_chans, image_size, holdout_fraction = 1, FASHION_MNIST_SIZE, 0.0  # stored as is; readers convert
-    return dict(
-        source=source,
-        seed=seed,
-        train_per_class=train_per_class,
-        val_fraction=val_fraction,
-        samples_per_shard=samples_per_shard,
-        in_chans=in_chans,
-        image_size=image_size,
-        holdout_fraction=holdout_fraction,
-        max_images=max_images,
     )
 
 
@@ -434,145 +195,133 @@ def write_shards(
     source: str,
     source_path: str,
     *,
-    seed: int = 0,
-    train_per_class: int = 500,
-    val_fraction: float = 0.5,
-    samples_per_shard: int = 1000,
-    in_chans: int = 1,
-    shorter_side: int = 0,
-    holdout_fraction: float = DEFAULT_HOLDOUT,
-    max_images: int = 0,
-    readers: int = 0,
     num_procs: int = 1,
     progress: bool = True,
-    max_image_pixels: int = imagefolder.DEFAULT_MAX_IMAGE_PIXELS,
     ray_address: str = "",
+    **spec,
 ) -> Manifest:
     """Make (or verify and re-use) the four splits' shards and manifest.json in shards_dir: a local directory or
     an object store location (s3://bucket/prefix, gs://...), each shard uploaded as soon as it is written.
+    `spec`: ShardSpec's other fields. See `write`."""
+    return write(ShardSpec(source, str(source_path), **spec), shards_dir, num_procs, progress, ray_address)
 
-    A location whose manifest has other content parameters is refused (ShardsMismatchError); one with the
-    same parameters and intact shards is returned as is. Otherwise the shards are written, except those that an
+
+def write(
+    spec: ShardSpec, shards_dir: str | os.PathLike, num_procs: int = 1, progress: bool = True, ray_address: str = ""
+) -> Manifest:
+    """A location whose manifest has other content parameters is refused (ShardsMismatchError); one with the same
+    parameters and intact shards is returned as is. Otherwise the shards are written, except those that an
     unfinished earlier run left there intact (shards.progress.json records their sha256): a re-run resumes.
-    shorter_side (0: keep the source's size and bytes), in_chans and max_image_pixels apply to ImageFolder sources
-    (Fashion-MNIST is stored as 28x28 gray PNG); readers > 0: at least that many shards a split (module docstring);
-    max_images > 0 keeps only the first max_images training and test images (tests, smoke runs).
-    ray_address (ImageFolder only; "auto": the running cluster): one Ray task per shard across the cluster's CPUs,
-    each reading its images by path (the folder must be at the same path on every node) and writing its shard to
-    shards_dir; otherwise this process writes them, encoding with num_procs processes.
-    """
-    if shorter_side < 0 or readers < 0:
-        raise ValueError(f"shorter_side={shorter_side}, readers={readers}: must be >= 0 (0: keep / no minimum)")
-    if source not in SOURCES:
-        raise ValueError(f"data.source={source!r}: shards can be made from {', '.join(SOURCES)}")
-    if ray_address and source != "imagefolder":
-        raise ValueError(f"data.source={source!r}: --ray writes ImageFolder shards (IDX sources are small)")
+    ray_address ("auto": the running cluster; sources with RAY_TASKS): one Ray task per shard across the
+    cluster's CPUs, each reading its images by path and writing its shard to shards_dir; otherwise this process
+    writes them, encoding with num_procs processes."""
+    if spec.shorter_side < 0 or spec.readers < 0:
+        raise ValueError(
+            f"shorter_side={spec.shorter_side}, readers={spec.readers}: must be >= 0 (0: keep / no minimum)"
+        )
+    module = sources.get(spec.source)
+    if ray_address and not module.RAY_TASKS:
+        raise ValueError(f"data.source={spec.source!r}: --ray writes the shards of {_ray_sources()} only")
     out = str(shards_dir) if not storage.is_local(str(shards_dir)) else os.path.abspath(shards_dir)
-    wanted = _stored_params(
-        source,
-        seed=seed,
-        train_per_class=train_per_class,
-        val_fraction=val_fraction,
-        samples_per_shard=samples_per_shard,
-        in_chans=in_chans,
-        shorter_side=shorter_side,
-        holdout_fraction=holdout_fraction,
-        max_images=max_images,
-    )
     with _dir_lock(out):
-        done: dict[str, str] = {}
-        if storage.is_file(manifest_path(out)):
-            existing = load_manifest(out)
-            check_same_params(existing, wanted, out)
-            check_same_layout(existing, samples_per_shard, readers, out)
-            bad = verify_shards(existing, out)
-            if not bad:
-                log.info("%s: shards verified (%d files), re-using them", out, len(existing.shard_files()))
-                return existing
-            log.warning("%s: %d shard(s) missing or changed (first: %s); rewriting those", out, len(bad), bad[0])
-            done = {n: h for n, h in existing.sha256.items() if n not in bad}
-        else:
-            done = _load_progress(out, {**wanted, "readers": readers})  # readers moves the shard boundaries
+        done = _reusable(spec, out)
+        if isinstance(done, Manifest):
+            return done
         storage.makedirs(out)
-        journal = {"params": {**wanted, "readers": readers}, "sha256": dict(done)}  # what PROGRESS_NAME holds
-
-        def on_shard(fname: str, sha: str) -> None:  # record each finished shard: a killed run resumes after it
-            journal["sha256"][fname] = sha
-            storage.write_bytes(storage.join(out, PROGRESS_NAME), json.dumps(journal).encode())
-
-        if source == "fashion_mnist":
-            src = _fashion_mnist(source_path, max_images)
-        else:
-            src = _image_folder(
-                source_path,
-                shorter_side=shorter_side,
-                in_chans=in_chans,
-                holdout_fraction=holdout_fraction,
-                seed=seed,
-                max_images=max_images,
-                num_procs=num_procs,
-                max_pixels=max_image_pixels,
-            )
+        journal = {"params": {**spec.stored(), "readers": spec.readers}, "sha256": dict(done)}
+        src = module.open(spec, num_procs)
         orders = splits.make_splits(
             src.train.labels,
             len(src.test.labels),
-            train_per_class=train_per_class,
-            val_fraction=val_fraction,
-            seed=seed,
+            train_per_class=spec.train_per_class,
+            val_fraction=spec.val_fraction,
+            seed=spec.seed,
         )
         sides = {"train": src.train, "database": src.train, "val_query": src.test, "test_query": src.test}
-        plans = {name: _plan(name, order, samples_per_shard, readers) for name, order in orders.items()}
-        keys: dict[str, list[str]] = {}  # shard -> keys written in it
-        skipped: dict[str, list[str]] = {name: [] for name in plans}  # split -> reasons of images skipped
-        todo = []
-        with tqdm(
-            total=sum(len(o) for o in orders.values()),
-            desc=f"shards -> {out}",
-            unit="img",
-            disable=not progress,
-            mininterval=1.0,
-        ) as bar:
-            for name, plan in plans.items():
-                for fname, part in plan:
-                    if fname in done:  # an earlier run wrote it: re-list its keys (some images may be skipped)
-                        keys[fname] = _shard_keys(storage.join(out, fname))
-                        bar.update(len(part))
-                    else:
-                        todo.append((name, fname, part))
-
-            def record(name: str, row: dict, images: int) -> None:
-                keys[row["name"]] = row["keys"]
-                for reason in row["skipped"][: max(0, 20 - len(skipped[name]))]:  # the first 20 of a split
-                    log.warning("split %s: image skipped: %s", name, reason)
-                skipped[name] += row["skipped"]
-                on_shard(row["name"], row["sha256"])
-                bar.update(images)
-
-            if ray_address:
-                _write_with_ray(out, todo, sides, bar, record, (in_chans, shorter_side, max_image_pixels), ray_address)
-            else:
-                _write_serial(out, todo, sides, bar, record)
-        infos = {name: _split_info(name, sides[name], plans[name], keys, skipped[name]) for name in plans}
+        plans = {name: _plan(name, order, spec.samples_per_shard, spec.readers) for name, order in orders.items()}
+        keys, skipped = _write_plans(spec, out, sides, plans, journal, progress, ray_address)
         manifest = Manifest(
-            source=source,
-            source_path=str(source_path),
-            seed=seed,
-            train_per_class=train_per_class,
-            val_fraction=val_fraction,
-            samples_per_shard=samples_per_shard,
+            source=spec.source,
+            source_path=spec.source_path,
+            seed=spec.seed,
+            train_per_class=spec.train_per_class,
+            val_fraction=spec.val_fraction,
+            samples_per_shard=spec.samples_per_shard,
             num_classes=len(src.classes),
             classes=list(src.classes),
             image_size=src.image_size,
             in_chans=src.in_chans,
-            splits=infos,
+            splits={name: _split_info(name, sides[name], plans[name], keys, skipped[name]) for name in plans},
             sha256={fname: journal["sha256"][fname] for plan in plans.values() for fname, _ in plan},
-            holdout_fraction=wanted["holdout_fraction"],
-            max_images=max_images,
+            holdout_fraction=spec.stored()["holdout_fraction"],
+            max_images=spec.max_images,
         )
         save_manifest(manifest, out)
         if storage.is_file(storage.join(out, PROGRESS_NAME)):
             storage.remove(storage.join(out, PROGRESS_NAME))
         return manifest
+
+
+def _ray_sources() -> str:
+    return ", ".join(n for n in sources.names() if sources.get(n).RAY_TASKS)
+
+
+def _reusable(spec: ShardSpec, out: str) -> Manifest | dict[str, str]:
+    """The manifest at `out` when its shards are there intact (refused when made with other parameters), else
+    {shard: sha256} of the shards that an earlier run left there intact (kept, not rewritten)."""
+    if not storage.is_file(manifest_path(out)):
+        return _load_progress(out, {**spec.stored(), "readers": spec.readers})  # readers moves shard boundaries
+    existing = load_manifest(out)
+    check_same_params(existing, spec.stored(), out)
+    check_same_layout(existing, spec.samples_per_shard, spec.readers, out)
+    bad = verify_shards(existing, out)
+    if not bad:
+        log.info("%s: shards verified (%d files), re-using them", out, len(existing.shard_files()))
+        return existing
+    log.warning("%s: %d shard(s) missing or changed (first: %s); rewriting those", out, len(bad), bad[0])
+    return {n: h for n, h in existing.sha256.items() if n not in bad}
+
+
+def _write_plans(
+    spec: ShardSpec,
+    out: str,
+    sides: dict[str, ImageSet],
+    plans: dict[str, list],
+    journal: dict,
+    progress: bool,
+    ray_address: str,
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Write the shards of `plans` that the journal does not hold already; returns (shard -> keys written in it,
+    split -> reasons of the images skipped). Each finished shard goes into the journal (PROGRESS_NAME) at once,
+    so that a killed run resumes after it."""
+    keys: dict[str, list[str]] = {}
+    skipped: dict[str, list[str]] = {name: [] for name in plans}
+    todo = []
+    total = sum(len(part) for plan in plans.values() for _, part in plan)
+    with tqdm(total=total, desc=f"shards -> {out}", unit="img", disable=not progress, mininterval=1.0) as bar:
+        for name, plan in plans.items():
+            for fname, part in plan:
+                if fname in journal["sha256"]:  # an earlier run wrote it: re-list its keys (some images may be skipped)
+                    keys[fname] = _shard_keys(storage.join(out, fname))
+                    bar.update(len(part))
+                else:
+                    todo.append((name, fname, part))
+
+        def record(name: str, row: dict, images: int) -> None:
+            keys[row["name"]] = row["keys"]
+            for reason in row["skipped"][: max(0, 20 - len(skipped[name]))]:  # the first 20 of a split
+                log.warning("split %s: image skipped: %s", name, reason)
+            skipped[name] += row["skipped"]
+            journal["sha256"][row["name"]] = row["sha256"]
+            storage.write_bytes(storage.join(out, PROGRESS_NAME), json.dumps(journal).encode())
+            bar.update(images)
+
+        if ray_address:
+            encoding = (spec.in_chans, spec.shorter_side, spec.max_image_pixels)
+            write_with_ray(out, todo, sides, bar, record, encoding, ray_address)
+        else:
+            write_serial(out, todo, sides, bar, record)
+    return keys, skipped
 
 
 def check_same_layout(existing: Manifest, samples_per_shard: int, readers: int, shards_dir) -> None:
@@ -591,26 +340,6 @@ def check_same_layout(existing: Manifest, samples_per_shard: int, readers: int, 
             )
 
 
-def shard_params(d) -> dict:
-    """write_shards' keyword arguments that come from the config's data section (d: brcd_dist.config.DataConfig)."""
-    return dict(
-        seed=d.split_seed,
-        train_per_class=d.train_per_class,
-        val_fraction=d.val_fraction,
-        samples_per_shard=d.samples_per_shard,
-        in_chans=d.in_chans,
-        shorter_side=d.shard_shorter_side,
-        readers=d.shard_readers,
-        max_image_pixels=d.max_image_pixels,
-        max_images=d.max_images,
-    )
-
-
-def _content_params(params: dict) -> dict:
-    """Of shard_params, those the manifest records as its content (readers and the pixel cap are not)."""
-    return {k: v for k, v in params.items() if k not in ("readers", "max_image_pixels")}
-
-
 def ensure_shards(cfg) -> Manifest:
     """The shards a run reads (cfg: brcd_dist.config.Config): made when missing, verified when local.
 
@@ -624,20 +353,9 @@ def ensure_shards(cfg) -> Manifest:
         return load_manifest(where)
     if d.shards_url and storage.is_file(manifest_path(where)):
         manifest = load_manifest(where)
-        check_same_params(
-            manifest,
-            _stored_params(d.source, **_content_params(shard_params(d)), holdout_fraction=DEFAULT_HOLDOUT),
-            where,
-        )
+        check_same_params(manifest, ShardSpec.of_data(d).stored(), where)
         return manifest
-    return write_shards(
-        where,
-        d.source,
-        d.source_path,
-        **shard_params(d),
-        num_procs=os.cpu_count() or 1,
-        progress=True,
-    )
+    return write(ShardSpec.of_data(d), where, num_procs=os.cpu_count() or 1, progress=True)
 
 
-__all__ = ["write_shards", "ensure_shards", "verify_shards", "ShardsMismatchError", "SOURCES"]
+__all__ = ["ShardSpec", "write", "write_shards", "ensure_shards", "verify_shards", "ShardsMismatchError"]
