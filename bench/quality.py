@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "jobs"), str(ROOT / "bench")]
 
-from _cli import preflight, setup_logging  # noqa: E402
+from _cli import connect, preflight, setup_logging  # noqa: E402
 
 from brcd_dist import tracking  # noqa: E402
 from brcd_dist.config import load_config  # noqa: E402
@@ -273,6 +273,7 @@ def main(argv=None) -> list[dict]:
     cfg = absolute_paths(load_config(args.config, [*args.overrides, f"tracking.experiment={args.experiment}"]))
     results = Results(Path(args.results))
     uri, manifest = preflight(cfg)
+    connect(None, uri)
     if results.header:
         sweep, parent = results.header["sweep"], results.header.get("parent_run_id")
         print(f"resuming sweep {sweep}: {len(results.rows)} runs already in {args.results}")

@@ -159,7 +159,7 @@ def load_images(paths: Sequence[str | os.PathLike]) -> list[Image.Image]:
     return out
 
 
-def encode_images(model: HashModel, images: Sequence, batch_size: int = 256) -> np.ndarray:
+def encode_queries(model: HashModel, images: Sequence, batch_size: int = 256) -> np.ndarray:
     """Image files, PIL images or a preprocessed (B, C, H, W) tensor -> uint8 packed codes (B, L/8).
 
     Images get the evaluation's deterministic transform (centre square, resize, normalise), as the database did.
@@ -289,4 +289,4 @@ class Index:
     def search(self, images: Sequence, k: int = 10) -> list[list[Hit]]:
         """The k nearest database keys of each query image (file paths, PIL images or a preprocessed tensor),
         nearest first, with Hamming distances."""
-        return self.search_codes(encode_images(self.model, images), k)
+        return self.search_codes(encode_queries(self.model, images), k)

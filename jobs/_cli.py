@@ -187,16 +187,15 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def preflight(cfg, address=None, name=None, timings: dict | None = None):
-    """What can be wrong with the input, checked before any worker starts, then the attachment to Ray:
-    the run name (not resumed under another config), the tracking store and registry names, then the shards
-    (made when missing). Returns (tracking uri or None, manifest); a problem ends the job with one line.
+def preflight(cfg, name=None, timings: dict | None = None):
+    """What can be wrong with the input, checked before any worker starts (attach to Ray after it, with
+    `connect`): the run name (not resumed under another config), the tracking store and registry names, then the
+    shards (made when missing). Returns (tracking uri or None, manifest); a problem ends the job with one line.
     `timings`, if given, gets the seconds the shards took under "shards"."""
     import time
 
     from brcd_dist import tracking
     from brcd_dist.data import ensure_shards
-    from brcd_dist.driver import connect_ray
     from brcd_dist.run_guard import RunReuseError, check_resume
 
     if name:
@@ -218,5 +217,11 @@ def preflight(cfg, address=None, name=None, timings: dict | None = None):
     if timings is not None:
         timings["shards"] = time.perf_counter() - t0
     check_web_shards(cfg, manifest)
-    connect_ray(address, env={"MLFLOW_TRACKING_URI": uri})
     return uri, manifest
+
+
+def connect(address, tracking_uri) -> None:
+    """Attach to Ray (a cluster at `address`, or a local instance), the tracking store named to its processes."""
+    from brcd_dist.driver import connect_ray
+
+    connect_ray(address, env={"MLFLOW_TRACKING_URI": tracking_uri})

@@ -19,7 +19,7 @@ the bars too.
 
 from __future__ import annotations
 
-from _cli import config_from_args, parse, parser, preflight, setup_logging
+from _cli import config_from_args, connect, parse, parser, preflight, setup_logging
 
 
 def make_parser():
@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
     cfg = absolute_paths(cfg)
     name = run_name(cfg)
     timings: dict = {}
-    uri, manifest = preflight(cfg, args.address, name, timings)
+    uri, manifest = preflight(cfg, name, timings)
+    connect(args.address, uri)
     teacher = teacher_reuse.resolve(cfg, manifest.digest(), retrain=args.retrain_teacher)
     if teacher.reused:
         print(

@@ -9,7 +9,7 @@ A teacher kept by an earlier run with the same content key is loaded instead of 
 
 from __future__ import annotations
 
-from _cli import config_from_args, parse, parser, preflight, setup_logging
+from _cli import config_from_args, connect, parse, parser, preflight, setup_logging
 
 
 def make_parser():
@@ -32,7 +32,8 @@ def main(argv=None):
     setup_logging()
     cfg = absolute_paths(cfg)
     name = run_name(cfg) + "-teacher"
-    uri, manifest = preflight(cfg, args.address, name)
+    uri, manifest = preflight(cfg, name)
+    connect(args.address, uri)
     run_id = (
         tracking.start_run(cfg, run_name=name, manifest_digest=manifest.digest(), tags={"brcd.job": "train_teacher"})
         if uri

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from _cli import config_from_args, fail, parse, parser, preflight, setup_logging
+from _cli import config_from_args, connect, fail, parse, parser, preflight, setup_logging
 
 from brcd_dist.config import ConfigError, to_dict
 from brcd_dist.sweep import (
@@ -62,7 +62,8 @@ def main(argv=None) -> list[dict]:
     setup_logging()
     cfg = absolute_paths(cfg)
     space = {dotted: search_space(getattr(args, key), key, key == "clusters") for key, dotted in SEARCHED.items()}
-    uri, manifest = preflight(cfg, args.address)
+    uri, manifest = preflight(cfg)
+    connect(args.address, uri)
 
     # Validation mAP is only in the epoch reports that evaluate; ASHA skips the others (it returns CONTINUE on a
     # result without its metric), but Tune's strict check would reject them first.

@@ -9,7 +9,6 @@ mobilenetv3_small_050 student for 2 epochs, 2 workers x 16 images a step (4 step
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -35,6 +34,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sqlite_uri(directory: Path) -> str:
+    """A SQLite MLflow tracking store in `directory`."""
+    return f"sqlite:///{directory}/mlflow.db"
 
 
 def tiny_overrides(shards_dir: Path, storage: Path, name: str, *, max_failures: int = 0) -> list[str]:
@@ -66,14 +70,6 @@ def tiny_config(shards_dir: Path, storage: Path, name: str, *, max_failures: int
     return absolute_paths(
         load_config(DEFAULT_CONFIG, tiny_overrides(shards_dir, storage, name, max_failures=max_failures))
     )
-
-
-def read_json(path: Path):
-    """A JSON file that another process may be writing or deleting: None until it reads whole."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @pytest.fixture(scope="session")

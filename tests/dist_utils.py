@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 
 @dataclass
@@ -35,12 +35,6 @@ class RankOutcome:
         if self.error is not None:
             raise RuntimeError(f"rank {self.rank} failed:\n{self.trace}") from self.error
         return self.value
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _picklable(obj: Any) -> Any:

@@ -20,14 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port
+
 WEED = Path(sys.executable).parent / "weed"
 ACCESS_KEY, SECRET_KEY = "brcd-test-key", "brcd-test-secret"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

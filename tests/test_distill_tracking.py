@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DEFAULT_CONFIG, REPO, free_port, tiny_overrides
+from conftest import DEFAULT_CONFIG, REPO, free_port, sqlite_uri, tiny_overrides
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -95,10 +95,6 @@ def run_job(args: list, cwd: Path, env: dict, timeout: float = 600) -> Job:
 def short_tmp() -> Path:
     """Ray's socket paths live under its temp root and must stay under 108 characters: not under pytest's."""
     return Path(tempfile.mkdtemp(prefix="brcd-r-"))
-
-
-def sqlite_uri(directory: Path) -> str:
-    return f"sqlite:///{directory}/mlflow.db"
 
 
 def distill_overrides(shards: Path, work: Path) -> list[str]:

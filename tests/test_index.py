@@ -14,7 +14,7 @@ from brcd_dist.index import (
     Index,
     build_faiss,
     choose_kind,
-    encode_images,
+    encode_queries,
     recall_at_k,
     search_faiss,
 )
@@ -89,7 +89,7 @@ def test_unknown_kind_is_refused_naming_the_allowed_ones():
 
 def test_saved_index_loads_back_and_answers_the_same(model, tmp_path):
     images = torch.randn(40, 1, 32, 32)
-    codes = encode_images(model, images)
+    codes = encode_queries(model, images)
     keys = [f"k{i:03d}" for i in range(40)]
     index = Index.build(codes, keys, np.arange(40) % 4, model, kind="flat", source={"model_uri": "x", "version": "3"})
     index.save(tmp_path / "idx")
@@ -101,7 +101,7 @@ def test_saved_index_loads_back_and_answers_the_same(model, tmp_path):
 
 def test_a_database_image_finds_itself_at_distance_zero(model):
     images = torch.randn(40, 1, 32, 32)
-    codes = encode_images(model, images)
+    codes = encode_queries(model, images)
     assert len(np.unique(codes, axis=0)) == 40  # the premise: no other image shares its code
     index = Index.build(codes, [f"k{i}" for i in range(40)], np.zeros(40), model, kind="flat")
     for i in (0, 17, 39):
@@ -121,7 +121,7 @@ def test_image_files_are_encoded_like_the_evaluation_transform_of_the_same_image
         paths.append(tmp_path / f"{i}.png")
         im.save(paths[-1])
     expected = pack_codes(model.encode(eval_batch(pil, 32, 1)))
-    assert np.array_equal(encode_images(model, [str(p) for p in paths]), expected)
+    assert np.array_equal(encode_queries(model, [str(p) for p in paths]), expected)
 
 
 def test_codes_that_do_not_fit_the_model_are_refused(model):
@@ -178,7 +178,7 @@ def test_an_index_on_the_bucket_loads_back_and_jobs_search_answers_from_it(model
     for i, im in enumerate(pil):
         im.save(tmp_path / f"{i}.png")
     paths = [str(tmp_path / f"{i}.png") for i in range(20)]
-    codes = encode_images(model, paths)
+    codes = encode_queries(model, paths)
     index = Index.build(codes, [f"k{i:02d}" for i in range(20)], np.arange(20) % 2, model, kind="flat")
     url = object_store.url("indexes", uuid.uuid4().hex[:8])
     index.save(url)

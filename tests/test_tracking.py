@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import sqlite_uri
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image
@@ -32,10 +33,6 @@ from brcd_dist.models import HashModel, build_hash_model
 from brcd_dist.tracking import TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sqlite_uri(directory: Path) -> str:
-    return f"sqlite:///{directory}/mlflow.db"
 
 
 def make_config(uri: str, experiment: str = "test") -> Config:

@@ -6,8 +6,9 @@ glibc's defaults the top of the heap is given back to the kernel whenever more t
 threshold is free, at most 64 MB, which is less than one chunk's working set, so the next chunk faults the same
 pages in again: measured with bench/dataloader.py, up to 0.5 M minor page faults (1.5-2 s of system CPU) per
 232-sample epoch in the reader, which holds a chunk while it cuts batches, against 0.05 M in a bare loop. Fixing
-the mmap threshold at glibc's own 64-bit maximum (32 MB) and keeping up to 256 MB of free heap removes them for
-both (the process's resident size then stays at its peak instead of shrinking between chunks).
+the mmap threshold at 128 MB (above a chunk's largest tensor; glibc's dynamic threshold stops at 32 MB on 64-bit)
+and keeping up to 256 MB of free heap removes them for both (the process's resident size then stays at its peak
+instead of shrinking between chunks).
 
 Nothing is changed where the user set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_, or where the C library
 has no mallopt (musl, macOS).
