@@ -5,7 +5,7 @@ latency p50/p99, queries/s, build time and bytes, at the real database size and 
 (a) Same model (the config's student, random init with its hash head centred on the data so that its codes
     spread out as a trained model's do), same images (a shard split), same threads T on each side:
     - bare: this process, torch.set_num_threads(T), the evaluation's one-process reader (eval_batches, no loader
-      workers) and encode loop (retrieval.encode_batches): what jobs/evaluate.py did before.
+      workers) and encode loop (retrieval.encode_batches): one process, no Ray.
     - ray: a local Ray instance with T CPUs, brcd_dist.batch_encoding.encode_images: T encoder actors of one
       thread each, each reading, decoding and encoding whole shards. Its time includes starting the actors
       (not ray.init), and the codes are checked equal to the bare loop's.
