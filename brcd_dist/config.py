@@ -56,8 +56,8 @@ def _check_endpoint(key: str, url: str) -> None:
 
 @dataclass
 class DataConfig:
-    source: str = "fashion_mnist"  # where shards are made from: fashion_mnist | imagefolder | shards (already made)
-    source_path: str = "/usr/share/datasets/fashion-mnist"  # the IDX files' folder, or the ImageFolder root
+    source: str = "fashion_mnist"  # shards made from: fashion_mnist | imagefolder | object_store_folder | shards (made)
+    source_path: str = "/usr/share/datasets/fashion-mnist"  # the IDX files' folder, or the ImageFolder root (or s3://)
     shards_dir: str = "data/fashion_mnist"  # local directory holding manifest.json + shards when shards_url is ""
     shards_url: str = ""  # shards + manifest at s3://, gs:// (no shards_dir); http(s)://, pipe:...{shard}: shards
     image_size: int = 32  # side of the images the models see, 8..4096
@@ -575,7 +575,7 @@ def _validate_on_disk(cfg: Config, training: bool) -> None:
             )
         elif not has_manifest:
             _check(
-                Path(d.source_path).exists(),
+                "://" in d.source_path or Path(d.source_path).exists(),  # a store's prefix: listed by the writer
                 "data.source_path",
                 d.source_path,
                 "not found" + _missing_hint(d.source),

@@ -221,6 +221,16 @@ def listdir(uri: str) -> list[str]:
     return sorted(i.base_name for i in infos)
 
 
+def list_files(uri: str) -> list[str]:
+    """Every file under a directory or prefix, as paths relative to it ("a/b.jpg"), sorted; empty when none."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs_path(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
+
+
 def makedirs(uri: str) -> None:
     """Create a directory (and parents); on object stores prefixes need no creation and this does nothing."""
     _check_writable(uri)
@@ -608,6 +618,7 @@ __all__ = [
     "is_file",
     "is_local",
     "join",
+    "list_files",
     "listdir",
     "makedirs",
     "open_read",

@@ -112,7 +112,8 @@ BAD_INPUT = {
     "make_shards: shards as the source": (
         "make_shards.py",
         ["data.source=shards"],
-        "data.source=shards: this job makes shards; set data.source to one of fashion_mnist, imagefolder",
+        "data.source=shards: this job makes shards; set data.source to one of fashion_mnist, imagefolder, "
+        "object_store_folder",
     ),
     "make_shards: a flag that it does not read": ("make_shards.py", ["--address", "auto"], "--address"),
     "evaluate: a value": (

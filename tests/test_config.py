@@ -81,7 +81,7 @@ def test_shipped_configs_load():
         ("student.name=resnet_does_not_exist", "student.name='resnet_does_not_exist': not a timm model name"),
         ("teacher.weights_path=/no/such/weights.pth", "teacher.weights_path='/no/such/weights.pth': file not found"),
         ("data.source_path=/no/such/dir", "data.source_path='/no/such/dir': not found"),
-        ("data.source=lmdb", "data.source='lmdb': allowed: fashion_mnist, imagefolder, shards"),
+        ("data.source=lmdb", "data.source='lmdb': allowed: fashion_mnist, imagefolder, object_store_folder, shards"),
     ],
 )
 def test_bad_value_gives_one_line_error_naming_key_value_and_allowed(override, message, tmp_path):

@@ -113,3 +113,25 @@ def test_a_shard_gone_for_good_is_skipped_and_counted_in_training(object_store, 
     _, stats = _epoch(load_manifest(copy))
     assert stats.missing_samples == manifest.splits["train"].shard_counts[0]
     assert any(victim in e for e in stats.errors)
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_an_image_folder_on_the_bucket_gives_the_shards_of_its_local_copy(object_store, tmp_path, with_val):
+    """data.source=object_store_folder (data/sources/object_store_folder.py) lists and reads the folder through the
+    storage layer: same classes, keys, split and bytes as data.source=imagefolder on a local copy."""
+    from test_shards import make_image_folder
+
+    local = make_image_folder(tmp_path / "folder", val=with_val)
+    prefix = object_store.url(f"folder-{uuid.uuid4().hex[:6]}")
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.upload(str(path), storage.join(prefix, str(path.relative_to(local))))
+    kw = dict(seed=0, train_per_class=2, samples_per_shard=4, in_chans=3, shorter_side=20, progress=False)
+    on_disk = write_shards(tmp_path / "a", "imagefolder", str(local), **kw)
+    from_bucket = write_shards(tmp_path / "b", "object_store_folder", prefix, **kw)
+    assert from_bucket.sha256 == on_disk.sha256 and from_bucket.classes == on_disk.classes
+    assert {n: s.keys for n, s in from_bucket.splits.items()} == {n: s.keys for n, s in on_disk.splits.items()}
+
+
+def test_an_empty_prefix_is_refused_in_one_line(object_store, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.source_path='s3://.*/nothing-here': nothing there"):
+        write_shards(tmp_path / "s", "object_store_folder", object_store.url("nothing-here"), progress=False)

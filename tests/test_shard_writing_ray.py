@@ -42,6 +42,16 @@ def test_ray_tasks_write_the_serial_writers_shards_and_manifest(local_ray, folde
     assert not (tmp_path / "parallel" / PROGRESS_NAME).exists()  # a finished run leaves no progress record
 
 
+def test_ray_tasks_read_an_image_folder_from_the_bucket(local_ray, object_store, folder, serial, tmp_path):
+    """data.source=object_store_folder with --ray: each task reads its shard's images from the store (any node)."""
+    prefix = object_store.url("ray_folder")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.upload(str(path), storage.join(prefix, str(path.relative_to(folder))))
+    parallel = write_shards(tmp_path / "from_bucket", "object_store_folder", prefix, **KW, ray_address="auto")
+    assert parallel.sha256 == serial[1].sha256
+    assert {n: s.keys for n, s in parallel.splits.items()} == {n: s.keys for n, s in serial[1].splits.items()}
+
+
 def test_ray_tasks_write_to_the_bucket(local_ray, object_store, folder, serial):
     url = object_store.url("ray_shards")
     parallel = write_shards(url, "imagefolder", str(folder), **KW, ray_address="auto")
@@ -77,5 +87,8 @@ def test_a_rerun_after_a_crash_writes_only_the_unfinished_shards(local_ray, fold
 
 
 def test_ray_writes_imagefolders_only(tmp_path):
-    with pytest.raises(ValueError, match="data.source='fashion_mnist': --ray writes the shards of imagefolder only"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.source='fashion_mnist': --ray is for imagefolder, object_store_folder \(images a task reads by",
+    ):
         shards_module.write_shards(tmp_path, "fashion_mnist", "/nowhere", ray_address="auto")

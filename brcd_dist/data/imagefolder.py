@@ -77,7 +77,12 @@ def encode_for_shard(
     to `shorter_side` (never enlarged; 0 = keep the size), and re-encoded in its own format (PNG for others).
     An image above `max_pixels` is refused (ImageRefused) from its header, before any pixel is decoded; a copied
     image is still decoded once (a JPEG at 1/8 scale) so that a corrupt or truncated file is refused, not copied."""
-    raw = Path(path).read_bytes()
+    if "://" in str(path):  # an object-store folder (data/sources/object_store_folder.py)
+        from brcd_dist import storage
+
+        raw = storage.read_bytes(str(path))
+    else:
+        raw = Path(path).read_bytes()
     with Image.open(io.BytesIO(raw)) as im:
         check_pixels(im, max_pixels, str(path))
         ext = SHARD_FORMATS.get(im.format, "png")

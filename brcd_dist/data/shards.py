@@ -221,7 +221,7 @@ def write(
         )
     module = sources.get(spec.source)
     if ray_address and not module.RAY_TASKS:
-        raise ValueError(f"data.source={spec.source!r}: --ray writes the shards of {_ray_sources()} only")
+        raise ValueError(f"data.source={spec.source!r}: --ray is for {_ray_sources()} (images a task reads by path)")
     out = str(shards_dir) if not storage.is_local(str(shards_dir)) else os.path.abspath(shards_dir)
     with _dir_lock(out):
         done = _reusable(spec, out)
