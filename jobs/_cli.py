@@ -45,12 +45,13 @@ def parser(
     ray: bool = True,
     resume: bool = False,
     alias: bool = False,
+    retrain: bool = False,
     prog: str | None = None,
     first: tuple[str, str] | None = None,
 ) -> argparse.ArgumentParser:
     """The parser every job starts from. `config`: --config and key=value overrides; `ray`: --address; `resume`:
-    --resume-anyway; `alias`: --force-alias; `first`: (name, help) of a positional before the overrides. A job gets
-    only the flags it reads."""
+    --resume-anyway; `alias`: --force-alias; `retrain`: --retrain-teacher; `first`: (name, help) of a positional
+    before the overrides. A job gets only the flags it reads."""
     description, epilog = doc_parts(doc)
     p = _Parser(
         prog=prog,
@@ -87,6 +88,12 @@ def parser(
             "--force-alias",
             action="store_true",
             help="move the registry alias to the new version even if its test mAP is below the holder's",
+        )
+    if retrain:
+        p.add_argument(
+            "--retrain-teacher",
+            action="store_true",
+            help="train the teacher even when an earlier run kept one with the same content key",
         )
     if first:
         p.add_argument(first[0], help=first[1])

@@ -13,13 +13,7 @@ from _cli import config_from_args, connect, parse, parser, preflight, setup_logg
 
 
 def make_parser():
-    p = parser(__doc__, resume=True, alias=True, prog="train_teacher.py")
-    p.add_argument(
-        "--retrain-teacher",
-        action="store_true",
-        help="train the teacher even when an earlier run kept one with the same content key",
-    )
-    return p
+    return parser(__doc__, resume=True, alias=True, retrain=True, prog="train_teacher.py")
 
 
 def main(argv=None):
