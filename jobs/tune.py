@@ -87,6 +87,8 @@ def main(argv=None) -> list[dict]:
             if parent:
                 tracking.log_hash_model(parent, out.teacher, "teacher", input_example(cfg))
                 teacher_run = parent
+        if teacher.load:  # every trial's MLflow params name the teacher it loads
+            cfg.teacher = replace(cfg.teacher, uri=teacher.load)
         evals = max(cfg.train.eval_every, 1)
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(to_dict(cfg), parent, sweep, teacher), {"CPU": 0.01}),
