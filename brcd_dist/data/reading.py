@@ -465,9 +465,10 @@ def train_batches(
     plan = plan_epoch(info.shard_counts, world_size, epoch=epoch, seed=seed, shuffle=True)
     steps = steps_per_epoch(plan, batch_size, max_steps)
     sizes = batch_sizes(rank_count(plan[rank]), steps, batch_size)
-    urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
-    dataset = ShardStream(
-        urls,
+    dataset = _stream(
+        manifest,
+        split,
+        shards_url,
         plan[rank],
         train=True,
         image_size=image_size,
@@ -478,13 +479,19 @@ def train_batches(
         chunk_size=_chunk_size(batch_size),
         shuffle_buffer=shuffle_buffer,
         augment_in_loader=not _on_device(device, augment_on_device),
-        hashes=_hashes(manifest, info.shards, urls),
         max_member_bytes=max_member_bytes,
         chunk_sizes=_chunk_plan(sizes, batch_size),
     )
     return ShardBatches(
         dataset, sizes=sizes, batch_size=batch_size, num_workers=num_workers, split=split, device=device
     )
+
+
+def _stream(manifest: Manifest, split: str, shards_url: str, parts: list[ShardPart], **kw) -> ShardStream:
+    """A rank's ShardStream over `parts` of the split's shards, located and hashed as the manifest says."""
+    names = manifest.splits[split].shards
+    urls = [shard_url(name, manifest.shards_dir, shards_url) for name in names]
+    return ShardStream(urls, parts, hashes=_hashes(manifest, names, urls), **kw)
 
 
 def eval_batches(
@@ -507,9 +514,10 @@ def eval_batches(
     _check(manifest, split, rank, world_size, batch_size)
     info = manifest.splits[split]
     plan = plan_epoch(info.shard_counts, world_size, shuffle=False)
-    urls = [shard_url(name, manifest.shards_dir, shards_url) for name in info.shards]
-    dataset = ShardStream(
-        urls,
+    dataset = _stream(
+        manifest,
+        split,
+        shards_url,
         plan[rank],
         train=False,
         image_size=image_size,
@@ -520,7 +528,6 @@ def eval_batches(
         chunk_size=_chunk_size(batch_size),
         shuffle_buffer=0,
         augment_in_loader=not _on_device(device, augment_on_device),
-        hashes=_hashes(manifest, info.shards, urls),
         max_member_bytes=max_member_bytes,
     )
     return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split, device=device)
