@@ -242,9 +242,9 @@ class TrainConfig:
 class EvalConfig:
     topk: int = 1000  # mAP@topk, >= 1
     batch_size: int = 256  # images per encoding batch, >= 1
-    max_queries: int = 0  # 0: all
-    max_database: int = 0  # 0: all
-    pr_curves: bool = True  # precision-recall curves of the test queries (three full distance matrices)
+    max_queries: int = 0  # queries evaluated, drawn seeded and even across classes (0: all; the table says so)
+    max_database: int = 0  # database items ranked, drawn the same way (0: all)
+    pr_curves: bool = True  # precision-recall curves of the test queries (from at most 5,000 of them)
 
     def validate(self, s: str = "eval") -> None:
         _check(self.topk >= 1, f"{s}.topk", self.topk, "must be >= 1")

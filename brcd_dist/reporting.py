@@ -178,11 +178,12 @@ def run_summary(cfg: Config, out: Outputs, report: Report, manifest, *, shards_s
     n_test = splits["test_query"].count if "test_query" in splits else 0
     n_db_used = min(n_db, e.max_database) if e.max_database else n_db
     n_q_used = min(n_test, e.max_queries) if e.max_queries else n_test
-    queries = f"{n_q_used:,} test queries" + (f" (of {n_test:,})" if n_q_used < n_test else "")
+    # a capped test set is said, never silent: seeded and even across the classes (train/encoding.capped_keys)
+    queries = f"{n_q_used:,} test queries" + (f" (of {n_test:,}: eval.max_queries)" if n_q_used < n_test else "")
+    database = f"{n_db_used:,} database images" + (f" (of {n_db:,}: eval.max_database)" if n_db_used < n_db else "")
     bits = out.student.bits if out.student is not None else out.teacher.bits
     lines = [
-        f"Test retrieval: {queries} against {n_db_used:,} database images, {bits}-bit codes, mAP@{k} by Hamming "
-        "ranking",
+        f"Test retrieval: {queries} against {database}, {bits}-bit codes, mAP@{k} by Hamming ranking",
     ]
     shape = (d.in_chans, d.image_size)
     tf = count_flops(out.teacher, *shape)

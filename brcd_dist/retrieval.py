@@ -4,6 +4,9 @@ Ranking order is (Hamming distance, database index): ties go to the lower index,
 (the authors' code broke ties by an unstable argsort). Queries are processed in chunks sized so that one
 chunk's distance matrix stays near `CHUNK_ELEMENTS` entries: a 1M-code database fits in memory.
 
+Codes are ±1 (N, L) arrays or tensors, or packed (codes.pack_codes: uint8 (N, L/8) numpy), which the CPU ranks
+without unpacking (a 1.28M-code database of 64 bits is 10 MB packed, 328 MB as float32).
+
 Two exact ways to the same order:
 - CPU: codes packed into 64-bit words, distances by XOR + popcount (uint8/uint16), then numpy's stable
   argsort, which for 8/16-bit integers is a counting (radix) sort, O(N) per query; row blocks run in threads
@@ -22,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from brcd_dist.codes import pack_codes
+from brcd_dist.codes import pack_codes, unpack_codes
 
 PARADIGMS = {"sshp": ("student", "student"), "ashp": ("student", "teacher")}  # (query encoder, database encoder)
 TEACHER_PARADIGM = ("teacher", "teacher")  # the teacher's own mAP, reported beside SSHP/ASHP
@@ -30,7 +33,17 @@ CHUNK_ELEMENTS = 1 << 24  # entries of one (queries x database) block
 METHODS = ("auto", "popcount", "matmul")
 
 
+def _is_packed(x) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2
+
+
+def _bits(x) -> int:
+    return 8 * x.shape[1] if _is_packed(x) else torch.as_tensor(x).shape[1]
+
+
 def _codes(x, name: str) -> torch.Tensor:
+    if _is_packed(x):
+        return torch.from_numpy(unpack_codes(x, 8 * x.shape[1]))
     t = torch.as_tensor(x)
     if t.ndim != 2:
         raise ValueError(f"{name}: expected (N, bits) ±1 codes, got shape {tuple(t.shape)}")
@@ -55,9 +68,9 @@ def _distance_dtype(bits: int):
     return np.uint8 if bits <= 255 else np.uint16
 
 
-def pack_words(codes: torch.Tensor) -> np.ndarray:
-    """±1 codes (N, L) -> uint64 words (N, ceil(L / 64)); zero padding adds nothing to an XOR popcount."""
-    packed = pack_codes(codes)
+def pack_words(codes) -> np.ndarray:
+    """±1 or packed codes (N, L) -> uint64 words (N, ceil(L / 64)); zero padding adds nothing to an XOR popcount."""
+    packed = codes if _is_packed(codes) else pack_codes(codes)
     pad = (-packed.shape[1]) % 8
     if pad:
         packed = np.pad(packed, ((0, 0), (0, pad)))
@@ -101,13 +114,13 @@ def _chunks(
         raise ValueError(f"method={method!r}: allowed: {', '.join(METHODS)}")
     # Work where the query codes are (a GPU tensor stays on the GPU); numpy input runs on the CPU.
     device = query_codes.device if torch.is_tensor(query_codes) else torch.device("cpu")
-    q, db = _codes(query_codes, "query_codes").to(device), _codes(db_codes, "db_codes").to(device)
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(f"query codes have {q.shape[1]} bits, database codes {db.shape[1]}")
-    n, bits = db.shape
+    if _bits(query_codes) != _bits(db_codes):
+        raise ValueError(f"query codes have {_bits(query_codes)} bits, database codes {_bits(db_codes)}")
+    n, bits = len(db_codes), _bits(db_codes)
     step = _query_chunk(n, query_chunk)
     if method == "popcount" or (method == "auto" and device.type == "cpu"):
-        q_words, db_words = pack_words(q), pack_words(db)
+        q_words = pack_words(query_codes if _is_packed(query_codes) else _codes(query_codes, "query_codes"))
+        db_words = pack_words(db_codes if _is_packed(db_codes) else _codes(db_codes, "db_codes"))
 
         def block(rows: np.ndarray) -> np.ndarray:
             dist = hamming_distances_packed(rows, db_words, bits)
@@ -115,10 +128,11 @@ def _chunks(
 
         workers = max(1, torch.get_num_threads())
         with ThreadPoolExecutor(workers) as pool:  # row blocks of one chunk in parallel: memory stays one chunk
-            for start in range(0, len(q), step):
+            for start in range(0, len(q_words), step):
                 rows = q_words[start : start + step]
                 yield start, np.concatenate(list(pool.map(block, np.array_split(rows, min(workers, len(rows))))))
         return
+    q, db = _codes(query_codes, "query_codes").to(device), _codes(db_codes, "db_codes").to(device)
     db_t = db.T  # a transposed view: BLAS reads it in place
     for start in range(0, len(q), step):
         dist = torch.addmm(torch.tensor(bits / 2, device=device), q[start : start + step], db_t, alpha=-0.5)
@@ -184,15 +198,26 @@ def average_precision_at_k(relevant: np.ndarray) -> np.ndarray:
     return np.where(n_hit > 0, precision_sum / np.maximum(n_hit, 1), 0.0)
 
 
-def mean_average_precision(
+def average_precisions(
     query_codes, db_codes, query_labels, db_labels, topk: int, *, query_chunk: int | None = None, method: str = "auto"
-) -> float:
-    """mAP@topk by Hamming ranking; relevant = shares a label (see `average_precision_at_k`)."""
+) -> np.ndarray:
+    """AP@topk of each query by Hamming ranking, in query order (float64). A query's AP depends on that query and
+    the database alone, so queries can be ranked on different ranks and their APs put together in query order."""
     aps = [
         average_precision_at_k(rel)
         for rel in _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, query_chunk, method)
     ]
-    return float(np.concatenate(aps).mean()) if aps else 0.0
+    return np.concatenate(aps).astype(np.float64) if aps else np.zeros(0, np.float64)
+
+
+def mean_average_precision(
+    query_codes, db_codes, query_labels, db_labels, topk: int, *, query_chunk: int | None = None, method: str = "auto"
+) -> float:
+    """mAP@topk by Hamming ranking; relevant = shares a label (see `average_precision_at_k`)."""
+    aps = average_precisions(
+        query_codes, db_codes, query_labels, db_labels, topk, query_chunk=query_chunk, method=method
+    )
+    return float(aps.mean()) if len(aps) else 0.0
 
 
 def precision_at_k(
@@ -215,7 +240,25 @@ def pr_curve(
     for which it is defined (precision: >= 1 item retrieved, recall: >= 1 relevant item), and is NaN at a
     radius where no query defines it. Returns {"radius", "precision", "recall"} as numpy arrays of L + 1.
     """
-    bits = torch.as_tensor(db_codes).shape[1]
+    return pr_from_sums(pr_sums(query_codes, db_codes, query_labels, db_labels, query_chunk=query_chunk, method=method))
+
+
+def pr_from_sums(sums: np.ndarray) -> dict:
+    """pr_curve from `pr_sums` (summed over any split of the queries: the sums add up)."""
+    prec_sum, prec_n, rec_sum, rec_n = sums
+    bits = len(prec_sum) - 1
+    precision = np.where(prec_n > 0, prec_sum / np.maximum(prec_n, 1), np.nan)
+    recall = rec_sum / rec_n[0] if rec_n[0] else np.full(bits + 1, np.nan)
+    return {"radius": np.arange(bits + 1), "precision": precision, "recall": recall}
+
+
+def pr_sums(
+    query_codes, db_codes, query_labels, db_labels, *, query_chunk: int | None = None, method: str = "auto"
+) -> np.ndarray:
+    """(4, L + 1) float64: per radius, the sum of the queries' precisions and how many define one, the sum of
+    their recalls and (in every column) how many define one. Sums over parts of the queries add up to the sums over
+    all of them, so ranks can each take a part."""
+    bits = _bits(db_codes)
     _check_k(1, len(db_codes))
     ql, dl = _checked_labels(query_labels, db_labels, len(query_codes), len(db_codes))
     prec_sum, prec_n, rec_sum, rec_n = np.zeros(bits + 1), np.zeros(bits + 1), np.zeros(bits + 1), 0
@@ -231,9 +274,7 @@ def pr_curve(
         has_rel = hits[:, -1] > 0  # relevant items in the whole database
         rec_sum += (hits[has_rel] / hits[has_rel, -1:]).sum(0)
         rec_n += int(has_rel.sum())
-    precision = np.where(prec_n > 0, prec_sum / np.maximum(prec_n, 1), np.nan)
-    recall = rec_sum / rec_n if rec_n else np.full(bits + 1, np.nan)
-    return {"radius": np.arange(bits + 1), "precision": precision, "recall": recall}
+    return np.stack([prec_sum, prec_n, rec_sum, np.full(bits + 1, float(rec_n))])
 
 
 def evaluate_paradigms(

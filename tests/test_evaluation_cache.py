@@ -28,7 +28,7 @@ def test_a_cache_hit_reports_the_teacher_rate_measured_with_the_cached_codes(tin
     first = Evaluator(ctx, TeacherCodes(ctx, teacher, cache))
     maps_first = first.evaluate(student, "test_query")
     assert first.throughput["teacher_images_per_s"] > 0
-    assert list((tmp_path / "cache").glob("codes-database-*.pt"))
+    assert list((tmp_path / "cache").glob("packed-database-*.pt"))
 
     again = Evaluator(
         ctx, TeacherCodes(ctx, teacher, cache)

@@ -200,11 +200,11 @@ def test_kmeans_runs_once_per_distinct_k_and_later_trials_reuse_it(sweep, mlflow
 
 def test_teacher_codes_are_encoded_once_per_split_and_later_trials_reuse_them(sweep, mlflow_runs):
     _, _, children, _ = mlflow_runs
-    files = cache_files(sweep, "codes-")
+    files = cache_files(sweep, "packed-")
     splits = [name.split("-")[1] for name in files]
     assert "database" in splits and "val_query" in splits and len(splits) == len(set(splits)), splits
     starts = sorted(c.info.start_time for c in children)
-    database = next(w for name, w in files.items() if name.startswith("codes-database-"))
+    database = next(w for name, w in files.items() if name.startswith("packed-database-"))
     assert all(database < s for s in starts[1:])  # not rewritten by later trials
 
 

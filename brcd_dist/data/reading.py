@@ -31,6 +31,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -106,11 +107,13 @@ class ShardStream(IterableDataset):
         hashes: dict[str, str] | None = None,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
         chunk_sizes: list[int] | None = None,
+        only_keys: frozenset[str] | None = None,
     ):
         self.urls, self.parts, self.train = urls, parts, train
         # the planned batches cut into chunks (_chunk_plan): worker w of M makes chunks [w::M], so with the
         # DataLoader's round-robin a chunk is a whole batch or a whole part of one, never a slice of two (a copy)
         self.chunk_sizes = chunk_sizes
+        self.only_keys = only_keys  # a capped evaluation set: other samples are passed over before decoding
         self.max_member_bytes = max_member_bytes  # larger tar members are skipped unread (0: no cap)
         self.augment_in_loader = augment_in_loader  # False: ship uint8 payloads, the device decodes (decoding.py)
         self.hashes = hashes or {}  # url -> sha256 from the manifest
@@ -140,7 +143,8 @@ class ShardStream(IterableDataset):
             url = sample.get("__url__")
             if url in by_url:
                 seen[url] = seen.get(url, 0) + 1
-                yield sample
+                if self.only_keys is None or sample.get("__key__") in self.only_keys:
+                    yield sample
         for u, part in by_url.items():
             short = part.count - seen.get(u, 0)
             if short > 0:
@@ -240,6 +244,7 @@ class ShardBatches:
         dataset: ShardStream,
         *,
         sizes: list[int] | None,
+        split_keys: list[list[str]] | None = None,
         batch_size: int,
         num_workers: int,
         split: str,
@@ -249,6 +254,8 @@ class ShardBatches:
         self.device = torch.device(device)
         self.num_workers, self.split = num_workers, split
         self.num_samples = sum(sizes) if sizes is not None else rank_count(dataset.parts)
+        if sizes is None and dataset.only_keys is not None:  # of a capped set, the keys in this rank's shards
+            self.num_samples = len(dataset.only_keys & set(rank_keys(split_keys, dataset.parts)))
         self.stats = ReadStats()
 
     def __len__(self) -> int:
@@ -508,9 +515,11 @@ def eval_batches(
     device: torch.device | str = "cpu",
     augment_on_device: bool | None = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    only_keys: frozenset[str] | None = None,
 ) -> ShardBatches:
     """Deterministic single-view batches {"image", "key", "label"}; each sample exactly once across ranks,
-    no padding, so ranks may take different step counts (no collectives inside encoding)."""
+    no padding, so ranks may take different step counts (no collectives inside encoding). `only_keys`: only
+    those samples (a capped evaluation set), the others passed over before they are decoded."""
     _check(manifest, split, rank, world_size, batch_size)
     info = manifest.splits[split]
     plan = plan_epoch(info.shard_counts, world_size, shuffle=False)
@@ -529,5 +538,19 @@ def eval_batches(
         shuffle_buffer=0,
         augment_in_loader=not _on_device(device, augment_on_device),
         max_member_bytes=max_member_bytes,
+        only_keys=only_keys,
     )
-    return ShardBatches(dataset, sizes=None, batch_size=batch_size, num_workers=num_workers, split=split, device=device)
+    keys = _shard_keys(info) if only_keys is not None else None
+    return ShardBatches(
+        dataset, sizes=None, split_keys=keys, batch_size=batch_size, num_workers=num_workers, split=split, device=device
+    )
+
+
+def _shard_keys(info) -> list[list[str]]:
+    """The manifest's keys of a split, shard by shard."""
+    bounds = np.cumsum([0, *info.shard_counts])
+    return [info.keys[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def rank_keys(split_keys: list[list[str]], parts: list[ShardPart]) -> list[str]:
+    return [k for p in parts for k in split_keys[p.shard]]

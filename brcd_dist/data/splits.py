@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_TRAIN, _DATABASE, _QUERIES, _HOLDOUT = 1, 2, 3, 4
+_TRAIN, _DATABASE, _QUERIES, _HOLDOUT, _EVAL_CAP = 1, 2, 3, 4, 5
 DEFAULT_HOLDOUT = 0.1  # ImageFolder without train/ and val/: share of each class held out as queries
 
 
@@ -69,3 +69,28 @@ def make_splits(
         "val_query": val,
         "test_query": test,
     }
+
+
+def balanced_subset(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `cap` items, as even across the classes as their sizes allow (each class gets
+    cap // C or one more; a smaller class gives all it has and the rest goes to the others), each class's drawn
+    by a seeded permutation: the capped evaluation set of eval.max_queries / eval.max_database. cap <= 0 or
+    cap >= len(labels): every index."""
+    labels = np.asarray(labels)
+    if cap <= 0 or cap >= len(labels):
+        return np.arange(len(labels))
+    rng = _rng(seed, _EVAL_CAP)
+    members = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    take = np.zeros(len(members), dtype=np.int64)
+    left, open_ = cap, [i for i, m in enumerate(members) if len(m)]
+    while left > 0 and open_:  # water-filling: an even share to every class that still has items
+        share = max(1, left // len(open_))
+        for i in list(open_):
+            n = min(share, len(members[i]) - take[i], left)
+            take[i] += n
+            left -= n
+            if take[i] == len(members[i]):
+                open_.remove(i)
+            if left == 0:
+                break
+    return np.sort(np.concatenate([m[:t] for m, t in zip(members, take)]))

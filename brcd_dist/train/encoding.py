@@ -1,6 +1,7 @@
-"""Encoding a split with one or more hash models in parallel across ranks, then gathering the codes on every
-rank in a fixed order (sorted by __key__), so that Hamming ranking's tie-break by database index is the same
-whatever the number of ranks."""
+"""Encoding a split with one or more hash models in parallel across ranks, then gathering the codes (packed bits)
+on every rank in a fixed order (sorted by __key__), so that Hamming ranking's tie-break by database index is the
+same whatever the number of ranks. A capped evaluation set (eval.max_queries, eval.max_database) is drawn from the
+manifest before anything is encoded: seeded and even across the classes (`capped_keys`)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,38 @@ import time
 import numpy as np
 import torch
 
-from brcd_dist.codes import pack_codes, probs_and_codes, unpack_codes
+from brcd_dist.codes import pack_codes, probs_and_codes
 from brcd_dist.data import eval_batches
+from brcd_dist.data.splits import balanced_subset
 from brcd_dist.train.collectives import all_gather_objects
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.precision import autocast, train_dtype
 from brcd_dist.train.progress import StageBar
 
 
+def capped_keys(ctx: WorkerContext, split: str, cap: int) -> frozenset[str] | None:
+    """The keys of `split` an evaluation capped at `cap` items uses (None: every key): at most `cap`, as even across
+    the classes as their sizes allow, drawn by data.split_seed (data/splits.balanced_subset). The manifest's order
+    sorts ImageFolder keys by class, so a cut of the first keys would keep the first classes only."""
+    info = ctx.manifest.splits[split]
+    if not cap or cap >= info.count:
+        return None
+    picked = balanced_subset(np.asarray(info.labels), cap, ctx.cfg.data.split_seed)
+    return frozenset(info.keys[i] for i in picked)
+
+
 @torch.no_grad()
-def encode_local(ctx: WorkerContext, models: dict, split: str):
-    """This rank's share of `split`, encoded by each model in one pass over the data.
+def encode_local(ctx: WorkerContext, models: dict, split: str, only_keys: frozenset[str] | None = None):
+    """This rank's share of `split` (of `only_keys`, if given), encoded by each model in one pass over the data.
     Returns ({name: ±1 codes (n, L) float32}, keys, labels, {name: forward seconds})."""
     codes = {name: [] for name in models}
     seconds = {name: 0.0 for name in models}
     keys, labels = [], []
     for m in models.values():
         m.eval()
-    batches = eval_batches(ctx.manifest, split, batch_size=ctx.cfg.eval.batch_size, **ctx.loader_kwargs())
+    batches = eval_batches(
+        ctx.manifest, split, batch_size=ctx.cfg.eval.batch_size, only_keys=only_keys, **ctx.loader_kwargs()
+    )
     bar = StageBar(f"encode {split} ({', '.join(models)})", len(batches), "batch", chief=ctx.is_chief)
     for batch in batches:
         x = batch["image"].to(ctx.device)
@@ -49,30 +64,29 @@ def encode_local(ctx: WorkerContext, models: dict, split: str):
     return out, keys, lab, seconds
 
 
-def gather_codes(ctx: WorkerContext, codes: dict, keys: list, labels: np.ndarray, bits: int, max_items: int = 0):
-    """All ranks' codes (packed to bits for the wire), concatenated and sorted by key; optionally the first
-    `max_items` of that order (for quick evaluations)."""
+def gather_codes(ctx: WorkerContext, codes: dict, keys: list, labels: np.ndarray, bits: int):
+    """All ranks' codes, packed to bits (codes.pack_codes: what the ranking reads), concatenated and sorted by key,
+    on every rank; with their keys and labels."""
     parts = all_gather_objects(({n: pack_codes(c) for n, c in codes.items()}, keys, labels))
     all_keys = [k for _, ks, _ in parts for k in ks]
     order = np.argsort(np.array(all_keys, dtype=object), kind="stable") if all_keys else np.zeros(0, np.int64)
-    if max_items:
-        order = order[:max_items]
     gathered = {}
     for name in codes:
         packed = np.concatenate([p[name] for p, _, _ in parts]) if all_keys else np.zeros((0, bits // 8), np.uint8)
-        gathered[name] = unpack_codes(packed, bits)[order]
+        gathered[name] = packed[order]
     all_labels = np.concatenate([lab for _, _, lab in parts])[order]
     return gathered, [all_keys[i] for i in order], all_labels
 
 
-def encode_split(ctx: WorkerContext, models: dict, split: str, max_items: int = 0):
-    """Encode `split` across ranks; every rank gets ({name: codes}, keys, labels, {name: images/s per worker})."""
+def encode_split(ctx: WorkerContext, models: dict, split: str, only_keys: frozenset[str] | None = None):
+    """Encode `split` (or its `only_keys`) across ranks; every rank gets ({name: packed codes}, keys, labels,
+    {name: images/s per worker})."""
     bits = next(iter(models.values())).bits
-    local, keys, labels, seconds = encode_local(ctx, models, split)
+    local, keys, labels, seconds = encode_local(ctx, models, split, only_keys)
     n_local = len(keys)
     rates = {n: (n_local / s if s > 0 else 0.0) for n, s in seconds.items()}
     # Mean per-worker encode rate over ranks (each worker had the same CPU/GPU share).
     all_rates = all_gather_objects(rates)
     rates = {n: float(np.mean([r[n] for r in all_rates])) for n in models}
-    codes, keys, labels = gather_codes(ctx, local, keys, labels, bits, max_items)
+    codes, keys, labels = gather_codes(ctx, local, keys, labels, bits)
     return codes, keys, labels, rates

@@ -1,14 +1,44 @@
-"""Stage D: query and database encoded in parallel across ranks; mAP@K by Hamming ranking in both paradigms
-(SSHP: student encodes both sides; ASHP: teacher encodes the database, student the queries) on rank 0, the
-result broadcast so that every rank takes the same decisions (model selection, early stopping)."""
+"""Validation and stage D: mAP@K by Hamming ranking in both paradigms (SSHP: the student encodes both sides;
+ASHP: the teacher encodes the database, the student the queries) and the teacher's own, split across ranks.
+
+Every rank holds the database's packed codes (10 MB per code set at 1.28M images and 64 bits) and ranks its own
+share of the queries, the share it encoded; the per-query APs are gathered and averaged in key order, which gives
+the single-process mAP to the last bit (retrieval.average_precisions). Precision-recall curves are sums that add
+up across ranks, over at most PR_MAX_QUERIES queries. The teacher's own mAP and curves are computed once per run:
+its codes do not change. A capped evaluation set (eval.max_queries, eval.max_database) is drawn seeded and even
+across classes before anything is encoded (encoding.capped_keys)."""
 
 from __future__ import annotations
 
-from brcd_dist.retrieval import PARADIGMS, evaluate_paradigms, pr_curve
-from brcd_dist.train.collectives import broadcast_object
+import numpy as np
+
+from brcd_dist.codes import pack_codes
+from brcd_dist.retrieval import average_precisions, pr_from_sums, pr_sums
+from brcd_dist.train.collectives import all_gather_objects
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.encoding import encode_split
+from brcd_dist.train.encoding import capped_keys, encode_local, encode_split
 from brcd_dist.train.teacher_cache import TeacherCodes
+
+PR_MAX_QUERIES = 5000  # curves from at most this many queries (seeded, even across classes): a curve, not a score
+
+
+def distributed_map(q_codes, q_keys: list, q_labels, db_codes, db_labels, topk: int) -> float:
+    """mAP@topk of all ranks' queries (each rank passes its own) against the database every rank holds: the
+    per-query APs in key order, averaged as one process would (call on every rank; every rank gets it)."""
+    aps = average_precisions(q_codes, db_codes, q_labels, db_labels, topk) if len(q_keys) else np.zeros(0)
+    parts = all_gather_objects((list(q_keys), aps))
+    keys = [k for ks, _ in parts for k in ks]
+    all_aps = np.concatenate([a for _, a in parts])
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")
+    return float(all_aps[order].mean()) if len(order) else 0.0
+
+
+def distributed_pr(q_codes, q_keys: list, q_labels, db_codes, db_labels, sample: frozenset | None) -> dict:
+    """pr_curve of all ranks' queries (of `sample`, if given) against the database, from summed parts."""
+    keep = [i for i, k in enumerate(q_keys) if sample is None or k in sample]
+    bits = 8 * db_codes.shape[1]
+    mine = pr_sums(q_codes[keep], db_codes, np.asarray(q_labels)[keep], db_labels) if keep else np.zeros((4, bits + 1))
+    return pr_from_sums(sum(all_gather_objects(mine)))
 
 
 class Evaluator:
@@ -20,24 +50,37 @@ class Evaluator:
         self.throughput: dict = teacher.throughput
 
     def evaluate(self, student, query_split: str, with_curves: bool = False) -> dict:
-        e = self.ctx.cfg.eval
-        t_db, db_labels = self.teacher.gathered("database", e.max_database)
-        t_q, _ = self.teacher.gathered(query_split, e.max_queries)
-        s_db, _, _, rates = encode_split(self.ctx, {"student": student}, "database", e.max_database)
-        s_q, _, q_labels, _ = encode_split(self.ctx, {"student": student}, query_split, e.max_queries)
+        ctx, e = self.ctx, self.ctx.cfg.eval
+        t_db, db_keys, db_labels = self.teacher.gathered("database", e.max_database)
+        only_db = capped_keys(ctx, "database", e.max_database)
+        s_db, s_keys, _, rates = encode_split(ctx, {"student": student}, "database", only_db)
+        assert s_keys == db_keys, "student and teacher encoded different database sets"
         self.throughput["student_images_per_s"] = rates["student"]
-        result = None
-        if self.ctx.is_chief:
-            codes = {
-                "student": {"query": s_q["student"], "database": s_db["student"]},
-                "teacher": {"query": t_q, "database": t_db},
+        only = capped_keys(ctx, query_split, e.max_queries)
+        local, q_keys, q_labels, _ = encode_local(ctx, {"student": student}, query_split, only)
+        s_q = pack_codes(local["student"])
+        result = {
+            f"{query_split}/sshp_map": distributed_map(s_q, q_keys, q_labels, s_db["student"], db_labels, e.topk),
+            f"{query_split}/ashp_map": distributed_map(s_q, q_keys, q_labels, t_db, db_labels, e.topk),
+        }
+        name = f"{query_split}/teacher_map"
+        result[name] = self.teacher.own_map(name, lambda: distributed_map(*self._teacher_share(query_split), e.topk))
+        if with_curves:
+            sample = capped_keys(ctx, query_split, min(e.max_queries or PR_MAX_QUERIES, PR_MAX_QUERIES))
+            result["curves"] = {
+                "sshp": distributed_pr(s_q, q_keys, q_labels, s_db["student"], db_labels, sample),
+                "ashp": distributed_pr(s_q, q_keys, q_labels, t_db, db_labels, sample),
+                "teacher": self.teacher.own_map(
+                    f"{query_split}/curve", lambda: distributed_pr(*self._teacher_share(query_split), sample)
+                ),
             }
-            maps = evaluate_paradigms(codes, q_labels, db_labels, e.topk)
-            result = {f"{query_split}/{name}_map": float(v) for name, v in maps.items()}
-            if with_curves:
-                routes = {**PARADIGMS, "teacher": ("teacher", "teacher")}
-                result["curves"] = {
-                    name: pr_curve(codes[q]["query"], codes[d]["database"], q_labels, db_labels)
-                    for name, (q, d) in routes.items()
-                }
-        return broadcast_object(result)
+        return result
+
+    def _teacher_share(self, query_split: str) -> tuple:
+        """(this rank's share of the teacher's query codes, their keys and labels, the teacher's database codes and
+        labels): the teacher alone, ranked in shares across ranks."""
+        e, rank, world = self.ctx.cfg.eval, self.ctx.rank, self.ctx.world_size
+        t_db, _, db_labels = self.teacher.gathered("database", e.max_database)
+        t_q, q_keys, q_labels = self.teacher.gathered(query_split, e.max_queries)
+        share = slice(rank, None, world)
+        return t_q[share], q_keys[share], q_labels[share], t_db, db_labels

@@ -19,7 +19,7 @@ import torch
 from brcd_dist import storage
 from brcd_dist.train.collectives import broadcast_object
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.encoding import encode_local, encode_split
+from brcd_dist.train.encoding import capped_keys, encode_local, encode_split
 
 
 def teacher_digest(teacher) -> str:
@@ -77,9 +77,11 @@ class TeacherCodes:
     """The frozen teacher of a run and its codes, computed at most once per run and once per cache.
 
     `local_train()` is this rank's share of the training split (k-means and the bit statistics: every clustering
-    round reuses it); `gathered(split, max_items)` is a split's codes on every rank in key order (evaluation),
-    with the teacher's encode rate in `throughput` (a cache hit reports the rate measured when the codes were
-    made). `load(stem)` / `save(obj, stem)` keep other teacher-derived results (k-means) by the same key.
+    round reuses it); `gathered(split, cap)` is a split's packed codes on every rank in key order (evaluation; the
+    capped set of encoding.capped_keys), with the teacher's encode rate in `throughput` (a cache hit reports the
+    rate measured when the codes were made); `own_map` is the teacher's own mAP of a query split, which does not
+    change during a run. `load(stem)` / `save(obj, stem)` keep other teacher-derived results (k-means) by the
+    same key.
     """
 
     def __init__(self, ctx: WorkerContext, teacher, cache: str = ""):
@@ -87,6 +89,7 @@ class TeacherCodes:
         self._digest = ""
         self._local: Optional[tuple[np.ndarray, list]] = None
         self._gathered: dict = {}
+        self._own: dict = {}
         self.throughput: dict = {}
 
     def file(self, stem: str) -> Optional[str]:
@@ -111,16 +114,25 @@ class TeacherCodes:
             self._local = codes["teacher"], keys
         return self._local
 
-    def gathered(self, split: str, max_items: int) -> tuple[np.ndarray, np.ndarray]:
-        """(codes, labels) of `split` in key order on every rank, from memory, the cache or an encoding pass."""
+    def gathered(self, split: str, cap: int) -> tuple[np.ndarray, list, np.ndarray]:
+        """(packed codes, keys, labels) of `split`'s evaluation set in key order on every rank, from memory, the
+        cache or an encoding pass."""
         if split not in self._gathered:
-            stem = f"codes-{split}-n{max_items}"
+            seed = self.ctx.cfg.data.split_seed
+            stem = f"packed-{split}-n{cap}-s{seed}" if cap else f"packed-{split}"
             saved = self.load(stem)
-            if saved is None or "images_per_s" not in saved:  # absent: a file from before rates were kept
-                codes, _, labels, rates = encode_split(self.ctx, {"teacher": self.teacher}, split, max_items)
-                saved = {"codes": codes["teacher"], "labels": labels, "images_per_s": rates["teacher"]}
+            if saved is None:
+                only = capped_keys(self.ctx, split, cap)
+                codes, keys, labels, rates = encode_split(self.ctx, {"teacher": self.teacher}, split, only)
+                saved = {"codes": codes["teacher"], "keys": keys, "labels": labels, "images_per_s": rates["teacher"]}
                 self.save(saved, stem)
-            self._gathered[split] = (saved["codes"], saved["labels"])
+            self._gathered[split] = (saved["codes"], list(saved["keys"]), saved["labels"])
             if split == "database":
                 self.throughput["teacher_images_per_s"] = saved["images_per_s"]
         return self._gathered[split]
+
+    def own_map(self, query_split: str, compute) -> Any:
+        """The teacher's own result on `query_split`, `compute()` once per run (its codes never change)."""
+        if query_split not in self._own:
+            self._own[query_split] = compute()
+        return self._own[query_split]
