@@ -69,7 +69,6 @@ def main(argv=None) -> dict:
     cfg = config_from_args(args)  # before the imports below (torch, Ray, MLflow): bad input is refused in a second
     from brcd_dist import tracking
     from brcd_dist.batch_encoding import encode_images, image_source
-    from brcd_dist.codes import unpack_codes
     from brcd_dist.data import ensure_shards
     from brcd_dist.driver import absolute_paths, connect_ray
     from brcd_dist.retrieval import evaluate_paradigms
@@ -89,12 +88,12 @@ def main(argv=None) -> dict:
     connect_ray(args.address)
 
     def encode(model, split):
-        """(±1 codes, labels) sorted by key: the pipeline's order, so ties break alike."""
+        """(packed codes, labels) sorted by key: the pipeline's order, so ties break alike."""
         source = image_source(manifest.shards_dir, split, cfg.data.shards_url)
         encoded = encode_images(
             model, source, batch_size=cfg.eval.batch_size, max_member_bytes=cfg.data.max_member_bytes
         )
-        return unpack_codes(encoded.codes, model.bits), encoded.labels
+        return encoded.codes, encoded.labels  # packed: ranked without unpacking
 
     codes = {}
     for role, model in (("student", student), ("teacher", teacher)):
