@@ -182,7 +182,11 @@ def read_outputs(checkpoint_dir: Path) -> Outputs:
         state=state,
         teacher=load_hash_model(teacher),
         student=load_hash_model(d / "student.pt") if (d / "student.pt").is_file() else None,
-        clustering=Clustering.load(d / "clustering.pt") if (d / "clustering.pt").is_file() else None,
+        clustering=Clustering.load(d / "clustering.pt")
+        if (d / "clustering.pt").is_file()
+        else Clustering.load(state.clustering_uri)
+        if state.clustering_uri
+        else None,
         curves=curves,
     )
 

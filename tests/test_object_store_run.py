@@ -108,6 +108,8 @@ def test_a_training_shard_gone_for_good_fails_stage_b_naming_it_and_the_run_succ
     def clusterings() -> list[str]:
         found = list(storage.listdir(cache)) if storage.exists(cache) else []
         for entry in storage.listdir(run_dir) if storage.exists(run_dir) else []:
+            if entry.startswith("clustering-"):  # written once a round beside the checkpoints
+                found.append(entry)
             if entry.startswith("checkpoint_") and storage.exists(storage.join(run_dir, entry, "clustering.pt")):
                 found.append(storage.join(entry, "clustering.pt"))
         return found

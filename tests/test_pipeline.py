@@ -28,11 +28,16 @@ def test_run_ends_without_error_and_reports_a_checkpoint(uninterrupted_run):
     assert (result_checkpoint_dir(result) / "state.json").is_file()
 
 
-def test_final_checkpoint_holds_clustering_and_student_and_the_run_dir_the_teacher_once(uninterrupted_run):
+def test_final_checkpoint_holds_the_student_and_the_run_dir_the_teacher_and_clustering_once(uninterrupted_run):
     names = {p.name for p in result_checkpoint_dir(uninterrupted_run.result).iterdir()}
-    assert {"state.json", "clustering.pt", "student.pt", "pr_curves.json"} <= names
-    assert "teacher.pt" not in names  # the frozen teacher is not copied into every checkpoint
+    assert {"state.json", "student.pt", "pr_curves.json"} <= names
+    # the frozen teacher and each round's clustering (every training key's pseudo-label) are written once beside
+    # the checkpoints, not into each
+    assert "teacher.pt" not in names and "clustering.pt" not in names
     assert (uninterrupted_run.storage / "teacher.pt").is_file()
+    assert (uninterrupted_run.storage / "clustering-r0.pt").is_file()
+    checkpoints = [p for p in uninterrupted_run.storage.iterdir() if p.name.startswith("checkpoint_")]
+    assert checkpoints and not any((c / "clustering.pt").exists() for c in checkpoints)
 
 
 def test_every_stage_ran_once_in_one_attempt(outputs):

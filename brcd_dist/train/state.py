@@ -2,7 +2,8 @@
 student at the step it reached. One directory per checkpoint, merged by Ray Train from every rank:
   state.json        stage reached, epoch/step, metric history          (rank 0)
   teacher.pt        the finished teacher (save_hash_model format)      (rank 0)
-  clustering.pt     centroids, bit masks, pseudo-labels by __key__     (rank 0)
+  clustering.pt     centroids, bit masks, pseudo-labels by __key__     (rank 0; only a run without a run
+                    directory: otherwise written once a round beside the checkpoints, clustering-rR.pt)
   best_student.pt   best student so far by validation mAP              (rank 0)
   student.pt        the final student (after stage D)                  (rank 0)
   pr_curves.json    precision-recall curves of the test queries       (rank 0)
@@ -11,6 +12,7 @@ student at the step it reached. One directory per checkpoint, merged by Ray Trai
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from brcd_dist import storage
 from brcd_dist.models import HashModel, save_hash_model
 
 STAGES = ("teacher", "clustering", "student", "done")
@@ -34,6 +37,7 @@ class TrainState:
     best_metric: float = -1.0
     evals_without_improvement: int = 0
     teacher_uri: str = ""  # the run's finished teacher, written once beside its checkpoints (not into each)
+    clustering_uri: str = ""  # the latest k-means round's Clustering, written once a round (not into each)
     history: dict = field(default_factory=lambda: {"train": [], "eval": [], "test": {}})
     config_digest: str = ""  # config.config_digest of the run that wrote it (a resume under another is refused)
 
@@ -66,13 +70,15 @@ class Clustering:
     n_mask_fallback: int
     backend: str
 
-    def save(self, path: Path) -> None:
-        torch.save(asdict(self), path)
+    def save(self, path: str | Path) -> None:
+        """To a local path or s3:// / gs:// (atomically: storage.open_write)."""
+        with storage.open_write(str(path)) as f:
+            torch.save(asdict(self), f)
 
     @classmethod
-    def load(cls, path: Path) -> "Clustering":
+    def load(cls, path: str | Path) -> "Clustering":
         """Tensors, dicts, lists and scalars only (weights_only): a crafted file in a shared store runs no code."""
-        return cls(**torch.load(path, weights_only=True))
+        return cls(**torch.load(io.BytesIO(storage.read_bytes(str(path))), weights_only=True))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 import ray.train
 import torch
 
+from brcd_dist import storage
 from brcd_dist.config import config_digest, from_dict
 from brcd_dist.data import load_manifest
 from brcd_dist.data.manifest import manifest_location
@@ -117,14 +118,26 @@ def run_stages(config: dict) -> None:
             return
         teacher = TeacherCodes(ctx, model, plan.cache)
 
+        def keep(clustering: Clustering) -> Clustering:
+            """Once a round beside the checkpoints, named by the state (or, without a run directory, in every
+            checkpoint): a round's pseudo-labels hold every training key."""
+            if ctx.run_dir:
+                state.clustering_uri = storage.join(ctx.run_dir, f"clustering-r{state.cluster_round}.pt")
+                if ctx.is_chief:
+                    clustering.save(state.clustering_uri)
+            else:
+                files.clustering = clustering
+            return clustering
+
         # Stage B: distributed k-means, pseudo-labels, bit masks.
         if state.stage == "clustering":
             ran.append("clustering")
-            files.clustering = clustering_stage(ctx, teacher, state.cluster_round)
+            clustering = keep(clustering_stage(ctx, teacher, state.cluster_round))
             state.stage = "student"
-            ctx.checkpoint.report(state, clustering_metrics(files.clustering))
+            ctx.checkpoint.report(state, clustering_metrics(clustering))
         else:
-            files.clustering = Clustering.load(resume_dir / "clustering.pt")
+            clustering = Clustering.load(state.clustering_uri or resume_dir / "clustering.pt")
+            files.clustering = None if state.clustering_uri else clustering
 
         # Stage C: the student.
         evaluator = Evaluator(ctx, teacher)
@@ -137,14 +150,14 @@ def run_stages(config: dict) -> None:
 
             def recluster() -> tuple[Clustering, dict]:
                 state.cluster_round += 1
-                files.clustering = clustering_stage(ctx, teacher, state.cluster_round)
-                return files.clustering, clustering_metrics(files.clustering)
+                again = keep(clustering_stage(ctx, teacher, state.cluster_round))
+                return again, clustering_metrics(again)
 
             student = student_stage(
                 ctx,
                 state,
                 model,
-                files.clustering,
+                clustering,
                 evaluator,
                 resumed,
                 recluster=recluster,
