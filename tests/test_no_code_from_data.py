@@ -111,12 +111,14 @@ def test_saved_model_spec_passes_the_check(tmp_path):
 # make_engine installs (train/engine_checkpoint.py), with torch's weights-only unpickler. One gloo rank, no Ray.
 
 
-def _tiny_engine(zero_stage: int):
+def _tiny_engine(zero_stage: int, frozen: bool = False):
     from brcd_dist.train.engine import make_engine
 
     os.environ["LOCAL_RANK"] = "0"  # DeepSpeed reads it (a launcher or Ray Train sets it)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    if frozen:  # a frozen first layer, as a frozen pretrained backbone
+        model[0].requires_grad_(False)
     train = SimpleNamespace(batch_size=4, grad_accum=1, weight_decay=0.01, zero_stage=zero_stage, precision="fp32")
     engine = make_engine(model, train, 1e-2, torch.device("cpu"))
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
@@ -128,20 +130,28 @@ def _tiny_engine(zero_stage: int):
     return engine, step
 
 
-def _resume_matches(rank, world_size, directory: str, zero_stage: int) -> bool:
-    """Save after one step, note the weights one step later, wander off, load, take that step again."""
+def _resume_matches(rank, world_size, directory: str, zero_stage: int, frozen: bool) -> tuple[bool, list]:
+    """Save after one step, note the weights one step later, wander off, load, take that step again. Also returns
+    the parameter names the checkpoint's module state holds (ZeRO stage 0)."""
+    from pathlib import Path
+
+    from brcd_dist.train.engine import load_engine, save_engine
     from brcd_dist.train.state import ENGINE_TAG
 
-    engine, step = _tiny_engine(zero_stage)
+    engine, step = _tiny_engine(zero_stage, frozen)
     step()
-    engine.save_checkpoint(directory, tag=ENGINE_TAG)
+    save_engine(engine, directory)
     step()
     expected = {k: v.clone() for k, v in engine.module.state_dict().items()}
     step()
     step()
-    engine.load_checkpoint(directory, tag=ENGINE_TAG)
+    load_engine(engine, directory)
     step()
-    return all(torch.equal(expected[k], v) for k, v in engine.module.state_dict().items())
+    exact = all(torch.equal(expected[k], v) for k, v in engine.module.state_dict().items())
+    if not frozen:
+        return exact, []
+    saved = torch.load(Path(directory) / ENGINE_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return exact, sorted(saved)
 
 
 def _load_crafted_engine_checkpoint(rank, world_size, directory: str, marker: str) -> str:
@@ -164,12 +174,17 @@ def _load_crafted_engine_checkpoint(rank, world_size, directory: str, marker: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_engine_checkpoint_resumes_bit_exact_through_the_weights_only_loader(zero_stage, tmp_path):
+@pytest.mark.parametrize("zero_stage, frozen", [(0, False), (1, False), (2, False), (3, False), (0, True)])
+def test_engine_checkpoint_resumes_bit_exact_through_the_weights_only_loader(zero_stage, frozen, tmp_path):
+    """Frozen parameters stay out of the checkpoint (train/engine.save_engine) and the resume is still exact."""
     from dist_utils import run_on_ranks
 
-    (outcome,) = run_on_ranks(_resume_matches, 1, args=(str(tmp_path / "engine"), zero_stage), timeout=600)
-    assert outcome.unwrap() is True
+    args = (str(tmp_path / "engine"), zero_stage, frozen)
+    (outcome,) = run_on_ranks(_resume_matches, 1, args=args, timeout=600)
+    exact, saved = outcome.unwrap()
+    assert exact is True
+    if frozen:
+        assert "0.weight" not in saved and "2.weight" in saved
 
 
 @pytest.mark.slow

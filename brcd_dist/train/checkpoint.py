@@ -11,7 +11,8 @@ from pathlib import Path
 import ray.train
 
 from brcd_dist.train.collectives import sync_buffers
-from brcd_dist.train.state import ENGINE_TAG, CheckpointFiles, TrainState, write_state
+from brcd_dist.train.engine import save_engine
+from brcd_dist.train.state import CheckpointFiles, TrainState, write_state
 
 
 @dataclass
@@ -29,7 +30,7 @@ class CheckpointWriter:
                 self.files.write(d)
             if engine is not None:
                 sync_buffers(engine.module)  # a resumed run loads rank 0's module state on every rank
-                engine.save_checkpoint(str(d / "engine"), tag=ENGINE_TAG)
+                save_engine(engine, str(d / "engine"))
             ray.train.report(
                 {**metrics, "stage": state.stage, "global_step": state.global_step},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -8,6 +8,7 @@ from torch import nn
 from brcd_dist.config import TrainConfig
 from brcd_dist.train.precision import train_dtype
 from brcd_dist.train.progress import quiet_stdout, setup_worker_process
+from brcd_dist.train.state import ENGINE_TAG
 
 
 def deepspeed_config(train: TrainConfig, lr: float, dtype: torch.dtype) -> dict:
@@ -48,3 +49,15 @@ def make_engine(model: nn.Module, train: TrainConfig, lr: float, device: torch.d
         )
     load_weights_only(engine)  # its checkpoints are read with torch.load(weights_only=True): no code from storage
     return engine
+
+
+def save_engine(engine, directory: str) -> None:
+    """The engine's checkpoint without its frozen parameters (a frozen pretrained backbone is rebuilt from its
+    weights file; each checkpoint would otherwise carry it again)."""
+    engine.save_checkpoint(directory, tag=ENGINE_TAG, exclude_frozen_parameters=True)
+
+
+def load_engine(engine, directory: str) -> None:
+    """Resume from `save_engine`'s checkpoint: strictly, unless the model has frozen parameters, which it lacks."""
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    engine.load_checkpoint(directory, tag=ENGINE_TAG, load_module_strict=not frozen)

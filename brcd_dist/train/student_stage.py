@@ -19,12 +19,12 @@ from brcd_dist.losses import KDInputs, kd_loss
 from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import HashModel, build_student
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.engine import make_engine
+from brcd_dist.train.engine import load_engine, make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
 from brcd_dist.train.evaluation import Evaluator
 from brcd_dist.train.precision import autocast, train_dtype
 from brcd_dist.train.selection import ModelSelection
-from brcd_dist.train.state import ENGINE_TAG, Clustering, TrainState
+from brcd_dist.train.state import Clustering, TrainState
 
 
 def full_state_dict(engine) -> dict:
@@ -108,7 +108,7 @@ def student_stage(
     engine = make_engine(model, cfg.train, cfg.train.lr, ctx.device)
     selection = ModelSelection(state, cfg.train.early_stop_patience, best_weights)
     if resume_dir is not None and (resume_dir / "engine").is_dir():
-        engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
+        load_engine(engine, str(resume_dir / "engine"))
     current = on_device(clustering, ctx.device)  # replaced when k-means is re-run every R epochs
 
     def on_epoch_end(epoch: int) -> tuple[dict, bool]:

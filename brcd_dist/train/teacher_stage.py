@@ -14,9 +14,9 @@ from brcd_dist.losses.cibhash import cibhash_loss
 from brcd_dist.models import HashModel, build_teacher, load_hash_model, save_hash_model
 from brcd_dist.teacher_reuse import TeacherPlan, keep_teacher
 from brcd_dist.train.context import WorkerContext
-from brcd_dist.train.engine import make_engine
+from brcd_dist.train.engine import load_engine, make_engine
 from brcd_dist.train.epochs import run_epochs, two_view_forward
-from brcd_dist.train.state import ENGINE_TAG, TrainState
+from brcd_dist.train.state import TrainState
 
 log = logging.getLogger("brcd_dist.train")
 
@@ -67,7 +67,7 @@ def train_teacher(ctx: WorkerContext, state: TrainState, resume_dir: Optional[Pa
         return model
     engine = make_engine(model, cfg.train, cfg.train.teacher_lr, ctx.device)
     if resume_dir is not None and state.stage == "teacher" and (resume_dir / "engine").is_dir():
-        engine.load_checkpoint(str(resume_dir / "engine"), tag=ENGINE_TAG)
+        load_engine(engine, str(resume_dir / "engine"))
 
     def step(batch: dict) -> dict:
         l1, l2 = two_view_forward(engine, batch, ctx.device)
