@@ -112,7 +112,10 @@ mlflow_server() {
     >"$STATE/mlflow.log" 2>&1 &
   echo $! >"$STATE/mlflow.pid"
   for _ in $(seq 60); do
-    if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+    # /health answers before the store is open; the first API call opens it (20 s on a busy 2-core machine), which
+    # a job's 3-second pre-flight check would not wait for
+    if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && curl -sf --max-time 120 \
+      "http://127.0.0.1:$port/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default" >/dev/null 2>&1; then
       echo "mlflow server up: http://127.0.0.1:$port (tracking.uri=http://127.0.0.1:$port)"
       return 0
     fi
