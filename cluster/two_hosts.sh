@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two hosts that share nothing, on one Linux machine: a Ray head and a Ray worker node, each in its own network,
-# mount and PID namespaces, so that a run which quietly depends on a shared disk, loopback or process table fails.
-# Needs root, `unshare` and `ip netns` (iproute2).
+# mount, UTS (hostname) and PID namespaces, so that a run which quietly depends on a shared disk, loopback or
+# process table fails. Needs root, `unshare` and `ip netns` (iproute2). State and the hosts' disks: $STATE
+# (BRCD_HOSTS_STATE, default .cluster/hosts).
 #
 #   cluster/two_hosts.sh check                  # exit 0 if this machine can run it, else one line saying why
 #   cluster/two_hosts.sh start [--cpus N]       # the hosts, the object store, MLflow, the Ray head and worker node
