@@ -118,7 +118,9 @@ def main(argv=None) -> int:
     try:
         # the teacher every run loads: trained once, by the first checkout
         distill(trees[0], common + ["train.teacher_epochs=1", "train.epochs=1", "train.name=teacher"], work)
-        teacher = work / "runs" / "teacher" / "teacher.pt"
+        # kept under its content key (teacher_reuse), or, by a checkout from before that, beside the run
+        kept = sorted((work / "runs" / "teachers").glob("*.pt"))
+        teacher = kept[0] if kept else work / "runs" / "teacher" / "teacher.pt"
         for r in range(args.rounds):
             for i, tree in enumerate(trees):
                 name = f"r{r}-t{i}"

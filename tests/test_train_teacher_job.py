@@ -36,12 +36,18 @@ def teacher_job(local_ray, object_store, tiny_shards, tmp_path_factory):
     return out.getvalue(), store, uri
 
 
+def _kept(store: str) -> str:
+    """The teacher kept on the bucket under its content key (teacher_reuse): the only one in this store."""
+    (name,) = [n for n in storage.listdir(storage.join(store, "teachers")) if n.endswith(".pt")]
+    return storage.join(store, "teachers", name)
+
+
 def test_the_teacher_is_written_once_to_the_bucket(teacher_job):
     printed, store, _ = teacher_job
-    teacher = storage.join(store, f"{NAME}-teacher", "teacher.pt")
+    teacher = _kept(store)
     assert f"teacher: {teacher}\n" in printed
-    assert storage.is_file(teacher)
     run_dir = storage.join(store, f"{NAME}-teacher")
+    assert "teacher.pt" not in storage.listdir(run_dir)  # no second copy beside the checkpoints
     checkpoints = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")]
     assert checkpoints and all("teacher.pt" not in storage.listdir(storage.join(run_dir, c)) for c in checkpoints)
 
@@ -53,7 +59,7 @@ def test_the_bucket_teacher_is_registered_as_brcd_teacher_candidate(teacher_job)
     printed, store, uri = teacher_job
     assert "registered: models:/brcd-teacher@candidate (version 1)" in printed
     registered = tracking.load_model("models:/brcd-teacher@candidate", tracking_uri=uri)
-    kept = load_hash_model(storage.join(store, f"{NAME}-teacher", "teacher.pt"))
+    kept = load_hash_model(_kept(store))
     assert registered.arch == kept.arch == "resnet10t"
     a, b = registered.state_dict(), kept.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
