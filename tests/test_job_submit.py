@@ -217,7 +217,7 @@ README_JOB = [
     "data.shards_url=s3://BUCKET/fashion_mnist",
     "train.storage_path=s3://BUCKET/runs",
     "train.name=fmnist-1",
-    "brcd.clustering_cache=s3://BUCKET/cache",
+    "train.teacher_cache=s3://BUCKET/cache",
 ]
 
 
