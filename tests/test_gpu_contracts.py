@@ -149,6 +149,7 @@ def _on_strict_group(rank, world_size):
     strict gloo group (DeepSpeed's own collectives run before the group turns strict)."""
     from dataclasses import replace
 
+    from brcd_dist.clustering.pseudo_labels import PseudoLabels
     from brcd_dist.config import Config
     from brcd_dist.train.clustering_stage import kmeans_on_codes
     from brcd_dist.train.context import WorkerContext
@@ -172,7 +173,7 @@ def _on_strict_group(rank, world_size):
         "bf16": bf16,
         "refused": refused,
         "counts": km["counts"].tolist(),
-        "labelled": len(km["pseudo_labels"]),
+        "labelled": len(PseudoLabels.of(km["pseudo_labels"])),
         "running_mean": bn.running_mean.tolist(),
         "summed": collectives.all_reduce(t).tolist(),
         "input": t.tolist(),

@@ -1,6 +1,7 @@
 """assign_nearest / nearest_centroids: the nearest-centroid lookup that gives an augmented view's code its cluster."""
 
 import numpy as np
+import pytest
 import torch
 
 from brcd_dist.clustering.pseudo_labels import assign_nearest, nearest_centroids
@@ -51,3 +52,24 @@ def test_numpy_codes_are_accepted_and_no_rows_give_no_labels():
     labels = assign_nearest(codes, codes[:4])
     assert labels.shape == (20,) and labels[:4].tolist() == [0, 1, 2, 3]  # each centroid is its own nearest code
     assert assign_nearest(np.zeros((0, 16), np.float32), codes[:4]).shape == (0,)
+
+
+def test_pseudo_labels_are_a_mapping_kept_as_two_sorted_arrays():
+    from brcd_dist.clustering.pseudo_labels import PseudoLabels
+
+    given = {"train-00002": 3, "train-00000": 1, "img-é": 0, "b": 2}
+    p = PseudoLabels(given.keys(), given.values())
+    assert p == given and dict(p) == given and len(p) == 4 and "b" in p and "c" not in p
+    assert p.lookup(["b", "missing", "img-é"]).tolist() == [2, -1, 0]
+    with pytest.raises(KeyError):
+        p["missing"]
+
+
+def test_pseudo_labels_survive_a_weights_only_file_and_read_a_dict_of_before(tmp_path):
+    from brcd_dist.clustering.pseudo_labels import PseudoLabels
+
+    p = PseudoLabels([f"k{i}" for i in range(1000)], [i % 7 for i in range(1000)])
+    torch.save(p.to_stored(), tmp_path / "p.pt")
+    back = PseudoLabels.of(torch.load(tmp_path / "p.pt", weights_only=True))
+    assert back == p and back.lookup(["k999", "k0"]).tolist() == [999 % 7, 0]
+    assert PseudoLabels.of({"a": 1}) == {"a": 1} and len(PseudoLabels.of(PseudoLabels([], []).to_stored())) == 0

@@ -11,6 +11,7 @@ import torch
 
 from brcd_dist.clustering.bit_masks import bit_agreement, bit_masks_from_stats, cluster_bit_stats
 from brcd_dist.clustering.kmeans import distributed_kmeans
+from brcd_dist.clustering.pseudo_labels import PseudoLabels
 from brcd_dist.train.collectives import all_gather_objects, all_reduce
 from brcd_dist.train.context import WorkerContext
 from brcd_dist.train.progress import StageBar
@@ -50,9 +51,8 @@ def kmeans_on_codes(ctx: WorkerContext, codes: np.ndarray, keys: list, cluster_r
     sums, counts = cluster_bit_stats(torch.as_tensor(codes), assignments, k)
     sums = all_reduce(sums)  # float64 sums of ±1: exact, so masks do not depend on the sharding
     counts = all_reduce(counts)
-    pseudo = {}
-    for part_keys, part_labels in all_gather_objects((keys, result.assignments.tolist())):
-        pseudo.update(zip(part_keys, part_labels))
+    parts = all_gather_objects((keys, result.assignments.astype(np.int32)))
+    pseudo = PseudoLabels([k for ks, _ in parts for k in ks], np.concatenate([a for _, a in parts])).to_stored()
     return {
         "centroids": torch.as_tensor(result.centroids, dtype=torch.float32),
         "sums": sums,

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from brcd_dist import storage
+from brcd_dist.clustering.pseudo_labels import PseudoLabels
 from brcd_dist.models import HashModel, save_hash_model
 
 STAGES = ("teacher", "clustering", "student", "done")
@@ -65,15 +66,19 @@ class Clustering:
     masks: torch.Tensor  # (K, L) float32 in {0, 1}
     agreement: torch.Tensor  # (K, L) |mu_kb|
     counts: torch.Tensor  # (K,) members per cluster
-    pseudo_labels: dict  # __key__ -> cluster id
+    pseudo_labels: PseudoLabels  # __key__ -> cluster id (a dict given here is converted)
     inertia: list
     n_mask_fallback: int
     backend: str
 
+    def __post_init__(self):
+        self.pseudo_labels = PseudoLabels.of(self.pseudo_labels)
+
     def save(self, path: str | Path) -> None:
         """To a local path or s3:// / gs:// (atomically: storage.open_write)."""
+        fields_ = {f.name: getattr(self, f.name) for f in fields(self)}
         with storage.open_write(str(path)) as f:
-            torch.save(asdict(self), f)
+            torch.save({**fields_, "pseudo_labels": self.pseudo_labels.to_stored()}, f)
 
     @classmethod
     def load(cls, path: str | Path) -> "Clustering":

@@ -53,7 +53,7 @@ def student_step(batch: dict, teacher, student, clustering: Clustering, cfg: Con
     p2, s2 = probs_and_codes(l2)
     view_clusters = assign_nearest(t, clustering.centroids, spherical=cfg.kmeans.spherical)
     # a key the clustering does not know (shards changed since) gets its first view's nearest centroid
-    labels = torch.tensor([clustering.pseudo_labels.get(k, -1) for k in batch["key"]], device=device)
+    labels = torch.from_numpy(clustering.pseudo_labels.lookup(batch["key"])).to(device)
     labels = torch.where(labels < 0, view_clusters[:n], labels)
     inputs = KDInputs(
         s1=s1,
