@@ -17,12 +17,20 @@ def _rng(seed: int, part: int) -> np.random.Generator:
     return np.random.default_rng([seed, part])
 
 
+def _class_members(labels: np.ndarray) -> list[np.ndarray]:
+    """Each class's indices, increasing, classes in sorted order: what `np.flatnonzero(labels == c)` gives for each
+    c of np.unique(labels), from one stable sort (O(N log N), not O(N x classes): 1.28M images of 1,000 classes)."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    _, starts = np.unique(labels[order], return_index=True)
+    return np.split(order, starts[1:]) if len(order) else []
+
+
 def train_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Indices of `per_class` images of each class (all of a smaller class), in a seeded shuffled order."""
     rng = _rng(seed, _TRAIN)
     picks = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
+    for members in _class_members(labels):
         picks.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
     chosen = np.concatenate(picks)
     return chosen[rng.permutation(len(chosen))]
@@ -45,8 +53,7 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     class held out (at least 1 where the class has 2 or more images). Both sorted."""
     rng = _rng(seed, _HOLDOUT)
     held = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
+    for members in _class_members(labels):
         k = int(round(fraction * len(members)))
         if len(members) >= 2:
             k = min(max(k, 1), len(members) - 1)
@@ -80,7 +87,7 @@ def balanced_subset(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
     if cap <= 0 or cap >= len(labels):
         return np.arange(len(labels))
     rng = _rng(seed, _EVAL_CAP)
-    members = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    members = [rng.permutation(m) for m in _class_members(labels)]
     take = np.zeros(len(members), dtype=np.int64)
     left, open_ = cap, [i for i, m in enumerate(members) if len(m)]
     while left > 0 and open_:  # water-filling: an even share to every class that still has items
