@@ -81,3 +81,18 @@ def test_the_capped_keys_of_a_split_come_from_its_manifest_and_hold_every_class(
     label_of = dict(zip(info.keys, info.labels))
     assert len(keys) == 20 and {label_of[k] for k in keys} == set(info.labels)
     assert capped_keys(ctx, "test_query", 0) is None and capped_keys(ctx, "test_query", info.count) is None
+
+
+def test_the_reader_yields_only_the_capped_keys_and_counts_them_per_rank(tiny_shards):
+    from brcd_dist.data import eval_batches, load_manifest
+
+    manifest = load_manifest(tiny_shards)
+    info = manifest.splits["test_query"]
+    only = frozenset(info.keys[i] for i in balanced_subset(np.asarray(info.labels), 20, seed=0))
+    kw = dict(batch_size=8, num_workers=0, image_size=16, in_chans=1, only_keys=only)
+    seen, counted = [], 0
+    for rank in range(2):
+        batches = eval_batches(manifest, "test_query", rank=rank, world_size=2, **kw)
+        seen += [k for b in batches for k in b["key"]]
+        counted += batches.num_samples
+    assert sorted(seen) == sorted(only) and counted == 20

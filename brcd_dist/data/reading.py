@@ -244,7 +244,7 @@ class ShardBatches:
         dataset: ShardStream,
         *,
         sizes: list[int] | None,
-        split_keys: list[list[str]] | None = None,
+        num_samples: int | None = None,
         batch_size: int,
         num_workers: int,
         split: str,
@@ -253,9 +253,9 @@ class ShardBatches:
         self.dataset, self.sizes, self.batch_size = dataset, sizes, batch_size
         self.device = torch.device(device)
         self.num_workers, self.split = num_workers, split
-        self.num_samples = sum(sizes) if sizes is not None else rank_count(dataset.parts)
-        if sizes is None and dataset.only_keys is not None:  # of a capped set, the keys in this rank's shards
-            self.num_samples = len(dataset.only_keys & set(rank_keys(split_keys, dataset.parts)))
+        if num_samples is None:  # else given: a capped set's keys in this rank's shards
+            num_samples = sum(sizes) if sizes is not None else rank_count(dataset.parts)
+        self.num_samples = num_samples
         self.stats = ReadStats()
 
     def __len__(self) -> int:
@@ -540,17 +540,10 @@ def eval_batches(
         max_member_bytes=max_member_bytes,
         only_keys=only_keys,
     )
-    keys = _shard_keys(info) if only_keys is not None else None
+    n = None
+    if only_keys is not None:  # the capped set's keys in this rank's shards (the manifest lists keys by shard)
+        starts = np.cumsum([0, *info.shard_counts])
+        n = sum(k in only_keys for p in plan[rank] for k in info.keys[starts[p.shard] : starts[p.shard + 1]])
     return ShardBatches(
-        dataset, sizes=None, split_keys=keys, batch_size=batch_size, num_workers=num_workers, split=split, device=device
+        dataset, sizes=None, num_samples=n, batch_size=batch_size, num_workers=num_workers, split=split, device=device
     )
-
-
-def _shard_keys(info) -> list[list[str]]:
-    """The manifest's keys of a split, shard by shard."""
-    bounds = np.cumsum([0, *info.shard_counts])
-    return [info.keys[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def rank_keys(split_keys: list[list[str]], parts: list[ShardPart]) -> list[str]:
-    return [k for p in parts for k in split_keys[p.shard]]
