@@ -48,15 +48,22 @@ class Evaluator:
     def __init__(self, ctx: WorkerContext, teacher: TeacherCodes):
         self.ctx, self.teacher = ctx, teacher
         self.throughput: dict = teacher.throughput
+        self._capped: dict = {}
+
+    def _capped_keys(self, split: str, cap: int) -> frozenset[str] | None:
+        """encoding.capped_keys, drawn once per run: every evaluation uses the same sets."""
+        if (split, cap) not in self._capped:
+            self._capped[split, cap] = capped_keys(self.ctx, split, cap)
+        return self._capped[split, cap]
 
     def evaluate(self, student, query_split: str, with_curves: bool = False) -> dict:
         ctx, e = self.ctx, self.ctx.cfg.eval
         t_db, db_keys, db_labels = self.teacher.gathered("database", e.max_database)
-        only_db = capped_keys(ctx, "database", e.max_database)
+        only_db = self._capped_keys("database", e.max_database)
         s_db, s_keys, _, rates = encode_split(ctx, {"student": student}, "database", only_db)
         assert s_keys == db_keys, "student and teacher encoded different database sets"
         self.throughput["student_images_per_s"] = rates["student"]
-        only = capped_keys(ctx, query_split, e.max_queries)
+        only = self._capped_keys(query_split, e.max_queries)
         local, q_keys, q_labels, _ = encode_local(ctx, {"student": student}, query_split, only)
         s_q = pack_codes(local["student"])
         result = {
@@ -66,7 +73,7 @@ class Evaluator:
         name = f"{query_split}/teacher_map"
         result[name] = self.teacher.own_map(name, lambda: distributed_map(*self._teacher_share(query_split), e.topk))
         if with_curves:
-            sample = capped_keys(ctx, query_split, min(e.max_queries or PR_MAX_QUERIES, PR_MAX_QUERIES))
+            sample = self._capped_keys(query_split, min(e.max_queries or PR_MAX_QUERIES, PR_MAX_QUERIES))
             result["curves"] = {
                 "sshp": distributed_pr(s_q, q_keys, q_labels, s_db["student"], db_labels, sample),
                 "ashp": distributed_pr(s_q, q_keys, q_labels, t_db, db_labels, sample),

@@ -137,7 +137,8 @@ def run_stages(config: dict) -> None:
             ctx.checkpoint.report(state, clustering_metrics(clustering))
         else:
             clustering = Clustering.load(state.clustering_uri or resume_dir / "clustering.pt")
-            files.clustering = None if state.clustering_uri else clustering
+            if not state.clustering_uri:  # a checkpoint that carries it: the next ones carry it too
+                files.clustering = clustering
 
         # Stage C: the student.
         evaluator = Evaluator(ctx, teacher)
