@@ -34,6 +34,16 @@ def read_json(uri: str):
         return None
 
 
+def latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
+    """(directory name, state.json) of the run's latest checkpoint that Ray Train registered (every rank reported
+    it), or None before the first or while a file is being written."""
+    latest = (read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}).get(
+        "latest_checkpoint_result"
+    )
+    state = read_json(storage.join(run_dir, latest["checkpoint_dir_name"], "state.json")) if latest else None
+    return (latest["checkpoint_dir_name"], state) if state else None
+
+
 def alive_train_worker_pids(address: str) -> list[int]:
     """The RayTrainWorker processes of the Ray at `address` (its dashboard's URL or its GCS address; state API)."""
     from ray.util.state import list_actors
@@ -82,21 +92,19 @@ class MidStageCKiller:
         t0 = time.monotonic()
         deadline = t0 + KILL_DEADLINE_S
         while time.monotonic() < deadline and not finished.is_set():
-            snapshot = read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
-            latest = snapshot.get("latest_checkpoint_result")
+            latest = latest_checkpoint(run_dir)
             if latest:
                 if not self.first_pids:  # the workers are up (they reported); note them before stage C
                     self.first_pids = self.find_pids()
-                state = read_json(storage.join(run_dir, latest["checkpoint_dir_name"], "state.json"))
-                if state:
-                    self.stage_seen.setdefault(state["stage"], time.monotonic() - t0)
-                if self.kill and self.killed_pid is None and state and state["stage"] == "student":
+                state = latest[1]
+                self.stage_seen.setdefault(state["stage"], time.monotonic() - t0)
+                if self.kill and self.killed_pid is None and state["stage"] == "student":
                     if state["step_in_epoch"] > 0:
                         pid = self.first_pids[0]
                         assert psutil.Process(pid).name().startswith("ray::"), "not a Ray worker process"
                         os.kill(pid, signal.SIGKILL)
                         self.killed_pid, self.state_at_kill = pid, state
-                if state and state["stage"] == "done":
+                if state["stage"] == "done":
                     return
             time.sleep(0.05)
         if self.kill and self.killed_pid is None:

@@ -31,7 +31,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from faults import MidStageCKiller, alive_train_worker_pids, descendant_train_worker_pids, read_json  # noqa: E402
+from faults import MidStageCKiller, alive_train_worker_pids, descendant_train_worker_pids, latest_checkpoint  # noqa: E402
 
 RUN_NAME = "smoke"
 
@@ -125,8 +125,7 @@ def run_distill(args, folder: Path, work: Path, report: dict):
     if proc.returncode != 0:
         tail = (work / "distill.log").read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"jobs/distill.py exited with {proc.returncode}:\n" + "\n".join(tail))
-    latest = read_json(os.path.join(run_dir, "checkpoint_manager_snapshot.json"))["latest_checkpoint_result"]
-    return read_outputs(Path(run_dir) / latest["checkpoint_dir_name"])
+    return read_outputs(Path(run_dir) / latest_checkpoint(str(run_dir))[0])
 
 
 def timed_student_steps(teacher, student, clustering, cfg, device, views: dict, steps: int) -> float:

@@ -68,34 +68,21 @@ class Hosts:
         return self.state / host
 
 
-def _read_json(uri: str):
-    from brcd_dist import storage
-
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (OSError, ValueError):
-        return None
-
-
 def watch(run_dir: str) -> None:
     """Print each newly registered checkpoint's stage and position (the run's Ray Train snapshot) until the run is
     done or the deadline passes."""
-    from brcd_dist import storage
+    from faults import latest_checkpoint
 
     seen = None
     deadline = time.monotonic() + WATCH_DEADLINE_S
     while time.monotonic() < deadline:
-        latest = (_read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}).get(
-            "latest_checkpoint_result"
-        )
-        if latest and latest["checkpoint_dir_name"] != seen:
-            state = _read_json(storage.join(run_dir, latest["checkpoint_dir_name"], "state.json"))
-            if state:
-                seen = latest["checkpoint_dir_name"]
-                keys = ("stage", "epoch", "step_in_epoch", "global_step")
-                print(json.dumps({"checkpoint": seen, **{k: state.get(k) for k in keys}}), flush=True)
-                if state["stage"] == "done":
-                    return
+        latest = latest_checkpoint(run_dir)
+        if latest and latest[0] != seen:
+            seen, state = latest
+            keys = ("stage", "epoch", "step_in_epoch", "global_step")
+            print(json.dumps({"checkpoint": seen, **{k: state.get(k) for k in keys}}), flush=True)
+            if state["stage"] == "done":
+                return
         time.sleep(0.2)
 
 
@@ -103,11 +90,11 @@ def fetch(run_dir: str, dest: str) -> None:
     """The run's final checkpoint, and the teacher and clustering files it names, copied to the local directory
     `dest` (where driver.read_outputs finds them)."""
     import pyarrow.fs as pafs
+    from faults import latest_checkpoint
 
     from brcd_dist import storage
 
-    snapshot = _read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
-    checkpoint = storage.join(run_dir, snapshot["latest_checkpoint_result"]["checkpoint_dir_name"])
+    checkpoint = storage.join(run_dir, latest_checkpoint(run_dir)[0])
     Path(dest).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(checkpoint, dest)
     state = json.loads((Path(dest) / "state.json").read_text())
@@ -158,6 +145,6 @@ def probe() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "bench")]  # brcd_dist, and bench/faults.py's checkpoint reader
     command, *args = sys.argv[1:]
     {"watch": watch, "fetch": fetch, "probe": probe}[command](*args)
