@@ -518,10 +518,10 @@ def _train_split_size(cfg: Config) -> tuple[int, str] | None:
 
     try:
         return sources.get(d.source).train_split_size(d)
-    except ValueError as err:  # a request the source cannot meet: the key it concerns, in one line
-        key = "data.train_per_class" if str(err).startswith("must be") else "data.source_path"
-        value = d.train_per_class if key == "data.train_per_class" else d.source_path
-        raise ConfigError(f"{key}={value!r}: {err}") from None
+    except sources.TooFewPerClass as err:
+        raise ConfigError(f"data.train_per_class={d.train_per_class!r}: {err}") from None
+    except ValueError as err:  # a source it cannot use (no class folders, one class, ...)
+        raise ConfigError(f"data.source_path={d.source_path!r}: {err}") from None
 
 
 def _missing_hint(source: str) -> str:

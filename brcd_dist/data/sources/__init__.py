@@ -6,7 +6,8 @@ A source module provides:
     RAY_TASKS: bool                              its images can be read by path in Ray tasks (make_shards --ray)
     MISSING_HINT: str                            said after "data.source_path=...: not found"
     train_split_size(data) -> (n, where) | None  the train split's size before any shard is written (config
-                                                 validation: raises ValueError for a request it cannot meet)
+                                                 validation: raises TooFewPerClass for data.train_per_class above
+                                                 what a class holds, ValueError for a source it cannot use)
     open(spec, num_procs) -> Source              the training and test images (shards.ShardSpec)
 
 Importing this package and listing the names imports no source module (config validation stays light).
@@ -32,6 +33,10 @@ def get(name: str) -> ModuleType:
     if name not in names():
         raise ValueError(f"data.source={name!r}: shards can be made from {', '.join(names())}")
     return importlib.import_module(f"{__name__}.{name}")
+
+
+class TooFewPerClass(ValueError):
+    """data.train_per_class asks more images of a class than it holds (config validation names that key)."""
 
 
 @dataclass

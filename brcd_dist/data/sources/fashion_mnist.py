@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from brcd_dist.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
-from brcd_dist.data.sources import ImageSet, Source, limit, stable_keys
+from brcd_dist.data.sources import ImageSet, Source, TooFewPerClass, limit, stable_keys
 
 SIZE = 28
 PER_CLASS = 6000  # training images of each of its 10 classes
@@ -20,7 +20,7 @@ MISSING_HINT = " (apt-get install dataset-fashion-mnist)"
 
 def train_split_size(data) -> tuple[int, str]:
     if data.train_per_class > PER_CLASS:
-        raise ValueError(f"must be <= {PER_CLASS} (the images of each Fashion-MNIST class)")
+        raise TooFewPerClass(f"must be <= {PER_CLASS} (the images of each Fashion-MNIST class)")
     return len(FASHION_MNIST_CLASSES) * data.train_per_class, "Fashion-MNIST"
 
 

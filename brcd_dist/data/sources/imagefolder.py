@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from brcd_dist.data import imagefolder, splits
-from brcd_dist.data.sources import ImageSet, Source, limit, stable_keys
+from brcd_dist.data.sources import ImageSet, Source, TooFewPerClass, limit, stable_keys
 
 FIXED: dict = {}
 RAY_TASKS = True  # each shard's images read by path: the folder must be at the same path on every node
@@ -36,7 +36,7 @@ def train_split_size(data) -> tuple[int, str] | None:
     counts = np.bincount(labels, minlength=len(classes))
     smallest = int(counts.argmin())
     if data.train_per_class > counts[smallest]:
-        raise ValueError(
+        raise TooFewPerClass(
             f"must be <= {int(counts[smallest])}, the training images of class {classes[smallest]!r}",
         )
     return len(classes) * data.train_per_class, f"{len(classes)} classes x data.train_per_class"
