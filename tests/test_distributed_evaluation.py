@@ -96,3 +96,23 @@ def test_the_reader_yields_only_the_capped_keys_and_counts_them_per_rank(tiny_sh
         seen += [k for b in batches for k in b["key"]]
         counted += batches.num_samples
     assert sorted(seen) == sorted(only) and counted == 20
+
+
+def test_the_weights_digest_tells_equal_weights_from_changed_ones():
+    """The final test reuses the last validation's student database codes only for the same weights, buffers too."""
+    import copy
+
+    import torch
+
+    from brcd_dist.models import HashModel
+    from brcd_dist.train.evaluation import weights_digest
+
+    model = HashModel("mobilenetv3_small_050", bits=16, in_chans=1, img_size=32)
+    same = copy.deepcopy(model).eval()  # the test's student: a copy, in eval mode
+    assert weights_digest(same) == weights_digest(model)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-6
+    assert weights_digest(model) != weights_digest(same)
+    changed = copy.deepcopy(same)
+    next(m for m in changed.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean += 1.0  # a buffer
+    assert weights_digest(changed) != weights_digest(same)
