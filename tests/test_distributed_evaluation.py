@@ -116,3 +116,5 @@ def test_the_weights_digest_tells_equal_weights_from_changed_ones():
     changed = copy.deepcopy(same)
     next(m for m in changed.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean += 1.0  # a buffer
     assert weights_digest(changed) != weights_digest(same)
+    next(changed.parameters()).ds_id = 0  # what ZeRO-3 marks a partitioned parameter with: no digest, no reuse
+    assert weights_digest(changed) is None

@@ -52,7 +52,7 @@ class Evaluator:
         self.ctx, self.teacher = ctx, teacher
         self.throughput: dict = teacher.throughput
         self._capped: dict = {}
-        self._student_db: tuple | None = None  # (weights digest, database codes) of the last student evaluated
+        self._student_db: tuple | None = None  # (weights digest or None, database codes) of the last student
 
     def _capped_keys(self, split: str, cap: int) -> frozenset[str] | None:
         """encoding.capped_keys, drawn once per run: every evaluation uses the same sets."""
@@ -88,7 +88,7 @@ class Evaluator:
         """The student's packed database codes, encoded again only when its weights changed: the final test of a
         student whose last validation chose it reuses that validation's codes (one database pass fewer)."""
         digest = weights_digest(student)
-        same = self._student_db is not None and self._student_db[0] == digest
+        same = digest is not None and self._student_db is not None and self._student_db[0] == digest
         if not all(all_gather_objects(same)):  # every rank decides alike (ZeRO-3 ranks hold different shards)
             only_db = self._capped_keys("database", self.ctx.cfg.eval.max_database)
             codes, s_keys, _, rates = encode_split(self.ctx, {"student": student}, "database", only_db)
@@ -107,8 +107,11 @@ class Evaluator:
         return t_q[share], q_keys[share], q_labels[share], t_db, db_labels
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """A digest of a model's parameters and buffers, by value: equal for a copy with the same weights."""
+def weights_digest(model: torch.nn.Module) -> str | None:
+    """A digest of a model's parameters and buffers, by value: equal for a copy with the same weights. None for a
+    module whose parameters ZeRO-3 has partitioned (`ds_id`): its state_dict holds empty placeholders."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return None
     h = hashlib.blake2b(digest_size=16)
     for name, t in model.state_dict().items():
         h.update(name.encode())
