@@ -51,7 +51,7 @@ def test_student_side_settings_keep_the_teacher_key(tmp_path, override):
         "train.seed=1",
         "train.batch_size=32",
         "train.workers=1",
-        "train.teacher_split=train",
+        "train.teacher_split=database",
     ],
 )
 def test_teacher_side_settings_change_the_teacher_key(tmp_path, override):
