@@ -8,7 +8,7 @@ against the 60,000-image database (DESIGN §3 protocol, the pipeline's split). T
 `--test`, for the recipe chosen on validation.
 
     .venv/bin/python bench/teacher_recipes.py --name lite0-ft --arch tf_efficientnet_lite0 \
-        --weights packaged --image-size 32 --precision bf16 --epochs 2 --out bench/results/teacher_recipes.jsonl
+        --weights packaged --lr 5e-4 --schedule cosine --epochs 0.3 --out bench/results/teacher_recipes.jsonl
 """
 
 from __future__ import annotations
@@ -168,11 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     train_wall, train_cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     if args.rate_steps:  # the step rate alone: no scores
         rate = args.rate_steps * args.batch / sum(step_seconds[2:])
-        row = {"name": args.name, **{k: v for k, v in vars(args).items() if k not in ("name", "out", "test")}}
-        row.update(img_per_s=round(rate, 1), train_cpu_s=round(train_cpu, 1))
-        print(json.dumps(row))
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_row(args, img_per_s=round(rate, 1), train_cpu_s=round(train_cpu, 1))
         return
     t0 = time.perf_counter()
     db = encode(scored, data["train_images"][splits["database"]], args.image_size, dtype, args.channels_last)
@@ -185,8 +181,6 @@ def main(argv: list[str] | None = None) -> None:
         return mean_average_precision(q, db, data["test_labels"][idx], db_labels, 1000)
 
     row = {
-        "name": args.name,
-        **{k: v for k, v in vars(args).items() if k not in ("name", "out", "test")},
         "steps": total,
         "images_seen": total * args.batch,
         "train_wall_s": round(train_wall, 1),
@@ -199,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.test:
         row["test_map"] = round(score("test_query"), 4)
     row["wall_s"] = round(time.perf_counter() - wall0, 1)
+    write_row(args, **row)
+
+
+def write_row(args: argparse.Namespace, **fields) -> None:
+    """One JSON row: the name, the recipe's flags, then `fields`; printed and appended to --out."""
+    row = {"name": args.name, **{k: v for k, v in vars(args).items() if k not in ("name", "out", "test")}, **fields}
     print(json.dumps(row))
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
