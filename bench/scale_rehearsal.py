@@ -60,6 +60,9 @@ DONE_LINE = re.compile(r"\[([^\]]+)\] done: .*? in ([0-9.]+) s")
 ENCODE_BAR = re.compile(r"(encode [^:\r\n]*?): +100%\|[^|]*\| *[0-9.]+[kM]?/[0-9.]+[kM]? *\[(?:(\d+):)?(\d+):(\d+)<")
 
 
+WRITTEN = ".written"  # marks a synthetic folder complete
+
+
 def substages(output: str) -> dict[str, float]:
     """Rank 0's wall seconds per sub-stage from the jobs' '[NAME] done: ... in S s' lines (summed per NAME) and
     the encoding bars' final elapsed time (they print no done line)."""
@@ -68,7 +71,14 @@ def substages(output: str) -> dict[str, float]:
         out[name] = out.get(name, 0.0) + float(seconds)
     bars: dict[str, float] = {}
     for name, h, m, sec in ENCODE_BAR.findall(output):
+        name = name.split("  run about")[0]  # the bar's remaining-time estimate is not part of its name
         bars[name] = max(bars.get(name, 0.0), 3600 * int(h or 0) + 60 * int(m) + int(sec))
+    # the run summary's "time  5m47s: shards 0s, teacher 1s, ..., evaluation 2s, start-up 25s" line
+    for line in output.splitlines():
+        if line.startswith("time ") and ":" in line:
+            for name, dur in re.findall(r"([a-z-]+) ((?:\d+h)?(?:\d+m)?\d+s)", line.split(":", 1)[1]):
+                h, m, sec = (re.search(rf"(\d+){u}", dur) for u in "hms")
+                out[f"summary {name}"] = sum(int(x.group(1)) * f for x, f in ((h, 3600), (m, 60), (sec, 1)) if x)
     return {**out, **bars}
 
 
@@ -125,10 +135,17 @@ def du(path: Path) -> int:
 def rehearse(n: int, work: Path, args) -> list[dict]:
     from synthetic_imagefolder import make_image_folder
 
-    per_class = max(2, n // 1000)
     folder = work / f"folder_{n}"
     t0 = time.perf_counter()
-    make_image_folder(folder, classes=1000, per_class=per_class, size=(64, 48), seed=0)
+    if (folder / WRITTEN).exists():  # written by an earlier run (or by synthetic_imagefolder.py): not timed again
+        pass
+    elif args.val_per_class:  # ImageNet's layout: N training images in train/, val/ held out as the queries
+        make_image_folder(
+            folder, classes=1000, total=n, val_per_class=args.val_per_class, size=(64, 48), seed=0, procs=args.procs
+        )
+    else:  # one folder, 10% of each class held out
+        make_image_folder(folder, classes=1000, per_class=max(2, n // 1000), size=(64, 48), seed=0, procs=args.procs)
+    (folder / WRITTEN).touch()
     rows = [{"n": n, "stage": "source", "wall_s": time.perf_counter() - t0, "bytes": du(folder)}]
     shards = work / f"shards_{n}"
     data = [
@@ -145,8 +162,8 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
     ]
     r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"], log=work / f"make_shards_{n}.log")
     rows.append({"n": n, "stage": "make_shards", **r, "bytes": du(shards)})
+    runs = work / f"runs_{n}"
     if "pipeline" in args.stages:
-        runs = work / f"runs_{n}"
         overrides = [
             "data.source=shards",
             f"data.shards_dir={shards}",
@@ -172,6 +189,17 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
         ]
         r = measured([PY, "jobs/distill.py", *overrides], log=work / f"pipeline_{n}.log")
         rows.append({"n": n, "stage": "pipeline", **r, "bytes": du(runs)})
+    if "index" in args.stages:  # the run's final student encodes the database into a FAISS binary index
+        student = max(runs.rglob("student.pt"), key=lambda f: f.stat().st_mtime)
+        index = work / f"index_{n}"
+        cmd = [PY, "jobs/index.py", str(student), "--images", str(shards), "--out", str(index), "--no-log"]
+        r = measured(cmd, log=work / f"index_{n}.log")
+        rows.append({"n": n, "stage": "index", **r, "bytes": du(index)})
+        prefix, width = ("train" if args.val_per_class else "img"), max(5, len(str(n - 1)))  # sources.stable_keys
+        keys = [f"{prefix}-{i:0{width}d}" for i in (0, n // 2)]  # the last key may be a held-out query
+        cmd = [PY, "jobs/search.py", str(index), "--query-key", *keys, "--k", "10"]
+        r = measured(cmd, log=work / f"search_{n}.log")
+        rows.append({"n": n, "stage": "search", **r, "bytes": 0})
     return rows
 
 
@@ -212,7 +240,11 @@ def growth(rows: list[dict], stage: str, field: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 8000])
-    p.add_argument("--stages", default="shards,pipeline", help="shards,pipeline | shards | retrieval")
+    p.add_argument("--stages", default="shards,pipeline,index", help="shards[,pipeline[,index]] | retrieval")
+    p.add_argument(
+        "--val-per-class", type=int, default=0, help="ImageNet's layout: N images in train/, this many a class in val/"
+    )
+    p.add_argument("--procs", type=int, default=1, help="processes writing the synthetic folder")
     p.add_argument("--steps", type=int, default=3, help="train.max_steps_per_epoch")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "brcd_scale_rehearsal"))
     p.add_argument("--out", default="bench/results/scale_rehearsal.jsonl")
@@ -238,7 +270,7 @@ def main() -> None:
             f"{r.get('peak_rss_max_mb', 0):>12.0f} {r['bytes'] / 2**20:>11.1f}"
         )
     print("growth exponents between consecutive sizes (1 = linear):")
-    for stage in ("make_shards", "pipeline"):
+    for stage in ("make_shards", "pipeline", "index"):
         print(
             f"  {stage}: wall {growth(rows, stage, 'wall_s')}, CPU {growth(rows, stage, 'cpu_s')}, "
             f"peak RSS {growth(rows, stage, 'peak_rss_max_mb')}, disk {growth(rows, stage, 'bytes')}"
