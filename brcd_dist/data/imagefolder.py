@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,25 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
+def _image_files(folder: Path, root: Path) -> list[str]:
+    """Image files under folder, relative to root, in Path order (a key's number): recursive, not into linked
+    folders, a linked file only when it stays under root. One scandir entry a file, resolved only when it is a
+    link: resolving every path cost about ten system calls a file (minutes at ImageNet's 1.28M)."""
+    found, todo, skip = [], [folder], len(str(root)) + 1
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+                elif (
+                    os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+                    and e.is_file()
+                    and (not e.is_symlink() or _inside(Path(e.path), root))
+                ):
+                    found.append(e.path[skip:])
+    return sorted(found, key=lambda f: f.split(os.sep))  # Path order: by parts, not by characters
+
+
 @dataclass
 class ImageList:
     root: Path
@@ -50,10 +70,9 @@ def scan_class_folders(root: str | Path, classes: list[str] | None = None) -> tu
         folder = root / name
         if not folder.is_dir() or not _inside(folder, root):
             continue  # a class absent from val/ is allowed; one linked from outside the root is not read
-        for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _inside(p, root):
-                files.append(str(p.relative_to(root)))
-                labels.append(label)
+        found = _image_files(folder, root)
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise ValueError(f"{root}: no images (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
     return classes, ImageList(root, files, np.asarray(labels, dtype=np.int64))
