@@ -132,7 +132,8 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def rehearse(n: int, work: Path, args) -> list[dict]:
+def rehearse(n: int, work: Path, args, emit) -> None:
+    """The stages at size n; `emit(row)` as each ends (a run stopped later keeps the rows so far)."""
     from synthetic_imagefolder import make_image_folder
 
     folder = work / f"folder_{n}"
@@ -145,8 +146,9 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
         )
     else:  # one folder, 10% of each class held out
         make_image_folder(folder, classes=1000, per_class=max(2, n // 1000), size=(64, 48), seed=0, procs=args.procs)
-    (folder / WRITTEN).touch()
-    rows = [{"n": n, "stage": "source", "wall_s": time.perf_counter() - t0, "bytes": du(folder)}]
+    if not (folder / WRITTEN).exists():
+        (folder / WRITTEN).touch()
+        emit({"n": n, "stage": "source", "wall_s": time.perf_counter() - t0, "bytes": du(folder)})
     shards = work / f"shards_{n}"
     data = [
         "data.source=imagefolder",
@@ -160,8 +162,9 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
         "data.shard_readers=4",
         "data.loader_workers=1",
     ]
-    r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"], log=work / f"make_shards_{n}.log")
-    rows.append({"n": n, "stage": "make_shards", **r, "bytes": du(shards)})
+    if "shards" in args.stages or not (shards / "manifest.json").exists():
+        r = measured([PY, "jobs/make_shards.py", *data, "--procs", "1"], log=work / f"make_shards_{n}.log")
+        emit({"n": n, "stage": "make_shards", **r, "bytes": du(shards)})
     runs = work / f"runs_{n}"
     if "pipeline" in args.stages:
         overrides = [
@@ -188,19 +191,18 @@ def rehearse(n: int, work: Path, args) -> list[dict]:
             f"train.name=rehearsal_{n}",
         ]
         r = measured([PY, "jobs/distill.py", *overrides], log=work / f"pipeline_{n}.log")
-        rows.append({"n": n, "stage": "pipeline", **r, "bytes": du(runs)})
+        emit({"n": n, "stage": "pipeline", **r, "bytes": du(runs)})
     if "index" in args.stages:  # the run's final student encodes the database into a FAISS binary index
         student = max(runs.rglob("student.pt"), key=lambda f: f.stat().st_mtime)
         index = work / f"index_{n}"
         cmd = [PY, "jobs/index.py", str(student), "--images", str(shards), "--out", str(index), "--no-log"]
         r = measured(cmd, log=work / f"index_{n}.log")
-        rows.append({"n": n, "stage": "index", **r, "bytes": du(index)})
+        emit({"n": n, "stage": "index", **r, "bytes": du(index)})
         prefix, width = ("train" if args.val_per_class else "img"), max(5, len(str(n - 1)))  # sources.stable_keys
         keys = [f"{prefix}-{i:0{width}d}" for i in (0, n // 2)]  # the last key may be a held-out query
         cmd = [PY, "jobs/search.py", str(index), "--query-key", *keys, "--k", "10"]
         r = measured(cmd, log=work / f"search_{n}.log")
-        rows.append({"n": n, "stage": "search", **r, "bytes": 0})
-    return rows
+        emit({"n": n, "stage": "search", **r, "bytes": 0})
 
 
 def retrieval_cost(n: int, queries: int = 0, sample: int = 500) -> dict:
@@ -248,7 +250,7 @@ def growth(rows: list[dict], stage: str, field: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 8000])
-    p.add_argument("--stages", default="shards,pipeline,index", help="shards[,pipeline[,index]] | retrieval")
+    p.add_argument("--stages", default="shards,pipeline,index", help="shards,pipeline,index | retrieval")
     p.add_argument(
         "--val-per-class", type=int, default=0, help="ImageNet's layout: N images in train/, this many a class in val/"
     )
@@ -265,13 +267,16 @@ def main() -> None:
             queries = 500 * args.val_per_class  # half of val/ (1,000 classes); the other half is the test
             print(json.dumps(retrieval_cost(n, queries)), flush=True)
         return
+
+    def emit(row: dict) -> None:
+        row["peak_rss_max_mb"] = max(row.get("peak_rss_mb", {0: 0}).values() or [0])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(REPO / args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     for n in args.sizes:
-        for row in rehearse(n, work, args):
-            row["peak_rss_max_mb"] = max(row.get("peak_rss_mb", {0: 0}).values() or [0])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            with open(REPO / args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        rehearse(n, work, args, emit)
     print(f"{'stage':<12} {'N':>8} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12} {'MB on disk':>11}")
     for r in rows:
         print(

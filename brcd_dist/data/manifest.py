@@ -66,17 +66,17 @@ class Manifest:
     max_images: int = 0  # > 0: only the first max_images training and test images were used (tests, smoke runs)
     format: int = FORMAT_VERSION
     shards_dir: str = field(default="", compare=False)  # where it was loaded from; not stored
-    _raw: bytes = field(default=b"", compare=False, repr=False)
+    _sha256: str = field(default="", compare=False, repr=False)  # of the file as read or written
 
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("shards_dir")
-        d.pop("_raw")
+        d.pop("_sha256")
         return json.dumps(d, indent=1)
 
     def digest(self) -> str:
         """sha256 of the manifest file: names the exact data a run used (logged with the run)."""
-        return hashlib.sha256(self._raw or self.to_json().encode()).hexdigest()
+        return self._sha256 or hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in CONTENT_PARAMS}
@@ -108,14 +108,15 @@ def load_manifest(shards_dir: str | os.PathLike) -> Manifest:
     if d.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: manifest format {d.get('format')!r}, this code reads {FORMAT_VERSION}")
     d["splits"] = {name: SplitInfo(**s) for name, s in d["splits"].items()}
-    return Manifest(**d, shards_dir=str(shards_dir), _raw=raw)
+    # its digest, not its bytes, is kept: the file holds every key (40 MB at ImageNet-1k) and so does `d`
+    return Manifest(**d, shards_dir=str(shards_dir), _sha256=hashlib.sha256(raw).hexdigest())
 
 
 def save_manifest(manifest: Manifest, shards_dir: str | os.PathLike) -> None:
     """Write atomically (tmp + rename, or one upload): a crash never leaves half a manifest beside the shards."""
     text = manifest.to_json().encode()
     storage.write_bytes(manifest_path(shards_dir), text)
-    manifest._raw = text
+    manifest._sha256 = hashlib.sha256(text).hexdigest()
     manifest.shards_dir = str(shards_dir)
 
 
