@@ -118,3 +118,16 @@ def test_the_weights_digest_tells_equal_weights_from_changed_ones():
     assert weights_digest(changed) != weights_digest(same)
     next(changed.parameters()).ds_id = 0  # what ZeRO-3 marks a partitioned parameter with: no digest, no reuse
     assert weights_digest(changed) is None
+
+
+def test_encoded_rows_go_into_one_array_grown_only_when_more_come_than_planned():
+    from brcd_dist.train.encoding import _room
+
+    like = np.zeros((3, 4), np.float32)
+    a = _room(None, 3, like, planned=10)
+    assert a.shape == (10, 4) and a.dtype == np.float32
+    a[:3] = 1.0
+    assert _room(a, 10, like, planned=10) is a  # within the plan: the same array, no copy
+    grown = _room(a, 11, like, planned=10)
+    assert grown.shape == (20, 4) and (grown[:3] == 1.0).all()
+    assert _room(None, 5, np.zeros(5, np.int64), planned=0).shape == (5,)  # a plan of 0 (unknown): what came

@@ -43,6 +43,19 @@ def test_symlinks_leaving_the_root_are_not_followed(tmp_path):
     assert sorted(images.files) == ["a/0.png", "a/1.png", "b/0.png", "b/1.png", "b/inside.png"]
 
 
+def test_images_are_listed_in_path_order_through_sub_folders_and_links(tmp_path):
+    """Keys are numbered in this order: by path parts, so 'x/b' comes before 'x-c' (by characters it would not);
+    sub-folders are read, folders linked inside a class are not, and a link to a file inside the root is."""
+    root = _folder(tmp_path / "root", {"a": 1})
+    for rel in ("a/x/b.png", "a/x-c.png", "a/x/deep/0.JPG", "a/y.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"not decoded when listing")
+    (root / "a" / "linked").symlink_to(root / "a" / "x", target_is_directory=True)
+    (root / "a" / "z.png").symlink_to(root / "a" / "0.png")
+    _, images = scan_class_folders(root)
+    assert images.files == ["a/0.png", "a/x/b.png", "a/x/deep/0.JPG", "a/x-c.png", "a/z.png"]
+
+
 def test_image_above_the_pixel_cap_is_refused_without_decoding(tmp_path):
     # 12000 x 12000 = 144 megapixels in a PNG of a few hundred kB: decoding it would take 0.4 GB (RGB)
     path = tmp_path / "bomb.png"
