@@ -1,19 +1,20 @@
 """Scale rehearsal: an ImageNet-shaped synthetic JPEG ImageFolder (1,000 classes) at several sizes, through
-make_shards and the whole pipeline with tiny models and few steps; per stage wall time, CPU time, peak RSS per
-process and bytes on disk, and how each grows with N (DESIGN §5: linear or better).
+make_shards, the whole pipeline with tiny models and few steps, jobs/index.py and jobs/search.py; per stage wall
+time, CPU time, peak RSS per process and bytes on disk, and how each grows with N (DESIGN §5: linear or better).
 
-    .venv/bin/python bench/scale_rehearsal.py --sizes 20000 80000 320000   # the intended run
+    .venv/bin/python bench/scale_rehearsal.py --sizes 10000 40000 160000   # one folder, 10% held out
+    .venv/bin/python bench/scale_rehearsal.py --sizes 1281167 --val-per-class 50 --procs 2   # ImageNet-1k's counts
     .venv/bin/python bench/scale_rehearsal.py --sizes 2000 4000 8000       # a 2-core smoke
 
-Each stage is a subprocess (jobs/make_shards.py, then jobs/distill.py on the shards); a sampler thread walks
-its process tree every 0.5 s with psutil: peak RSS per process (grouped by role: driver, Ray train workers,
-other Ray processes), CPU time summed over the tree's processes at their last sample (a process that ends
-between two samples loses at most 0.5 s of CPU in the sum). Images are small (64x48, JPEG q90, crops of
-scikit-learn's photos tinted per class), so the pixel work is small and what grows with N is the rest: listing,
-splitting, the manifest, shard I/O, epoch plans, k-means, codes and evaluation. Writes one JSON line per
-(size, stage) to --out and prints a table with each quantity's growth exponent between sizes
-(log ratio / log N ratio: 1 = linear). `--stages retrieval` times the evaluation's Hamming ranking alone at the
-same shapes (no images): the stage that grows worst with N.
+Each stage is a subprocess; a sampler thread walks its process tree every 0.5 s with psutil: peak RSS per
+process (grouped by role: driver, Ray train workers, other Ray processes), CPU time summed over the tree's
+processes at their last sample (a process that ends between two samples loses at most 0.5 s of CPU in the sum).
+Images are small (64x48, JPEG q90, crops of scikit-learn's photos tinted per class), so the pixel work is small
+and what grows with N is the rest: listing, splitting, the manifest, shard I/O, epoch plans, k-means, codes and
+evaluation. `--val-per-class V` writes ImageNet's layout: N images in train/ (the database) and V a class in
+val/ (the queries). Writes one JSON line per (size, stage) to --out as each stage ends and prints a table with
+each quantity's growth exponent between sizes (log ratio / log N ratio: 1 = linear). `--stages retrieval`
+times the evaluation's Hamming ranking alone at the same shapes (no images), per query, as one rank runs it.
 """
 
 from __future__ import annotations
