@@ -138,16 +138,14 @@ def rehearse(n: int, work: Path, args, emit) -> None:
     from synthetic_imagefolder import make_image_folder
 
     folder = work / f"folder_{n}"
-    t0 = time.perf_counter()
-    if (folder / WRITTEN).exists():  # written by an earlier run (or by synthetic_imagefolder.py): not timed again
-        pass
-    elif args.val_per_class:  # ImageNet's layout: N training images in train/, val/ held out as the queries
-        make_image_folder(
-            folder, classes=1000, total=n, val_per_class=args.val_per_class, size=(64, 48), seed=0, procs=args.procs
-        )
-    else:  # one folder, 10% of each class held out
-        make_image_folder(folder, classes=1000, per_class=max(2, n // 1000), size=(64, 48), seed=0, procs=args.procs)
-    if not (folder / WRITTEN).exists():
+    if not (folder / WRITTEN).exists():  # an earlier run's folder is neither written nor timed again
+        t0 = time.perf_counter()
+        if args.val_per_class:  # ImageNet's layout: N training images in train/, val/ held out as the queries
+            make_image_folder(
+                folder, classes=1000, total=n, val_per_class=args.val_per_class, size=(64, 48), procs=args.procs
+            )
+        else:  # one folder, 10% of each class held out
+            make_image_folder(folder, classes=1000, per_class=max(2, n // 1000), size=(64, 48), procs=args.procs)
         (folder / WRITTEN).touch()
         emit({"n": n, "stage": "source", "wall_s": time.perf_counter() - t0, "bytes": du(folder)})
     shards = work / f"shards_{n}"
@@ -199,8 +197,10 @@ def rehearse(n: int, work: Path, args, emit) -> None:
         cmd = [PY, "jobs/index.py", str(student), "--images", str(shards), "--out", str(index), "--no-log"]
         r = measured(cmd, log=work / f"index_{n}.log")
         emit({"n": n, "stage": "index", **r, "bytes": du(index)})
-        prefix, width = ("train" if args.val_per_class else "img"), max(5, len(str(n - 1)))  # sources.stable_keys
-        keys = [f"{prefix}-{i:0{width}d}" for i in (0, n // 2)]  # the last key may be a held-out query
+        from brcd_dist.data.sources import stable_keys
+
+        # the first and a middle training key (the last may be a held-out query), named as the source names them
+        keys = stable_keys("train" if args.val_per_class else "img", (0, n // 2), n)
         cmd = [PY, "jobs/search.py", str(index), "--query-key", *keys, "--k", "10"]
         r = measured(cmd, log=work / f"search_{n}.log")
         emit({"n": n, "stage": "search", **r, "bytes": 0})
